@@ -1,0 +1,69 @@
+"""Which implementation of a fused op runs: the Triton kernel or the plain PyTorch reference."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from fastdiff.errors import BackendUnavailableError
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+@functools.cache
+def triton_importable() -> bool:
+    """True when the `triton` package imports."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    """True when TRITON_INTERPRET=1, which lets Triton kernels run on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether a Triton kernel can run on tensors of `device` in this process."""
+    if not triton_importable():
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and interpreter_enabled()
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map `backend` ("auto", "triton", "torch") to the one that runs for tensors on `device`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    runs = triton_runs_on(device)
+    if backend == "triton" and not runs:
+        if not triton_importable():
+            why = 'triton is not installed (pip install "fastdiff[triton]")'
+        elif device.type == "cpu":
+            why = "Triton runs on CPU tensors only under the interpreter (set TRITON_INTERPRET=1)"
+        else:
+            why = f"Triton has no backend for device {device}"
+        raise BackendUnavailableError(f"backend='triton' cannot run here: {why}")
+    return "triton" if runs else "torch"
+
+
+def available() -> dict[str, object]:
+    """What can run here: triton installed, CUDA present, interpreter on, and the backend `auto` picks per device."""
+    cuda = torch.cuda.is_available()
+    info: dict[str, object] = {
+        "triton_installed": triton_importable(),
+        "cuda": cuda,
+        "triton_interpreter": interpreter_enabled(),
+        "auto_backend_cpu": resolve_backend("auto", torch.device("cpu")),
+    }
+    if cuda:
+        info["auto_backend_cuda"] = resolve_backend("auto", torch.device("cuda"))
+    return info

@@ -1,11 +1,453 @@
-"""Fused GroupNorm (+ ADM scale-shift) + SiLU."""
+"""Fused GroupNorm (+ ADM scale-shift) + SiLU.
+
+For x of shape (N, C, *spatial), group g of sample n holds channels [g * C/G, (g + 1) * C/G) at all S spatial
+positions. The Triton path views x as (N, C, S) through its strides (contiguous NCHW and channels-last alike, no
+copy) and walks a group in (BLOCK_C, BLOCK_S) tiles, so a group of any size is never loaded at once:
+
+- statistics: every tile gives its own count, mean and sum of squared deviations (exact two-pass within the tile),
+  and tiles are merged with Chan's parallel formula. All values are taken relative to a pivot, the group's first
+  element, so a large common offset (x = 1000 + noise) costs no precision: x - pivot is exact in float32.
+- normalise: per channel, (x - pivot) * A + B with A, B folding mean, rstd, weight, bias, scale and shift; then SiLU.
+- a small group (or a launch that already has enough groups to fill the GPU) runs both phases in one program per
+  group; a large group is split along S into K chunks: a stats kernel writes one (count, mean, m2) triple per chunk,
+  and each normalise program combines its group's K triples before normalising its chunk.
+
+Dtypes: x is float32, float16 or bfloat16; weight, bias, scale and shift are either x's dtype or float32 (float32
+parameters with a half x are the usual mixed-precision case). All math is float32; the output has x's dtype and
+x's memory format.
+"""
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 import torch.nn.functional as F
-
 from fastdiff.kernels.backend import resolve_backend
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+# Elements per (BLOCK_C, BLOCK_S) tile, and the smallest chunk (in tiles) worth a program of its own.
+_TILE_ELEMS = 4096
+_MIN_CHUNK_TILES = 4
+
+if triton is not None:
+
+    @triton.jit
+    def _merge(count, mean, m2, count_b, mean_b, m2_b):
+        """Chan et al.: statistics of the union of two disjoint sets, each given as (count, mean, m2)."""
+        total = count + count_b
+        delta = mean_b - mean
+        frac = count_b / total
+        return total, mean + delta * frac, m2 + m2_b + delta * delta * count * frac
+
+    @triton.jit
+    def _chunk_stats(
+        x_ptr, pivot, group_c, s_lo, s_hi, stride_c, stride_s, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr
+    ):
+        """(count, mean, m2) of x - pivot over channels [0, group_c) x positions [s_lo, s_hi) of one group."""
+        count = tl.zeros((), dtype=tl.float32)
+        mean = tl.zeros((), dtype=tl.float32)
+        m2 = tl.zeros((), dtype=tl.float32)
+        for c0 in range(0, group_c, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)
+            c_mask = cs < group_c
+            n_c = tl.minimum(group_c - c0, BLOCK_C)
+            for s0 in range(s_lo, s_hi, BLOCK_S):
+                ss = s0 + tl.arange(0, BLOCK_S)
+                mask = c_mask[:, None] & (ss < s_hi)[None, :]
+                v = tl.load(x_ptr + cs[:, None] * stride_c + ss[None, :] * stride_s, mask=mask, other=0.0)
+                v = tl.where(mask, v.to(tl.float32) - pivot, 0.0)
+                n_t = (n_c * tl.minimum(s_hi - s0, BLOCK_S)).to(tl.float32)
+                mean_t = tl.sum(tl.sum(v, axis=1), axis=0) / n_t
+                d = tl.where(mask, v - mean_t, 0.0)
+                m2_t = tl.sum(tl.sum(d * d, axis=1), axis=0)
+                count, mean, m2 = _merge(count, mean, m2, n_t, mean_t, m2_t)
+        return count, mean, m2
+
+    @triton.jit
+    def _normalize_chunk(
+        x_ptr,
+        y_ptr,
+        w_ptr,
+        b_ptr,
+        scale_ptr,
+        shift_ptr,
+        pivot,
+        mean,
+        rstd,
+        group_c,
+        s_lo,
+        s_hi,
+        stride_xc,
+        stride_xs,
+        stride_yc,
+        stride_ys,
+        stride_w,
+        stride_b,
+        stride_scale,
+        stride_shift,
+        HAS_W: tl.constexpr,
+        HAS_B: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
+        HAS_SHIFT: tl.constexpr,
+        SILU: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+    ):
+        """y = silu(((x - pivot - mean) * rstd * w + b) * (1 + scale) + shift) on one chunk of one group."""
+        for c0 in range(0, group_c, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)
+            c_mask = cs < group_c
+            # Per channel, y = (x - pivot) * a + b_: weight, bias, scale, shift and the statistics folded once.
+            a = tl.full((BLOCK_C,), 1.0, tl.float32) * rstd
+            b_ = tl.zeros((BLOCK_C,), dtype=tl.float32)
+            if HAS_W:
+                a = a * tl.load(w_ptr + cs * stride_w, mask=c_mask, other=0.0).to(tl.float32)
+            if HAS_B:
+                b_ = tl.load(b_ptr + cs * stride_b, mask=c_mask, other=0.0).to(tl.float32)
+            b_ = b_ - mean * a
+            if HAS_SCALE:
+                factor = 1.0 + tl.load(scale_ptr + cs * stride_scale, mask=c_mask, other=0.0).to(tl.float32)
+                a = a * factor
+                b_ = b_ * factor
+            if HAS_SHIFT:
+                b_ = b_ + tl.load(shift_ptr + cs * stride_shift, mask=c_mask, other=0.0).to(tl.float32)
+            for s0 in range(s_lo, s_hi, BLOCK_S):
+                ss = s0 + tl.arange(0, BLOCK_S)
+                mask = c_mask[:, None] & (ss < s_hi)[None, :]
+                v = tl.load(x_ptr + cs[:, None] * stride_xc + ss[None, :] * stride_xs, mask=mask, other=0.0)
+                y = (v.to(tl.float32) - pivot) * a[:, None] + b_[:, None]
+                if SILU:
+                    y = y * tl.sigmoid(y)
+                tl.store(
+                    y_ptr + cs[:, None] * stride_yc + ss[None, :] * stride_ys,
+                    y.to(y_ptr.dtype.element_ty),
+                    mask=mask,
+                )
+
+    @triton.jit
+    def _group_norm_silu_fused_kernel(
+        x_ptr,
+        y_ptr,
+        w_ptr,
+        b_ptr,
+        scale_ptr,
+        shift_ptr,
+        num_groups,
+        group_c,
+        S,
+        eps,
+        stride_xn,
+        stride_xc,
+        stride_xs,
+        stride_yn,
+        stride_yc,
+        stride_ys,
+        stride_w,
+        stride_b,
+        stride_scale_n,
+        stride_scale_c,
+        stride_shift_n,
+        stride_shift_c,
+        HAS_W: tl.constexpr,
+        HAS_B: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
+        HAS_SHIFT: tl.constexpr,
+        SILU: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+    ):
+        """One program per (sample, group): statistics of the whole group, then normalise it."""
+        pid = tl.program_id(0)
+        n = (pid // num_groups).to(tl.int64)
+        c_first = (pid % num_groups).to(tl.int64) * group_c
+        x_g = x_ptr + n * stride_xn + c_first * stride_xc
+        pivot = tl.load(x_g).to(tl.float32)
+        count, mean, m2 = _chunk_stats(x_g, pivot, group_c, 0, S, stride_xc, stride_xs, BLOCK_C, BLOCK_S)
+        rstd = 1.0 / tl.sqrt(m2 / count + eps)
+        _normalize_chunk(
+            x_g,
+            y_ptr + n * stride_yn + c_first * stride_yc,
+            w_ptr + c_first * stride_w,
+            b_ptr + c_first * stride_b,
+            scale_ptr + n * stride_scale_n + c_first * stride_scale_c,
+            shift_ptr + n * stride_shift_n + c_first * stride_shift_c,
+            pivot,
+            mean,
+            rstd,
+            group_c,
+            0,
+            S,
+            stride_xc,
+            stride_xs,
+            stride_yc,
+            stride_ys,
+            stride_w,
+            stride_b,
+            stride_scale_c,
+            stride_shift_c,
+            HAS_W,
+            HAS_B,
+            HAS_SCALE,
+            HAS_SHIFT,
+            SILU,
+            BLOCK_C,
+            BLOCK_S,
+        )
+
+    @triton.jit
+    def _group_norm_stats_kernel(
+        x_ptr,
+        partial_ptr,
+        num_groups,
+        group_c,
+        S,
+        chunk_s,
+        stride_xn,
+        stride_xc,
+        stride_xs,
+        BLOCK_C: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+    ):
+        """Program (group, k): the (count, mean, m2) triple of chunk k into partial[group, k, :]."""
+        pid = tl.program_id(0)
+        k = tl.program_id(1)
+        n = (pid // num_groups).to(tl.int64)
+        c_first = (pid % num_groups).to(tl.int64) * group_c
+        x_g = x_ptr + n * stride_xn + c_first * stride_xc
+        pivot = tl.load(x_g).to(tl.float32)
+        s_lo = k * chunk_s
+        s_hi = tl.minimum(s_lo + chunk_s, S)
+        count, mean, m2 = _chunk_stats(
+            x_g, pivot, group_c, s_lo, s_hi, stride_xc, stride_xs, BLOCK_C, BLOCK_S
+        )
+        out = partial_ptr + (pid * tl.num_programs(1) + k) * 3
+        tl.store(out, count)
+        tl.store(out + 1, mean)
+        tl.store(out + 2, m2)
+
+    @triton.jit
+    def _group_norm_apply_kernel(
+        x_ptr,
+        y_ptr,
+        w_ptr,
+        b_ptr,
+        scale_ptr,
+        shift_ptr,
+        partial_ptr,
+        num_groups,
+        group_c,
+        S,
+        chunk_s,
+        eps,
+        stride_xn,
+        stride_xc,
+        stride_xs,
+        stride_yn,
+        stride_yc,
+        stride_ys,
+        stride_w,
+        stride_b,
+        stride_scale_n,
+        stride_scale_c,
+        stride_shift_n,
+        stride_shift_c,
+        HAS_W: tl.constexpr,
+        HAS_B: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
+        HAS_SHIFT: tl.constexpr,
+        SILU: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """Program (group, k): combine the group's chunk triples, then normalise chunk k."""
+        pid = tl.program_id(0)
+        k = tl.program_id(1)
+        num_chunks = tl.num_programs(1)
+        n = (pid // num_groups).to(tl.int64)
+        c_first = (pid % num_groups).to(tl.int64) * group_c
+        x_g = x_ptr + n * stride_xn + c_first * stride_xc
+        pivot = tl.load(x_g).to(tl.float32)
+        ks = tl.arange(0, BLOCK_K)
+        k_mask = ks < num_chunks
+        parts = partial_ptr + (pid * num_chunks + ks) * 3
+        counts = tl.load(parts, mask=k_mask, other=0.0)
+        means = tl.load(parts + 1, mask=k_mask, other=0.0)
+        m2s = tl.load(parts + 2, mask=k_mask, other=0.0)
+        # The chunk means are all relative to the same pivot, so this one-shot parallel combine is stable.
+        count = tl.sum(counts, axis=0)
+        mean = tl.sum(counts * means, axis=0) / count
+        dev = tl.where(k_mask, means - mean, 0.0)
+        m2 = tl.sum(m2s + counts * dev * dev, axis=0)
+        rstd = 1.0 / tl.sqrt(m2 / count + eps)
+        s_lo = k * chunk_s
+        _normalize_chunk(
+            x_g,
+            y_ptr + n * stride_yn + c_first * stride_yc,
+            w_ptr + c_first * stride_w,
+            b_ptr + c_first * stride_b,
+            scale_ptr + n * stride_scale_n + c_first * stride_scale_c,
+            shift_ptr + n * stride_shift_n + c_first * stride_shift_c,
+            pivot,
+            mean,
+            rstd,
+            group_c,
+            s_lo,
+            tl.minimum(s_lo + chunk_s, S),
+            stride_xc,
+            stride_xs,
+            stride_yc,
+            stride_ys,
+            stride_w,
+            stride_b,
+            stride_scale_c,
+            stride_shift_c,
+            HAS_W,
+            HAS_B,
+            HAS_SCALE,
+            HAS_SHIFT,
+            SILU,
+            BLOCK_C,
+            BLOCK_S,
+        )
+
+
+@functools.cache
+def _target_programs(device: torch.device) -> int:
+    """How many programs a launch should reach before splitting groups stops paying: a few waves of SMs on a
+    GPU; one under the CPU interpreter, which runs programs one after another."""
+    if device.type != "cuda":
+        return 1
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format of the output: channels-last when x is, else contiguous."""
+    cl = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if cl is not None and not x.is_contiguous() and x.is_contiguous(memory_format=cl):
+        return cl
+    return torch.contiguous_format
+
+
+def _flat_view(t: torch.Tensor) -> torch.Tensor:
+    """t as (N, C, S) without copying; raises RuntimeError when the spatial dims' strides do not merge."""
+    return t.view(t.shape[0], t.shape[1], -1)
+
+
+def _plan(group_c: int, S: int, groups: int, target_programs: int) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_S, chunk_s) for `groups` groups of group_c channels x S positions.
+
+    A tile holds up to _TILE_ELEMS elements, all of a group's channels when they fit. Groups are split along S
+    only while the launch has fewer than `target_programs` programs and every chunk keeps _MIN_CHUNK_TILES tiles,
+    so a small group always takes the one-program path (chunk_s >= S)."""
+    block_s = min(triton.next_power_of_2(S), max(_TILE_ELEMS // triton.next_power_of_2(group_c), 16))
+    block_c = min(triton.next_power_of_2(group_c), _TILE_ELEMS // block_s)
+    max_chunks = max(1, group_c * S // (_MIN_CHUNK_TILES * block_c * block_s))
+    chunks = min(max_chunks, triton.cdiv(target_programs, groups))
+    # Whole tiles per chunk, so only the group's last tile is ragged.
+    chunk_s = block_s * triton.cdiv(triton.cdiv(S, chunks), block_s)
+    return block_c, block_s, chunk_s
+
+
+def _group_norm_silu_triton(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    silu: bool,
+    *,
+    block_c: int | None = None,
+    block_s: int | None = None,
+    chunk_s: int | None = None,
+) -> torch.Tensor:
+    """Launch the Triton kernels. `block_c`, `block_s` (powers of two) and `chunk_s` (positions per program;
+    `chunk_s >= S` means one program per group) override the heuristics, so tests can reach every path on
+    small shapes."""
+    N, C = x.shape[:2]
+    fmt = _memory_format(x)
+    try:
+        xv = _flat_view(x)
+    except RuntimeError:
+        # Spatial dims whose strides do not merge (an unusual permutation): read a copy instead.
+        xv = _flat_view(x.contiguous(memory_format=fmt))
+    y = torch.empty_like(x, memory_format=fmt)
+    yv = _flat_view(y)
+    S = xv.shape[2]
+    group_c = C // num_groups
+    auto_c, auto_s, auto_chunk = _plan(group_c, S, N * num_groups, _target_programs(x.device))
+    block_c = block_c or auto_c
+    block_s = block_s or auto_s
+    chunk_s = chunk_s or auto_chunk
+    num_chunks = triton.cdiv(S, chunk_s)
+    num_warps = 8 if block_c * block_s >= 4096 else 4
+    # Absent operands get x as a placeholder pointer; the HAS_* flags keep the kernel from reading it.
+    w = xv if weight is None else weight
+    b = xv if bias is None else bias
+    sc = xv if scale is None else scale
+    sh = xv if shift is None else shift
+    tensors = (xv, yv, w, b, sc, sh)
+    flags = dict(
+        HAS_W=weight is not None,
+        HAS_B=bias is not None,
+        HAS_SCALE=scale is not None,
+        HAS_SHIFT=shift is not None,
+        SILU=silu,
+        BLOCK_C=block_c,
+        BLOCK_S=block_s,
+    )
+    strides = (
+        *xv.stride(),
+        *yv.stride(),
+        w.stride(0),
+        b.stride(0),
+        sc.stride(0),
+        sc.stride(1),
+        sh.stride(0),
+        sh.stride(1),
+    )
+    if num_chunks == 1:
+        _group_norm_silu_fused_kernel[(N * num_groups,)](
+            *tensors, num_groups, group_c, S, eps, *strides, **flags, num_warps=num_warps
+        )
+        return y
+    grid = (N * num_groups, num_chunks)
+    partial = torch.empty((N * num_groups, num_chunks, 3), device=x.device, dtype=torch.float32)
+    _group_norm_stats_kernel[grid](
+        xv,
+        partial,
+        num_groups,
+        group_c,
+        S,
+        chunk_s,
+        *xv.stride(),
+        BLOCK_C=block_c,
+        BLOCK_S=block_s,
+        num_warps=num_warps,
+    )
+    _group_norm_apply_kernel[grid](
+        *tensors,
+        partial,
+        num_groups,
+        group_c,
+        S,
+        chunk_s,
+        eps,
+        *strides,
+        **flags,
+        BLOCK_K=triton.next_power_of_2(num_chunks),
+        num_warps=num_warps,
+    )
+    return y
 
 
 def group_norm_silu_reference(
@@ -37,6 +479,90 @@ def group_norm_silu_reference(
     return y.to(x.dtype)
 
 
+@torch.library.custom_op("fastdiff::group_norm_silu", mutates_args=())
+def _group_norm_silu_op(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    silu: bool,
+    backend: str,
+) -> torch.Tensor:
+    if resolve_backend(backend, x.device) == "triton":
+        return _group_norm_silu_triton(x, num_groups, weight, bias, eps, scale, shift, silu)
+    y = group_norm_silu_reference(x, num_groups, weight, bias, eps, scale=scale, shift=shift, silu=silu)
+    return y.contiguous(memory_format=_memory_format(x))
+
+
+@_group_norm_silu_op.register_fake
+def _(x, num_groups, weight, bias, eps, scale, shift, silu, backend):
+    return torch.empty_like(x, memory_format=_memory_format(x))
+
+
+def _setup_context(ctx, inputs, output):
+    x, num_groups, weight, bias, eps, scale, shift, silu, _backend = inputs
+    ctx.save_for_backward(x, weight, bias, scale, shift)
+    ctx.config = (num_groups, eps, silu)
+
+
+def _backward(ctx, grad):
+    """Gradients of the reference twin, recomputed: the forward is the same function, whichever backend ran."""
+    needs = [ctx.needs_input_grad[i] for i in (0, 2, 3, 5, 6)]
+    leaves = [
+        None if t is None else t.detach().requires_grad_(need)
+        for t, need in zip(ctx.saved_tensors, needs, strict=True)
+    ]
+    x, weight, bias, scale, shift = leaves
+    num_groups, eps, silu = ctx.config
+    with torch.enable_grad():
+        y = group_norm_silu_reference(x, num_groups, weight, bias, eps, scale=scale, shift=shift, silu=silu)
+    wanted = [t for t in leaves if t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad(y, wanted, grad))
+    gx, gw, gb, gscale, gshift = (next(grads) if t is not None and t.requires_grad else None for t in leaves)
+    return gx, None, gw, gb, None, gscale, gshift, None, None
+
+
+_group_norm_silu_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_inputs(x, num_groups, weight, bias, eps, scale, shift) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if not 3 <= x.dim() <= 5:
+        raise ValueError(f"x must be (N, C, *spatial) with 1 to 3 spatial dims, got shape {tuple(x.shape)}")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+        raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__}")
+    N, C = x.shape[:2]
+    if num_groups < 1 or C % num_groups:
+        raise ValueError(f"num_groups must be a positive divisor of the {C} channels of x, got {num_groups}")
+    if not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    for name, t, shape in (
+        ("weight", weight, (C,)),
+        ("bias", bias, (C,)),
+        ("scale", scale, (N, C)),
+        ("shift", shift, (N, C)),
+    ):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        if t.dtype not in (x.dtype, torch.float32):
+            raise ValueError(f"{name} must have x's dtype {x.dtype} or float32, got {t.dtype}")
+
+
 def group_norm_silu(
     x: torch.Tensor,
     num_groups: int,
@@ -49,6 +575,14 @@ def group_norm_silu(
     silu: bool = True,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """GroupNorm of x (N, C, *spatial), optional ADM scale-shift with (N, C) `scale`/`shift`, then SiLU."""
-    resolve_backend(backend, x.device)
-    return group_norm_silu_reference(x, num_groups, weight, bias, eps, scale=scale, shift=shift, silu=silu)
+    """GroupNorm of x (N, C, *spatial), optional ADM scale-shift with (N, C) `scale`/`shift`, then SiLU.
+
+    x is float32, float16 or bfloat16, contiguous or channels-last; the output has x's dtype and memory format.
+    weight/bias (C,) and scale/shift (N, C) are optional, each in x's dtype or float32. `silu=False` gives plain
+    GroupNorm (+ scale-shift). `backend` is "auto", "triton" or "torch" (see fastdiff.kernels.backend).
+    """
+    _check_inputs(x, num_groups, weight, bias, eps, scale, shift)
+    if x.numel() == 0:
+        resolve_backend(backend, x.device)
+        return torch.empty_like(x, memory_format=_memory_format(x))
+    return _group_norm_silu_op(x, num_groups, weight, bias, float(eps), scale, shift, bool(silu), backend)

@@ -6,7 +6,185 @@ import math
 
 import torch
 
-from fastdiff.kernels.backend import resolve_backend
+from fastdiff.kernels.backend import interpreter_enabled, resolve_backend
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+if triton is not None:
+
+    @triton.jit
+    def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        # UPCAST: the interpreter multiplies bfloat16 tiles as raw uint16 bits; bf16 x bf16 products are exact in
+        # float32, so multiplying the upcast tiles with float32 accumulation is the same arithmetic as a bf16 MMA.
+        if UPCAST:
+            out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            out = tl.dot(a, b, input_precision=PRECISION)
+        return out
+
+    @triton.jit
+    def _attention_fwd_kernel(
+        Q,
+        K,
+        V,
+        O,
+        stride_qb,
+        stride_qh,
+        stride_qm,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_kd,
+        stride_vb,
+        stride_vh,
+        stride_vn,
+        stride_vd,
+        stride_ob,
+        stride_oh,
+        stride_om,
+        stride_od,
+        num_heads,
+        seq_q,
+        seq_k,
+        qk_scale,
+        HEAD_DIM: tl.constexpr,
+        HEAD_DIM_V: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_DV: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        # One program: BLOCK_M queries of one (batch, head) against all keys, BLOCK_N keys at a time.
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        batch = (pid_bh // num_heads).to(tl.int64)
+        head = (pid_bh % num_heads).to(tl.int64)
+        q_base = Q + batch * stride_qb + head * stride_qh
+        k_base = K + batch * stride_kb + head * stride_kh
+        v_base = V + batch * stride_vb + head * stride_vh
+        o_base = O + batch * stride_ob + head * stride_oh
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        mask_m = offs_m < seq_q
+        # head dims are padded to a power of two in registers only: the padded lanes load as zeros
+        mask_d = offs_d < HEAD_DIM
+        mask_dv = offs_dv < HEAD_DIM_V
+
+        q = tl.load(
+            q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+            mask=mask_m[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+        k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        for start_n in range(0, seq_k, BLOCK_N):
+            mask_n = (start_n + offs_n) < seq_k
+            k = tl.load(k_ptrs + start_n * stride_kn, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            # scores in log2 units (qk_scale = scale * log2(e)) so exp2 does the softmax
+            s = _dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+            # every block holds at least one valid key, so m_new is finite and alpha is 0 on the first block
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            v = tl.load(v_ptrs + start_n * stride_vn, mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
+            # normalise by the sum of the probabilities as rounded for the p @ v product, so the output stays
+            # an exact weighted mean of v: this halves the bfloat16 error against summing the unrounded p
+            p = p.to(v.dtype)
+            l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
+            acc = acc * alpha[:, None] + _dot(p, v, UPCAST, PRECISION)
+            m_i = m_new
+
+        out = acc / l_i[:, None]
+        tl.store(
+            o_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+            out.to(O.dtype.element_ty),
+            mask=mask_m[:, None] & mask_dv[None, :],
+        )
+
+
+def _block_config(block_d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for an H100, by padded head dim and element size.
+
+    Tiles shrink as the head dim grows so that the q tile, the pipelined k/v tiles (shared memory) and the
+    float32 accumulator (registers) still fit; float32 runs without tensor cores and gets smaller tiles.
+    """
+    if dtype == torch.float32:
+        if block_d <= 64:
+            return 64, 32, 8, 2
+        return (32, 32, 8, 2) if block_d <= 128 else (32, 16, 8, 2)
+    if block_d <= 64:
+        return 128, 64, 4, 3
+    if block_d <= 128:
+        return 128, 64, 8, 3
+    return 64, 32, 4, 2
+
+
+def _attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """Launch the flash-attention kernel on validated inputs of any strides; `block_*` override the tile sizes."""
+    batch, heads, seq_q, head_dim = q.shape
+    seq_k, head_dim_v = k.shape[2], v.shape[3]
+    out = torch.empty((batch, heads, seq_q, head_dim_v), device=q.device, dtype=q.dtype)
+    # tl.dot needs every tile dimension >= 16
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_dv = max(16, triton.next_power_of_2(head_dim_v))
+    cfg_m, cfg_n, num_warps, num_stages = _block_config(max(block_d, block_dv), q.dtype)
+    # short sequences (ADM attention at 8x8, 77 text tokens) do not need full-size tiles
+    block_m = block_m or min(cfg_m, max(16, triton.next_power_of_2(seq_q)))
+    block_n = block_n or min(cfg_n, max(16, triton.next_power_of_2(seq_k)))
+    grid = (triton.cdiv(seq_q, block_m), batch * heads)
+    _attention_fwd_kernel[grid](
+        q,
+        k,
+        v,
+        out,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        heads,
+        seq_q,
+        seq_k,
+        scale * math.log2(math.e),
+        HEAD_DIM=head_dim,
+        HEAD_DIM_V=head_dim_v,
+        BLOCK_D=block_d,
+        BLOCK_DV=block_dv,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        # the interpreter's bfloat16 tl.dot is broken (see _dot)
+        UPCAST=q.dtype == torch.bfloat16 and interpreter_enabled(),
+        # float32 inputs get full-precision products, not TF32
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out
 
 
 def attention_reference(
@@ -19,9 +197,71 @@ def attention_reference(
     return torch.matmul(w, v.float()).to(q.dtype)
 
 
+@torch.library.custom_op("fastdiff::attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str
+) -> torch.Tensor:
+    if resolve_backend(backend, q.device) == "triton":
+        # an empty grid is not launchable
+        if q.numel() == 0:
+            return q.new_empty((*q.shape[:3], v.shape[3]))
+        return _attention_triton(q, k, v, scale)
+    return attention_reference(q, k, v, scale=scale)
+
+
+@_attention_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str) -> torch.Tensor:
+    return q.new_empty((*q.shape[:3], v.shape[3]))
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> float:
+    """Validate attention inputs; return the softmax scale (1/sqrt(head_dim) when `scale` is None)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name}.dtype must be float16, bfloat16 or float32, got {t.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            raise ValueError(
+                f"{name} is on {t.device} but q is on {q.device}; all three must share one device"
+            )
+        if t.dtype != q.dtype:
+            raise ValueError(
+                f"{name}.dtype is {t.dtype} but q.dtype is {q.dtype}; all three must share one dtype"
+            )
+        if t.shape[:2] != q.shape[:2]:
+            raise ValueError(
+                f"{name} has (batch, heads) = {tuple(t.shape[:2])} but q has {tuple(q.shape[:2])}; they must match"
+            )
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"k has head_dim {k.shape[3]} but q has {q.shape[3]}; q and k must share head_dim")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"v has seq {v.shape[2]} but k has {k.shape[2]}; k and v must hold the same keys")
+    if k.shape[2] == 0:
+        raise ValueError("k must hold at least one key (seq_k = 0): softmax over no keys is undefined")
+    for name, d in (("q", q.shape[3]), ("v", v.shape[3])):
+        if not 1 <= d <= MAX_HEAD_DIM:
+            raise ValueError(f"{name} head_dim must be in 1..{MAX_HEAD_DIM}, got {d}")
+    if scale is None:
+        return 1.0 / math.sqrt(q.shape[3])
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a positive float or None, got {type(scale).__name__}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
+    return float(scale)
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, backend: str = "auto"
 ) -> torch.Tensor:
-    """Scaled dot-product attention on (batch, heads, seq, head_dim); seq of k/v may differ from q's."""
-    resolve_backend(backend, q.device)
-    return attention_reference(q, k, v, scale=scale)
+    """Scaled dot-product attention softmax(q k^T * scale) v on (batch, heads, seq, head_dim).
+
+    k and v may hold a different number of keys than q has queries (cross-attention), v may have its own
+    head_dim, and all three may be strided views (e.g. slices of a fused qkv projection). The output is
+    contiguous, in q's dtype; `scale` defaults to 1/sqrt(head_dim).
+    """
+    # the backend is resolved inside the op, so a compiled graph keeps one opaque node
+    return _attention_op(q, k, v, _check_inputs(q, k, v, scale), backend)

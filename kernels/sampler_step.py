@@ -8,21 +8,150 @@ output (eps, x0 or v, after classifier-free guidance):
     x_prev = c * x0_hat + d * eps + e * x + s * z
 
 DDPM (either variance), DDIM with any eta and DDIM inversion differ only in the numbers.
+
+The Triton kernel reads every input element once and writes x_prev once (float32 math whatever the storage dtype).
+It loads the step index and then the table row from device memory, and the guidance scale too when it is a tensor,
+so a captured CUDA graph can replay the same launch every step with a device-side counter and no host sync.
 """
 
 from __future__ import annotations
 
 import torch
-
 from fastdiff.kernels.backend import resolve_backend
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
 TABLE_COLUMNS = ("a", "b", "p", "q", "c", "d", "e", "s")
 
+if triton is not None:
 
-def _check_inputs(x, eps, table, step, noise, eps_uncond, clip) -> None:
+    @triton.jit(do_not_specialize=["step", "guidance_scale", "clip"])
+    def _sampler_step_kernel(
+        x_ptr,
+        m_ptr,
+        u_ptr,
+        z_ptr,
+        out_ptr,
+        table_ptr,
+        table_row_stride,
+        table_col_stride,
+        num_steps,
+        step,
+        step_ptr,
+        guidance_scale,
+        guidance_ptr,
+        clip,
+        n_elements,
+        STEP_FROM_PTR: tl.constexpr,
+        HAS_CFG: tl.constexpr,
+        GUIDANCE_FROM_PTR: tl.constexpr,
+        HAS_CLIP: tl.constexpr,
+        HAS_NOISE: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        i = tl.load(step_ptr).to(tl.int64) if STEP_FROM_PTR else step.to(tl.int64)
+        # A device-side step cannot be range-checked without a host sync: read row 0 instead of out-of-bounds
+        # memory and poison c so that the whole output is NaN, which no caller can mistake for a result.
+        in_range = (i >= 0) & (i < num_steps)
+        row = table_ptr + tl.where(in_range, i, 0) * table_row_stride
+        a = tl.load(row)
+        b = tl.load(row + table_col_stride)
+        p = tl.load(row + 2 * table_col_stride)
+        q = tl.load(row + 3 * table_col_stride)
+        c = tl.where(in_range, tl.load(row + 4 * table_col_stride), float("nan"))
+        d = tl.load(row + 5 * table_col_stride)
+        e = tl.load(row + 6 * table_col_stride)
+        s = tl.load(row + 7 * table_col_stride)
+
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_elements
+        x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+        m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+        if HAS_CFG:
+            w = tl.load(guidance_ptr).to(tl.float32) if GUIDANCE_FROM_PTR else guidance_scale
+            u = tl.load(u_ptr + offs, mask=mask).to(tl.float32)
+            m = u + w * (m - u)
+        x0 = a * x + b * m
+        if HAS_CLIP:
+            x0 = tl.minimum(tl.maximum(x0, -clip), clip)
+        out = c * x0 + d * (p * x + q * m) + e * x
+        if HAS_NOISE:
+            z = tl.load(z_ptr + offs, mask=mask).to(tl.float32)
+            out = out + s * z
+        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The dense layout the kernel works in: x's own when x is channels-last, else contiguous."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _sampler_step_triton(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    eps: torch.Tensor,
+    table: torch.Tensor,
+    step: int,
+    step_tensor: torch.Tensor | None,
+    noise: torch.Tensor | None,
+    eps_uncond: torch.Tensor | None,
+    guidance_scale: float,
+    guidance_tensor: torch.Tensor | None,
+    clip: float | None,
+) -> None:
+    """Launch the kernel writing into `out`, a dense tensor of `_memory_format(out)`; inputs are brought to it."""
+    fmt = _memory_format(out)
+    # The kernel walks all tensors as one flat buffer, so they must share out's dense layout; an input in another
+    # layout is copied once here (the usual callers pass matching layouts and pay nothing).
+    x, eps, noise, eps_uncond = (
+        t if t is None or t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
+        for t in (x, eps, noise, eps_uncond)
+    )
+    n = out.numel()
+    # The interpreter costs about 1.5 ms per program whatever its size; on a GPU 1024-element blocks keep
+    # enough programs in flight for small latents.
+    max_block = 4096 if out.device.type == "cpu" else 1024
+    block = min(max_block, triton.next_power_of_2(n))
+    _sampler_step_kernel[(triton.cdiv(n, block),)](
+        x,
+        eps,
+        x if eps_uncond is None else eps_uncond,
+        x if noise is None else noise,
+        out,
+        table,
+        table.stride(0),
+        table.stride(1),
+        table.shape[0],
+        step,
+        table if step_tensor is None else step_tensor,
+        guidance_scale,
+        table if guidance_tensor is None else guidance_tensor,
+        0.0 if clip is None else clip,
+        n,
+        STEP_FROM_PTR=step_tensor is not None,
+        HAS_CFG=eps_uncond is not None,
+        GUIDANCE_FROM_PTR=guidance_tensor is not None,
+        HAS_CLIP=clip is not None,
+        HAS_NOISE=noise is not None,
+        BLOCK=block,
+        num_warps=max(1, min(4, block // 256)),
+    )
+
+
+def _check_inputs(x, eps, table, step, noise, eps_uncond, clip, guidance_scale=1.0, out=None) -> None:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {type(x).__name__}")
-    for name, t in (("eps", eps), ("noise", noise), ("eps_uncond", eps_uncond)):
+    for name, t in (("eps", eps), ("noise", noise), ("eps_uncond", eps_uncond), ("out", out)):
         if t is None:
             continue
         if not isinstance(t, torch.Tensor):
@@ -42,11 +171,33 @@ def _check_inputs(x, eps, table, step, noise, eps_uncond, clip) -> None:
         raise ValueError(f"table must be float32, got {table.dtype}")
     if isinstance(step, torch.Tensor):
         if step.dim() != 0 or step.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"step must be an int or a 0-d integer tensor, got {step.dtype} of shape {tuple(step.shape)}")
-        if step.device.type == "cpu" and not 0 <= int(step) < table.shape[0]:
+            raise ValueError(
+                f"step must be an int or a 0-d integer tensor, got {step.dtype} of shape {tuple(step.shape)}"
+            )
+        if step.device not in (x.device, torch.device("cpu")):
+            raise ValueError(f"step is on {step.device} but x is on {x.device}")
+        # Reading a host tensor's value is free, a device tensor's would sync (the kernel guards those itself);
+        # under torch.compile the value is unknown at trace time.
+        if (
+            step.device.type == "cpu"
+            and not torch.compiler.is_compiling()
+            and not 0 <= int(step) < table.shape[0]
+        ):
             raise ValueError(f"step {int(step)} is out of range for a table of {table.shape[0]} steps")
-    elif not isinstance(step, int) or not 0 <= step < table.shape[0]:
+    elif not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < table.shape[0]:
         raise ValueError(f"step must be an int in [0, {table.shape[0]}), got {step!r}")
+    if isinstance(guidance_scale, torch.Tensor):
+        if guidance_scale.dim() != 0 or not guidance_scale.is_floating_point():
+            raise ValueError(
+                "guidance_scale must be a number or a 0-d floating-point tensor, "
+                f"got {guidance_scale.dtype} of shape {tuple(guidance_scale.shape)}"
+            )
+        if guidance_scale.device not in (x.device, torch.device("cpu")):
+            raise ValueError(f"guidance_scale is on {guidance_scale.device} but x is on {x.device}")
+    elif not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool):
+        raise TypeError(
+            f"guidance_scale must be a number or a 0-d tensor, got {type(guidance_scale).__name__}"
+        )
     if clip is not None and not clip > 0:
         raise ValueError(f"clip must be None or a positive number, got {clip!r}")
 
@@ -78,6 +229,93 @@ def sampler_step_reference(
     return out.to(x.dtype)
 
 
+# The custom ops take the step and the guidance scale twice, as a host number and as an optional device tensor,
+# because a schema argument has one type; the public function splits them.
+@torch.library.custom_op("fastdiff::sampler_step", mutates_args=())
+def _sampler_step_op(
+    x: torch.Tensor,
+    eps: torch.Tensor,
+    table: torch.Tensor,
+    step: int,
+    step_tensor: torch.Tensor | None,
+    noise: torch.Tensor | None,
+    eps_uncond: torch.Tensor | None,
+    guidance_scale: float,
+    guidance_tensor: torch.Tensor | None,
+    clip: float | None,
+    backend: str,
+) -> torch.Tensor:
+    fmt = _memory_format(x)
+    if resolve_backend(backend, x.device) == "triton":
+        out = torch.empty_like(x, memory_format=fmt)
+        _sampler_step_triton(
+            out, x, eps, table, step, step_tensor, noise, eps_uncond, guidance_scale, guidance_tensor, clip
+        )
+        return out
+    ref = sampler_step_reference(
+        x,
+        eps,
+        table,
+        step if step_tensor is None else step_tensor,
+        noise,
+        eps_uncond=eps_uncond,
+        guidance_scale=guidance_scale if guidance_tensor is None else guidance_tensor,
+        clip=clip,
+    )
+    return ref.contiguous(memory_format=fmt)
+
+
+@_sampler_step_op.register_fake
+def _(x, eps, table, step, step_tensor, noise, eps_uncond, guidance_scale, guidance_tensor, clip, backend):
+    return torch.empty_like(x, memory_format=_memory_format(x))
+
+
+@torch.library.custom_op("fastdiff::sampler_step_out", mutates_args=("out",))
+def _sampler_step_out_op(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    eps: torch.Tensor,
+    table: torch.Tensor,
+    step: int,
+    step_tensor: torch.Tensor | None,
+    noise: torch.Tensor | None,
+    eps_uncond: torch.Tensor | None,
+    guidance_scale: float,
+    guidance_tensor: torch.Tensor | None,
+    clip: float | None,
+    backend: str,
+) -> None:
+    if resolve_backend(backend, x.device) == "triton":
+        fmt = _memory_format(out)
+        dense = out.is_contiguous(memory_format=fmt)
+        target = out if dense else torch.empty_like(out, memory_format=fmt)
+        _sampler_step_triton(
+            target, x, eps, table, step, step_tensor, noise, eps_uncond, guidance_scale, guidance_tensor, clip
+        )
+        if not dense:
+            out.copy_(target)
+        return
+    out.copy_(
+        sampler_step_reference(
+            x,
+            eps,
+            table,
+            step if step_tensor is None else step_tensor,
+            noise,
+            eps_uncond=eps_uncond,
+            guidance_scale=guidance_scale if guidance_tensor is None else guidance_tensor,
+            clip=clip,
+        )
+    )
+
+
+@_sampler_step_out_op.register_fake
+def _(
+    out, x, eps, table, step, step_tensor, noise, eps_uncond, guidance_scale, guidance_tensor, clip, backend
+):
+    return None
+
+
 def sampler_step(
     x: torch.Tensor,
     eps: torch.Tensor,
@@ -88,15 +326,35 @@ def sampler_step(
     eps_uncond: torch.Tensor | None = None,
     guidance_scale: float | torch.Tensor = 1.0,
     clip: float | None = None,
+    out: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """One sampler step x_t -> x_prev reading row `step` of `table` (float32, on x's device).
 
     `eps` is the model output (eps, x0 or v: the table's coefficients convert it); with `eps_uncond`,
-    classifier-free guidance `u + w * (eps - u)` is applied first. `noise` is z of the step (None: no noise term).
+    classifier-free guidance `u + w * (eps - u)` is applied first (`guidance_scale` is ignored without it).
+    `noise` is z of the step (None: no noise term). `step` and `guidance_scale` may be 0-d tensors on x's device,
+    read by the kernel without a host sync; a device-side step outside the table makes the Triton result all NaN.
+    Returns a new tensor in x's layout, or writes into `out` (which may be `x` itself) and returns it.
     """
-    _check_inputs(x, eps, table, step, noise, eps_uncond, clip)
+    _check_inputs(x, eps, table, step, noise, eps_uncond, clip, guidance_scale, out)
     resolve_backend(backend, x.device)
-    return sampler_step_reference(
-        x, eps, table, step, noise, eps_uncond=eps_uncond, guidance_scale=guidance_scale, clip=clip
-    )
+    if isinstance(step, torch.Tensor):
+        # A host-side step for a device tensor is read here (free); a kernel cannot dereference host memory.
+        step_index, step_tensor = (int(step), None) if step.device != x.device else (0, step)
+    else:
+        step_index, step_tensor = step, None
+    if isinstance(guidance_scale, torch.Tensor):
+        w, w_tensor = (
+            (float(guidance_scale), None) if guidance_scale.device != x.device else (1.0, guidance_scale)
+        )
+    else:
+        w, w_tensor = float(guidance_scale), None
+    clip = None if clip is None else float(clip)
+    if x.numel() == 0:
+        return torch.empty_like(x) if out is None else out
+    args = (x, eps, table, step_index, step_tensor, noise, eps_uncond, w, w_tensor, clip, backend)
+    if out is None:
+        return _sampler_step_op(*args)
+    _sampler_step_out_op(out, *args)
+    return out

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-
 from fastdiff.kernels.backend import interpreter_enabled, resolve_backend
 
 try:
@@ -34,7 +33,7 @@ if triton is not None:
         Q,
         K,
         V,
-        O,
+        Out,
         stride_qb,
         stride_qh,
         stride_qm,
@@ -72,7 +71,7 @@ if triton is not None:
         q_base = Q + batch * stride_qb + head * stride_qh
         k_base = K + batch * stride_kb + head * stride_kh
         v_base = V + batch * stride_vb + head * stride_vh
-        o_base = O + batch * stride_ob + head * stride_oh
+        o_base = Out + batch * stride_ob + head * stride_oh
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
@@ -115,7 +114,7 @@ if triton is not None:
         out = acc / l_i[:, None]
         tl.store(
             o_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
-            out.to(O.dtype.element_ty),
+            out.to(Out.dtype.element_ty),
             mask=mask_m[:, None] & mask_dv[None, :],
         )
 

@@ -16,7 +16,7 @@ BACKENDS = ("auto", "triton", "torch")
 def triton_importable() -> bool:
     """True when the `triton` package imports."""
     try:
-        import triton  # noqa: F401
+        import triton
         import triton.language  # noqa: F401
     except Exception:
         return False

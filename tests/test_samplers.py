@@ -1,0 +1,330 @@
+import itertools
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff import DDIMSampler, DDPMSampler, NoiseSchedule, from_diffusers_scheduler
+
+diffusers = pytest.importorskip("diffusers")
+
+SHAPE = (2, 1, 3, 3)
+KINDS = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+TOL = 1e-5  # binding: max abs difference after the whole loop, float32
+
+
+def toy_model(x, t, **_):
+    """A smooth stand-in for a trained network: depends on x and t, cheap, deterministic."""
+    return torch.tanh(0.7 * x + 1e-3 * t.float().reshape(-1, *([1] * (x.dim() - 1))) - 0.2)
+
+
+def gaussian_denoiser(alphas_cumprod, prediction_type, mu=0.3, sigma=0.5):
+    """The optimal predictor for data ~ N(mu, sigma^2) (plus a small nonlinearity), in the given parameterisation.
+
+    A realistic stand-in for a trained network: samples stay O(1), so an absolute tolerance is meaningful.
+    """
+    abar_all = alphas_cumprod.double()
+
+    def model(x, t, **_):
+        abar = abar_all[t.long()].reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+        sa, sb = abar.sqrt(), (1 - abar).sqrt()
+        eps = sb * (x - sa * mu) / (abar * sigma**2 + 1 - abar) + 0.05 * torch.tanh(x)
+        x0 = (x - sb * eps) / sa
+        if prediction_type == "epsilon":
+            return eps
+        if prediction_type == "sample":
+            return x0
+        return sa * eps - sb * x0
+
+    return model
+
+
+def diffusers_loop(scheduler, num_steps, x, seed, eta=None, float64=False):
+    """diffusers' own loop; float64=True runs the same loop in double (same float32 noise) as a ground truth."""
+    model = gaussian_denoiser(scheduler.alphas_cumprod, scheduler.config.prediction_type)
+    if float64:
+        scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
+        for name in ("final_alpha_cumprod", "one"):
+            if hasattr(scheduler, name):
+                setattr(scheduler, name, getattr(scheduler, name).double())
+        x = x.double()
+    scheduler.set_timesteps(num_steps)
+    g = torch.Generator().manual_seed(seed)
+    for t in scheduler.timesteps:
+        out = model(x, t.expand(x.shape[0]))
+        kwargs = {"eta": eta} if eta is not None else {}
+        x = scheduler.step(out, t, x, generator=g, **kwargs).prev_sample
+    return x.float()
+
+
+@pytest.fixture(autouse=True)
+def _float32_noise(monkeypatch):
+    """Make diffusers draw float32 noise even in its float64 reference run, so both runs see the same z."""
+    import diffusers.schedulers.scheduling_ddim as ddim
+    import diffusers.schedulers.scheduling_ddpm as ddpm
+
+    def randn_tensor(shape, generator=None, device=None, dtype=None, **_):
+        return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+
+    monkeypatch.setattr(ddim, "randn_tensor", randn_tensor)
+    monkeypatch.setattr(ddpm, "randn_tensor", randn_tensor)
+
+
+def assert_parity(make_scheduler, sampler, steps, seed, eta=None):
+    """Max abs difference to diffusers <= 1e-5 (binding), except where diffusers' own float32 result is off its
+    float64 run by more than that (ill-conditioned steps, e.g. 1/sqrt(alphas_cumprod[999]) ~ 1e4 for the cosine
+    schedule): there we must be within twice diffusers' own error of diffusers, and at least as close to the
+    float64 result as twice diffusers' own error (the policy of the kernel tolerances)."""
+    x = _x_T()
+    expected = diffusers_loop(make_scheduler(), steps, x, seed, eta)
+    truth = diffusers_loop(make_scheduler(), steps, x, seed, eta, float64=True)
+    got = fastdiff_loop(sampler, x, seed)
+    err = (got - expected).abs().max().item()
+    own_err = (expected - truth).abs().max().item()
+    assert err <= max(TOL, 2 * own_err), (err, own_err)
+    if own_err > TOL / 2:
+        assert (got - truth).abs().max().item() <= max(TOL, 2 * own_err)
+
+
+def fastdiff_loop(sampler, x, seed):
+    model = gaussian_denoiser(sampler.schedule.alphas_cumprod, sampler.prediction_type)
+    return fastdiff.sample(model, sampler, x.shape, x_T=x, generator=torch.Generator().manual_seed(seed))
+
+
+def _x_T():
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(123))
+
+
+DDIM_GRID = [
+    (kind, spacing, eta, clip, pred, steps)
+    for kind, spacing, eta, clip, pred, steps in itertools.product(
+        KINDS,
+        ["leading", "trailing", "linspace"],
+        [0.0, 0.5, 1.0],
+        [True, False],
+        ["epsilon", "sample", "v_prediction"],
+        [1, 10, 50],
+    )
+] + [
+    (kind, "leading", eta, False, pred, 1000)
+    for kind in KINDS
+    for eta in (0.0, 1.0)
+    for pred in ("epsilon", "v_prediction")
+]
+
+
+@pytest.mark.parametrize(("kind", "spacing", "eta", "clip", "pred", "steps"), DDIM_GRID)
+def test_ddim_matches_diffusers(kind, spacing, eta, clip, pred, steps):
+    ref = diffusers.DDIMScheduler(
+        beta_schedule=KINDS[kind], timestep_spacing=spacing, clip_sample=clip, prediction_type=pred
+    )
+    sampler = from_diffusers_scheduler(ref, steps, eta=eta)
+    assert isinstance(sampler, DDIMSampler)
+    make = lambda: diffusers.DDIMScheduler(**ref.config)  # noqa: E731
+    assert_parity(make, sampler, steps, seed=7, eta=eta)
+
+
+DDPM_GRID = [
+    (kind, spacing, var, clip, pred, steps)
+    for kind, spacing, var, clip, pred, steps in itertools.product(
+        KINDS,
+        ["leading", "trailing", "linspace"],
+        ["fixed_small", "fixed_large"],
+        [True, False],
+        ["epsilon", "sample", "v_prediction"],
+        [1, 10, 50],
+    )
+] + [
+    (kind, "leading", var, True, pred, 1000)
+    for kind in KINDS
+    for var in ("fixed_small", "fixed_large")
+    for pred in ("epsilon", "sample")
+]
+
+
+@pytest.mark.parametrize(("kind", "spacing", "var", "clip", "pred", "steps"), DDPM_GRID)
+def test_ddpm_matches_diffusers(kind, spacing, var, clip, pred, steps):
+    ref = diffusers.DDPMScheduler(
+        beta_schedule=KINDS[kind],
+        timestep_spacing=spacing,
+        variance_type=var,
+        clip_sample=clip,
+        prediction_type=pred,
+    )
+    sampler = from_diffusers_scheduler(ref, steps)
+    assert isinstance(sampler, DDPMSampler)
+    make = lambda: diffusers.DDPMScheduler(**ref.config)  # noqa: E731
+    assert_parity(make, sampler, steps, seed=11)
+
+
+def test_from_kind_schedule_agrees_with_diffusers_to_float32_rounding():
+    ref = diffusers.DDIMScheduler(beta_schedule="linear", clip_sample=False)
+    sampler = DDIMSampler(NoiseSchedule.from_kind("linear"), 50)
+    x = _x_T()
+    diff = (fastdiff_loop(sampler, x, 0) - diffusers_loop(ref, 50, x, 0, eta=0.0)).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_ddpm_respaced_betas_are_improved_ddpm():
+    sched = NoiseSchedule.from_kind("linear")
+    sampler = DDPMSampler(sched, 10, variance="fixed_large", clip_sample=False)
+    ts = sampler.timesteps
+    abar = sched.alphas_cumprod[ts]
+    abar_prev = torch.cat([abar[1:], abar.new_ones(1)])
+    beta = 1 - abar / abar_prev
+    # fixed_large: the noise scale of step i is the respaced beta'_i
+    torch.testing.assert_close(sampler.table.column("s")[:-1], beta[:-1].sqrt())
+    assert sampler.table.column("s")[-1] == 0  # t = 0: no noise
+
+
+def test_same_seed_same_images_different_seed_different():
+    sampler = DDPMSampler(NoiseSchedule.from_kind("linear", 100), 20)
+    a = fastdiff.sample(toy_model, sampler, SHAPE, generator=torch.Generator().manual_seed(1))
+    b = fastdiff.sample(toy_model, sampler, SHAPE, generator=torch.Generator().manual_seed(1))
+    c = fastdiff.sample(toy_model, sampler, SHAPE, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_per_sample_generators_make_samples_independent_of_batch():
+    sampler = DDIMSampler(NoiseSchedule.from_kind("linear", 100), 10, eta=1.0)
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    both = fastdiff.sample(toy_model, sampler, (2, 1, 3, 3), generator=gens([5, 6]))
+    one = fastdiff.sample(toy_model, sampler, (1, 1, 3, 3), generator=gens([6]))
+    torch.testing.assert_close(both[1:], one, rtol=0, atol=1e-6)
+
+
+class CondModel(torch.nn.Module):
+    """Class-conditional toy denoiser whose null label is `num_classes`, with call counting."""
+
+    num_classes = 3
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, t, class_labels=None):
+        self.calls.append(x.shape[0])
+        return toy_model(x, t) + 0.1 * class_labels.float().reshape(-1, 1, 1, 1)
+
+    def null_cond(self, cond):
+        return {"class_labels": torch.full_like(cond["class_labels"], self.num_classes)}
+
+
+def test_classifier_free_guidance_is_one_batched_call_and_matches_formula():
+    sampler = DDIMSampler(NoiseSchedule.from_kind("linear", 100), 5)
+    model = CondModel()
+    y = torch.tensor([0, 2])
+    x = _x_T()
+    got = fastdiff.sample(model, sampler, SHAPE, x_T=x, cond={"class_labels": y}, guidance_scale=3.0)
+    assert model.calls == [4] * 5  # cond and uncond in one call of twice the batch
+
+    def guided(x, t):
+        e_c = model(x, t, class_labels=y)
+        e_u = model(x, t, class_labels=torch.full_like(y, 3))
+        return e_u + 3.0 * (e_c - e_u)
+
+    expected = fastdiff.sample(guided, sampler, SHAPE, x_T=x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_progress_and_callback():
+    sampler = DDIMSampler(NoiseSchedule.from_kind("linear", 100), 4)
+    seen = []
+    fastdiff.sample(
+        toy_model,
+        sampler,
+        SHAPE,
+        progress=True,
+        callback=lambda d: seen.append((d["i"], d["t"], d["x0"].shape)),
+    )
+    assert [i for i, _, _ in seen] == [0, 1, 2, 3]
+    assert [t for _, t, _ in seen] == sampler.timesteps.tolist()
+
+
+def test_sdedit_strength_one_equals_sampling_and_small_strength_stays_close():
+    sampler = DDIMSampler(NoiseSchedule.from_kind("linear", 1000), 20)
+    x0 = torch.rand(SHAPE) * 2 - 1
+    full = fastdiff.sdedit(toy_model, sampler, x0, 1.0, generator=torch.Generator().manual_seed(0))
+    assert full.shape == x0.shape
+    near = fastdiff.sdedit(toy_model, sampler, x0, 0.05, generator=torch.Generator().manual_seed(0))
+    far = fastdiff.sdedit(toy_model, sampler, x0, 0.9, generator=torch.Generator().manual_seed(0))
+    assert (near - x0).abs().mean() < (far - x0).abs().mean()
+    with pytest.raises(ValueError, match="strength"):
+        fastdiff.sdedit(toy_model, sampler, x0, 0.0)
+
+
+def test_inpaint_keeps_known_region_exactly():
+    sampler = DDPMSampler(NoiseSchedule.from_kind("linear", 100), 10)
+    x0 = torch.rand(SHAPE) * 2 - 1
+    mask = torch.zeros(1, 1, 3, 3)
+    mask[..., :, 1:] = 1  # generate the right two columns
+    out = fastdiff.inpaint(toy_model, sampler, x0, mask, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out[..., :, :1], x0[..., :, :1])
+    assert not torch.allclose(out[..., :, 1:], x0[..., :, 1:])
+    with pytest.raises(ValueError, match="mask"):
+        fastdiff.inpaint(toy_model, sampler, x0, torch.full((1, 1, 3, 3), 0.5))
+
+
+def test_ddim_inversion_round_trip_with_a_linear_model():
+    # Inversion approximates eps(x_t, t) by eps(x_{t-1}, t), a first-order error per step: the round trip must
+    # reconstruct x0 to 0.1 at 100 steps, get better with more steps, and an unrelated x_T must decode elsewhere.
+    schedule = NoiseSchedule.from_kind("linear", 1000)
+    model = gaussian_denoiser(schedule.alphas_cumprod, "epsilon")
+    x0 = torch.rand(SHAPE, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def round_trip_error(steps):
+        sampler = DDIMSampler(schedule, steps)
+        rec = fastdiff.sample(model, sampler, SHAPE, x_T=fastdiff.ddim_invert(model, sampler, x0))
+        return (rec - x0).abs().max().item()
+
+    err20, err100 = round_trip_error(20), round_trip_error(100)
+    assert err100 < 0.1
+    assert err100 < err20
+    other = fastdiff.sample(model, DDIMSampler(schedule, 100), SHAPE, x_T=torch.randn(SHAPE))
+    assert (other - x0).abs().max() > 0.3
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "match"),
+    [
+        (
+            lambda s: fastdiff.sample(toy_model, s, SHAPE, x_T=torch.full(SHAPE, float("nan"))),
+            ValueError,
+            "NaN",
+        ),
+        (lambda s: fastdiff.sample(toy_model, s, SHAPE, x_T=torch.zeros(1, 1, 3, 3)), ValueError, "x_T"),
+        (lambda s: fastdiff.sample(toy_model, s, (2, 0, 3)), ValueError, "shape"),
+        (lambda s: fastdiff.sample(toy_model, s, SHAPE, guidance_scale=2.0), ValueError, "guidance_scale"),
+        (
+            lambda s: fastdiff.sample(toy_model, s, SHAPE, cond={"y": torch.zeros(2)}, guidance_scale=2.0),
+            ValueError,
+            "uncond",
+        ),
+        (lambda s: fastdiff.sample(toy_model, "ddim", SHAPE), TypeError, "sampler"),
+        (lambda s: fastdiff.sample(lambda x, t: x[:1], s, SHAPE), ValueError, "denoiser returned"),
+        (lambda s: DDIMSampler(NoiseSchedule.from_kind("linear", 10), 11), ValueError, "num_steps"),
+        (lambda s: DDIMSampler(NoiseSchedule.from_kind("linear", 10), 5, eta=-1), ValueError, "eta"),
+        (
+            lambda s: DDPMSampler(NoiseSchedule.from_kind("linear", 10), variance="learned"),
+            ValueError,
+            "variance",
+        ),
+        (
+            lambda s: DDPMSampler(NoiseSchedule.from_kind("linear", 10), prediction_type="x"),
+            ValueError,
+            "prediction_type",
+        ),
+        (
+            lambda s: fastdiff.ddim_invert(
+                toy_model, DDPMSampler(NoiseSchedule.from_kind("linear", 10)), torch.zeros(SHAPE)
+            ),
+            TypeError,
+            "DDIMSampler",
+        ),
+    ],
+)
+def test_bad_input(call, exc, match):
+    sampler = DDIMSampler(NoiseSchedule.from_kind("linear", 100), 5)
+    with pytest.raises(exc, match=match):
+        call(sampler)

@@ -213,6 +213,26 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: 
     return q.new_empty((*q.shape[:3], v.shape[3]))
 
 
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, scale, _backend = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad: torch.Tensor):
+    # Training is not the fast path: gradients come from recomputing the reference (autograd through it).
+    q, k, v = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(t.requires_grad) for t in (q, k, v)]
+        out = attention_reference(*leaves, scale=ctx.scale)
+        wanted = [t for t in leaves if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad))
+    return (*(next(grads) if t.requires_grad else None for t in leaves), None, None)
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> float:
     """Validate attention inputs; return the softmax scale (1/sqrt(head_dim) when `scale` is None)."""
     for name, t in (("q", q), ("k", k), ("v", v)):

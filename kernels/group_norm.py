@@ -48,16 +48,24 @@ if triton is not None:
 
     @triton.jit
     def _chunk_stats(
-        x_ptr, pivot, group_c, s_lo, s_hi, stride_c, stride_s, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr
+        x_ptr,
+        pivot,
+        GROUP_C: tl.constexpr,
+        s_lo,
+        s_hi,
+        stride_c,
+        stride_s,
+        BLOCK_C: tl.constexpr,
+        BLOCK_S: tl.constexpr,
     ):
-        """(count, mean, m2) of x - pivot over channels [0, group_c) x positions [s_lo, s_hi) of one group."""
+        """(count, mean, m2) of x - pivot over channels [0, GROUP_C) x positions [s_lo, s_hi) of one group."""
         count = tl.zeros((), dtype=tl.float32)
         mean = tl.zeros((), dtype=tl.float32)
         m2 = tl.zeros((), dtype=tl.float32)
-        for c0 in range(0, group_c, BLOCK_C):
+        for c0 in range(0, GROUP_C, BLOCK_C):
             cs = c0 + tl.arange(0, BLOCK_C)
-            c_mask = cs < group_c
-            n_c = tl.minimum(group_c - c0, BLOCK_C)
+            c_mask = cs < GROUP_C
+            n_c = tl.minimum(GROUP_C - c0, BLOCK_C)
             for s0 in range(s_lo, s_hi, BLOCK_S):
                 ss = s0 + tl.arange(0, BLOCK_S)
                 mask = c_mask[:, None] & (ss < s_hi)[None, :]
@@ -81,7 +89,7 @@ if triton is not None:
         pivot,
         mean,
         rstd,
-        group_c,
+        GROUP_C: tl.constexpr,
         s_lo,
         s_hi,
         stride_xc,
@@ -101,9 +109,9 @@ if triton is not None:
         BLOCK_S: tl.constexpr,
     ):
         """y = silu(((x - pivot - mean) * rstd * w + b) * (1 + scale) + shift) on one chunk of one group."""
-        for c0 in range(0, group_c, BLOCK_C):
+        for c0 in range(0, GROUP_C, BLOCK_C):
             cs = c0 + tl.arange(0, BLOCK_C)
-            c_mask = cs < group_c
+            c_mask = cs < GROUP_C
             # Per channel, y = (x - pivot) * a + b_: weight, bias, scale, shift and the statistics folded once.
             a = tl.full((BLOCK_C,), 1.0, tl.float32) * rstd
             b_ = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -140,7 +148,7 @@ if triton is not None:
         scale_ptr,
         shift_ptr,
         num_groups,
-        group_c,
+        GROUP_C: tl.constexpr,
         S,
         eps,
         stride_xn,
@@ -166,10 +174,10 @@ if triton is not None:
         """One program per (sample, group): statistics of the whole group, then normalise it."""
         pid = tl.program_id(0)
         n = (pid // num_groups).to(tl.int64)
-        c_first = (pid % num_groups).to(tl.int64) * group_c
+        c_first = (pid % num_groups).to(tl.int64) * GROUP_C
         x_g = x_ptr + n * stride_xn + c_first * stride_xc
         pivot = tl.load(x_g).to(tl.float32)
-        count, mean, m2 = _chunk_stats(x_g, pivot, group_c, 0, S, stride_xc, stride_xs, BLOCK_C, BLOCK_S)
+        count, mean, m2 = _chunk_stats(x_g, pivot, GROUP_C, 0, S, stride_xc, stride_xs, BLOCK_C, BLOCK_S)
         rstd = 1.0 / tl.sqrt(m2 / count + eps)
         _normalize_chunk(
             x_g,
@@ -181,7 +189,7 @@ if triton is not None:
             pivot,
             mean,
             rstd,
-            group_c,
+            GROUP_C,
             0,
             S,
             stride_xc,
@@ -206,7 +214,7 @@ if triton is not None:
         x_ptr,
         partial_ptr,
         num_groups,
-        group_c,
+        GROUP_C: tl.constexpr,
         S,
         chunk_s,
         stride_xn,
@@ -219,13 +227,13 @@ if triton is not None:
         pid = tl.program_id(0)
         k = tl.program_id(1)
         n = (pid // num_groups).to(tl.int64)
-        c_first = (pid % num_groups).to(tl.int64) * group_c
+        c_first = (pid % num_groups).to(tl.int64) * GROUP_C
         x_g = x_ptr + n * stride_xn + c_first * stride_xc
         pivot = tl.load(x_g).to(tl.float32)
         s_lo = k * chunk_s
         s_hi = tl.minimum(s_lo + chunk_s, S)
         count, mean, m2 = _chunk_stats(
-            x_g, pivot, group_c, s_lo, s_hi, stride_xc, stride_xs, BLOCK_C, BLOCK_S
+            x_g, pivot, GROUP_C, s_lo, s_hi, stride_xc, stride_xs, BLOCK_C, BLOCK_S
         )
         out = partial_ptr + (pid * tl.num_programs(1) + k) * 3
         tl.store(out, count)
@@ -242,7 +250,7 @@ if triton is not None:
         shift_ptr,
         partial_ptr,
         num_groups,
-        group_c,
+        GROUP_C: tl.constexpr,
         S,
         chunk_s,
         eps,
@@ -272,7 +280,7 @@ if triton is not None:
         k = tl.program_id(1)
         num_chunks = tl.num_programs(1)
         n = (pid // num_groups).to(tl.int64)
-        c_first = (pid % num_groups).to(tl.int64) * group_c
+        c_first = (pid % num_groups).to(tl.int64) * GROUP_C
         x_g = x_ptr + n * stride_xn + c_first * stride_xc
         pivot = tl.load(x_g).to(tl.float32)
         ks = tl.arange(0, BLOCK_K)
@@ -298,7 +306,7 @@ if triton is not None:
             pivot,
             mean,
             rstd,
-            group_c,
+            GROUP_C,
             s_lo,
             tl.minimum(s_lo + chunk_s, S),
             stride_xc,

@@ -474,6 +474,10 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    if args.smoke and device.type == "cpu":
+        # Tiny shapes gain nothing from intra-op threads, and on a shared machine each parallel region can stall
+        # for a scheduler tick waiting on a busy core.
+        torch.set_num_threads(1)
     torch.manual_seed(0)
     peaks = measure_peaks(device, args.repeats, args.smoke)
     builders = {

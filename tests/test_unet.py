@@ -354,6 +354,27 @@ def test_torch_compile_fullgraph_matches_eager():
         torch.testing.assert_close(compiled(x, t, y), ref, atol=ATOL, rtol=0)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_capture_with_class_labels():
+    # Validating label values reads them on the host, which capture forbids: forward must skip it there.
+    model = build(tiny_config()).cuda()
+    x = torch.randn(2, 1, 16, 16, device="cuda")
+    t, y = torch.tensor([3, 500], device="cuda"), torch.tensor([1, 10], device="cuda")
+    with torch.no_grad():
+        ref = model(x, t, y)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            model(x, t, y)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(x, t, y)
+        graph.replay()
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
 # ---- config ---------------------------------------------------------------------------------------------------
 
 

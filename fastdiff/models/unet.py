@@ -90,8 +90,6 @@ class UNetConfig:
             "attention_resolutions",
             _int_tuple("attention_resolutions", self.attention_resolutions, empty=True),
         )
-        if not self.channel_mult:
-            raise ValueError("channel_mult must not be empty")
         levels = len(self.channel_mult)
         if self.image_size % 2 ** (levels - 1):
             raise ValueError(
@@ -420,7 +418,8 @@ class UNet(nn.Module):
     """The ADM U-Net: `forward(x, t, class_labels=None, low_res=None) -> eps`, the same shape as `x`.
 
     For a class-conditional model the label `num_classes` is the null label of classifier-free guidance, and
-    `class_labels=None` means all-null.
+    `class_labels=None` means all-null. Inputs are validated in eager mode; checking the label values reads them
+    on the host (one device sync), which is skipped under torch.compile and during CUDA graph capture.
     """
 
     def __init__(self, config: UNetConfig) -> None:

@@ -391,6 +391,12 @@ def _group_norm_silu_triton(
     y = torch.empty_like(x, memory_format=fmt)
     yv = _flat_view(y)
     S = xv.shape[2]
+    # Offsets within one sample are 32-bit in the kernels (only the sample's base offset is 64-bit).
+    if max((C - 1) * t.stride(1) + (S - 1) * t.stride(2) for t in (xv, yv)) >= 2**31:
+        raise ValueError(
+            f"x: one sample of shape {tuple(x.shape[1:])} spans 2**31 elements or more, beyond the Triton "
+            "kernels' 32-bit offsets; use backend='torch'"
+        )
     group_c = C // num_groups
     auto_c, auto_s, auto_chunk = _plan(group_c, S, N * num_groups, _target_programs(x.device))
     block_c = block_c or auto_c

@@ -336,6 +336,14 @@ def test_plan_splits_only_large_groups():
     assert gn._target_programs(torch.device("cpu")) == 1
 
 
+@needs_triton
+def test_huge_sample_is_refused_not_overflowed():
+    """Meta tensors: no memory, but the launcher's 32-bit offset check sees the real sizes."""
+    x = torch.empty(1, 2, 2**16, 2**15 + 1, device="meta")
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        gn._group_norm_silu_triton(x, 1, None, None, 1e-5, None, None, True)
+
+
 def _compile_for_sm90() -> None:
     """Compile each kernel for an H100 (sm_90) without a GPU: the interpreter tests cannot catch code that only
     the compiler rejects. Runs in a subprocess started with TRITON_INTERPRET=0."""

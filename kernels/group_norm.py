@@ -11,6 +11,8 @@ copy) and walks a group in (BLOCK_C, BLOCK_S) tiles, so a group of any size is n
 - a small group (or a launch that already has enough groups to fill the GPU) runs both phases in one program per
   group; a large group is split along S into K chunks: a stats kernel writes one (count, mean, m2) triple per chunk,
   and each normalise program combines its group's K triples before normalising its chunk.
+- the group's channel count is a compile-time constant (one specialisation per group size, a handful per model):
+  it lets the compiler prove the channel mask is constant over vectors, so channels-last loads vectorise too.
 
 Dtypes: x is float32, float16 or bfloat16; weight, bias, scale and shift are either x's dtype or float32 (float32
 parameters with a half x are the usual mixed-precision case). All math is float32; the output has x's dtype and

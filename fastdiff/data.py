@@ -14,12 +14,13 @@ _ROLL_T_MIN, _ROLL_T_MAX = 1.5 * math.pi, 4.5 * math.pi
 _ROLL_SCALE = math.sqrt((_ROLL_T_MAX**3 - _ROLL_T_MIN**3) / (3 * (_ROLL_T_MAX - _ROLL_T_MIN)) / 2)
 
 
-def load_digits(image_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def load_digits(image_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's bundled 8x8 digits (no download) as images (1797, 1, image_size, image_size) in [-1, 1].
 
-    Pixel values 0..16 are mapped linearly to [-1, 1], then resized bilinearly (antialias off). The default 16 is
-    the smallest size at which a grid of samples reads as digits, and a U-Net at 16x16 still trains in minutes on
-    2 CPU cores. Returns (images float32, labels int64 in 0..9).
+    Pixel values 0..16 are mapped linearly to [-1, 1], then resized bilinearly (antialias off) if image_size > 8.
+    The default is the native 8x8: resizing adds no information but multiplies the training cost of the shipped
+    model by 4 (it must train in minutes on 2 CPU cores); grids are enlarged for viewing instead.
+    Returns (images float32, labels int64 in 0..9).
     """
     if isinstance(image_size, bool) or not isinstance(image_size, int):
         raise TypeError(f"image_size must be an int, got {image_size!r}")

@@ -40,6 +40,12 @@ class MLPDenoiser(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.dim = dim
+        self.config = {
+            "dim": dim,
+            "hidden": hidden,
+            "num_layers": num_layers,
+            "time_embed_dim": time_embed_dim,
+        }
         self.time_embed_dim = time_embed_dim
         self.time_embed = nn.Sequential(
             nn.Linear(time_embed_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden)

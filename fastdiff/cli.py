@@ -1,0 +1,232 @@
+"""The `fastdiff` command line: sample, train, export, bench, merge, info."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from fastdiff.errors import FastdiffError
+
+# Errors that are the user's to fix: one line on stderr and exit code 2, never a traceback.
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, PermissionError, FastdiffError, ImportError)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(name_or_path: str, device: str):
+    """A shipped model by name (`digits`) or a checkpoint file written by `fastdiff train`."""
+    from fastdiff.pretrained import PRETRAINED, load_checkpoint, load_pretrained
+
+    if name_or_path in PRETRAINED:
+        return load_pretrained(name_or_path, device=device)
+    if name_or_path.endswith(".safetensors"):
+        return load_checkpoint(name_or_path, device=device)
+    raise ValueError(
+        f"--model: unknown model {name_or_path!r}; use one of {sorted(PRETRAINED)} or a .safetensors file"
+    )
+
+
+def build_sampler(kind: str, schedule, steps: int, eta: float):
+    """The sampler named on the command line; DDPM clips x0 to [-1, 1] as in the paper, DDIM does not."""
+    from fastdiff.samplers import DDIMSampler, DDPMSampler
+
+    if steps > schedule.num_train_timesteps:
+        raise ValueError(
+            f"--steps {steps} is larger than the model's schedule ({schedule.num_train_timesteps} steps)"
+        )
+    if kind == "ddpm":
+        return DDPMSampler(schedule, steps)
+    return DDIMSampler(schedule, steps, eta=eta)
+
+
+def _labels(pre, args) -> torch.Tensor | None:
+    if pre.num_classes is None:
+        if args.class_label is not None:
+            raise ValueError("--class-label: this model is not class-conditional")
+        if args.guidance_scale not in (None, 1.0):
+            raise ValueError("--guidance-scale needs a class-conditional model")
+        return None
+    if args.class_label is None:
+        return torch.arange(args.num_samples) % pre.num_classes
+    if not 0 <= args.class_label < pre.num_classes:
+        raise ValueError(f"--class-label must be in [0, {pre.num_classes - 1}], got {args.class_label}")
+    return torch.full((args.num_samples,), args.class_label)
+
+
+def _load_x_T(path: str, shape: tuple[int, ...]) -> torch.Tensor:
+    import numpy as np
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--x-T file {path!r} does not exist")
+    try:
+        x = torch.from_numpy(np.load(path)).float()
+    except (ValueError, OSError) as err:
+        raise FastdiffError(f"--x-T: {path} is not a readable .npy file: {err}") from err
+    if tuple(x.shape) != shape:
+        raise ValueError(f"--x-T has shape {tuple(x.shape)}, expected {shape}")
+    if not torch.isfinite(x).all():
+        raise ValueError("--x-T contains NaN or infinite values")
+    return x
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    """Generate images with a shipped or trained model and write a PNG grid, an .npz or a shard folder."""
+    from fastdiff.output import check_output_path, save_npz, save_png_grid
+    from fastdiff.samplers import sample
+
+    if args.out.endswith(("/", "\\")) or Path(args.out).is_dir():
+        from fastdiff.distributed import cmd_sample_to_dir
+
+        return cmd_sample_to_dir(args)
+    if not args.out.endswith((".png", ".npz")):
+        raise ValueError(f"--out must end in .png, .npz or / (a shard folder), got {args.out!r}")
+    check_output_path(args.out)
+    pre = load_model(args.model, args.device)
+    sampler = build_sampler(args.sampler, pre.schedule, args.steps, args.eta)
+    labels = _labels(pre, args)
+    guidance = (
+        args.guidance_scale if args.guidance_scale is not None else (2.0 if labels is not None else 1.0)
+    )
+    shape = (args.num_samples, *pre.sample_shape)
+    x_T = _load_x_T(args.x_T, shape) if args.x_T else None
+    gen = torch.Generator().manual_seed(args.seed)
+    if x_T is None:
+        x_T = torch.randn(shape, generator=gen)
+    start = time.perf_counter()
+    chunks = []
+    for lo in range(0, args.num_samples, args.batch_size):
+        hi = min(lo + args.batch_size, args.num_samples)
+        cond = {"class_labels": labels[lo:hi].to(args.device)} if labels is not None else None
+        chunks.append(
+            sample(
+                pre.model,
+                sampler,
+                (hi - lo, *pre.sample_shape),
+                x_T=x_T[lo:hi].to(args.device),
+                generator=gen,
+                cond=cond,
+                guidance_scale=guidance,
+                progress=not args.quiet,
+            ).cpu()
+        )
+    images = torch.cat(chunks)
+    seconds = time.perf_counter() - start
+    if args.out.endswith(".npz"):
+        save_npz(args.out, images, labels)
+    else:
+        ncols = pre.num_classes if labels is not None and args.class_label is None else None
+        save_png_grid(args.out, images, ncols=ncols)
+    print(
+        f"{args.num_samples} images in {seconds:.2f} s ({args.num_samples / seconds:.1f} images/s), "
+        f"{args.sampler} {args.steps} steps, guidance {guidance:g} -> {args.out}"
+    )
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train the preset model of a dataset and write its EMA checkpoint."""
+    from fastdiff.train import train_dataset
+
+    start = time.perf_counter()
+    result = train_dataset(args.dataset, args.out, steps=args.steps, seed=args.seed, progress=not args.quiet)
+    tail = result.losses[-100:]
+    print(
+        f"trained {args.dataset} for {len(result.losses)} steps in {time.perf_counter() - start:.0f} s, "
+        f"final loss {sum(tail) / len(tail):.4f} -> {args.out}"
+    )
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Versions of the optional dependencies, the device, and which fast paths can run here."""
+    import importlib.metadata as md
+
+    from fastdiff import __version__
+    from fastdiff.kernels import available
+
+    print(f"fastdiff {__version__}")
+    for name in ("torch", "triton", "onnx", "onnxruntime", "tensorrt", "diffusers", "scikit-learn"):
+        try:
+            version = md.version(name)
+        except md.PackageNotFoundError:
+            version = "not installed"
+        print(f"  {name:13s} {version}")
+    if torch.cuda.is_available():
+        print(f"device: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})")
+    else:
+        print(f"device: cpu ({torch.get_num_threads()} threads), no CUDA GPU")
+    print("fast paths:")
+    for key, value in available().items():
+        print(f"  {key:20s} {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="fastdiff", description="Fast diffusion-model sampling.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sample", help="generate images (PNG grid, .npz, or a shard folder DIR/)")
+    p.add_argument("--model", default="digits", help="shipped model name or a .safetensors checkpoint")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    p.add_argument("--steps", type=_positive_int, default=50)
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0: deterministic)")
+    p.add_argument("--num-samples", type=_positive_int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--class-label", type=int, default=None, help="one class for all samples (default: cycle)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default 2 for conditional)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("cpu", "cuda"), default=_default_device())
+    p.add_argument("--x-T", dest="x_T", default=None, help=".npy file with the starting noise (N, C, H, W)")
+    p.add_argument("--out", default="samples.png", help="file.png, file.npz, or DIR/ for resumable shards")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("train", help="train the preset model of a dataset (L_simple, EMA)")
+    p.add_argument("--dataset", choices=("digits", "swissroll"), default="digits")
+    p.add_argument("--steps", type=_positive_int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("info", help="versions, device and available fast paths")
+    p.set_defaults(func=cmd_info)
+
+    for module in ("fastdiff.export.cli", "fastdiff.benchmarks.cli", "fastdiff.distributed"):
+        try:
+            register = __import__(module, fromlist=["add_parser"]).add_parser
+        except (ImportError, AttributeError):
+            continue  # a subcommand whose module is not built yet
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `fastdiff` console script and `python -m fastdiff`."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "device", None) == "cuda" and not torch.cuda.is_available():
+        print("fastdiff: error: --device cuda: no CUDA GPU is available", file=sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as err:
+        print(f"fastdiff {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastdiff: interrupted", file=sys.stderr)
+        return 130

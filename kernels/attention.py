@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from fastdiff.kernels.backend import interpreter_enabled, resolve_backend
+from fastdiff.kernels.backend import check_backend, decomposing, interpreter_enabled, resolve_backend
 
 try:
     import triton
@@ -282,5 +282,9 @@ def attention(
     head_dim, and all three may be strided views (e.g. slices of a fused qkv projection). The output is
     contiguous, in q's dtype; `scale` defaults to 1/sqrt(head_dim).
     """
+    scale = _check_inputs(q, k, v, scale)
+    if decomposing():
+        check_backend(backend)
+        return attention_reference(q, k, v, scale=scale)
     # the backend is resolved inside the op, so a compiled graph keeps one opaque node
-    return _attention_op(q, k, v, _check_inputs(q, k, v, scale), backend)
+    return _attention_op(q, k, v, scale, backend)

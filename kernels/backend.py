@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 
 import torch
 
 from fastdiff.errors import BackendUnavailableError
 
 BACKENDS = ("auto", "triton", "torch")
+
+# Process-wide rather than thread-local: torch.compile reads a module global with a guard, without a graph break.
+_decomposed = False
 
 
 @functools.cache
@@ -37,10 +42,15 @@ def triton_runs_on(device: torch.device) -> bool:
     return device.type == "cpu" and interpreter_enabled()
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map `backend` ("auto", "triton", "torch") to the one that runs for tensors on `device`."""
+def check_backend(backend: str) -> None:
+    """ValueError unless `backend` is one of BACKENDS."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map `backend` ("auto", "triton", "torch") to the one that runs for tensors on `device`."""
+    check_backend(backend)
     if backend == "torch":
         return "torch"
     runs = triton_runs_on(device)
@@ -53,6 +63,28 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             why = f"Triton has no backend for device {device}"
         raise BackendUnavailableError(f"backend='triton' cannot run here: {why}")
     return "triton" if runs else "torch"
+
+
+def decomposing() -> bool:
+    """True inside `decomposed()`: the public fused-op wrappers run their `*_reference` twins."""
+    return _decomposed
+
+
+@contextlib.contextmanager
+def decomposed() -> Iterator[None]:
+    """Within this block the public wrappers (`group_norm_silu`, `attention`, `sampler_step`) skip their custom op
+    and call the plain-PyTorch reference directly, whatever their `backend=` says (it must still be a valid name).
+
+    Tracers that cannot look inside a `fastdiff::` custom op (the ONNX exporters, torch.jit.trace) then record
+    standard aten ops (group_norm, matmul, softmax, ...): `fastdiff.export.to_onnx` traces inside it. The switch is
+    process-wide; other threads computing meanwhile get the reference's numbers too.
+    """
+    global _decomposed
+    previous, _decomposed = _decomposed, True
+    try:
+        yield
+    finally:
+        _decomposed = previous
 
 
 def available() -> dict[str, object]:

@@ -17,7 +17,7 @@ so a captured CUDA graph can replay the same launch every step with a device-sid
 from __future__ import annotations
 
 import torch
-from fastdiff.kernels.backend import resolve_backend
+from fastdiff.kernels.backend import check_backend, decomposing, resolve_backend
 
 try:
     import triton
@@ -338,6 +338,12 @@ def sampler_step(
     Returns a new tensor in x's layout, or writes into `out` (which may be `x` itself) and returns it.
     """
     _check_inputs(x, eps, table, step, noise, eps_uncond, clip, guidance_scale, out)
+    if decomposing():
+        check_backend(backend)
+        ref = sampler_step_reference(
+            x, eps, table, step, noise, eps_uncond=eps_uncond, guidance_scale=guidance_scale, clip=clip
+        )
+        return ref if out is None else out.copy_(ref)
     resolve_backend(backend, x.device)
     if isinstance(step, torch.Tensor):
         # A host-side step for a device tensor is read here (free); a kernel cannot dereference host memory.

@@ -1,0 +1,760 @@
+"""Data-parallel sampling with torch.distributed: sharded, resumable, identical whatever the number of ranks.
+
+The index range [0, num_samples) is cut into fixed shards (shard k holds samples [k*S, (k+1)*S)). Sample i starts
+from noise drawn from its own generator seeded by (seed, i), and every later noise draw for it comes from the same
+generator, so an image depends only on (settings, i): not on the number of ranks, the batch size, or which rank
+made it. Missing shards are dealt round-robin to the ranks; each rank writes its shards itself (images never
+travel through collectives) and rank 0 records their checksums in `manifest.json` after every round. Running the
+same command again only makes the shards that are missing or fail their checksum; different settings are refused.
+
+    torchrun --nproc-per-node 8 -m fastdiff sample --model digits --num-samples 50000 --batch-size 256 --out fid/
+    fastdiff merge fid/ --out samples.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from fastdiff.errors import FastdiffError
+from fastdiff.output import atomic_path, check_output_path, to_uint8, write_bytes_atomic
+from fastdiff.pretrained import Pretrained
+from fastdiff.samplers import DDIMSampler, Sampler
+
+FORMAT = "fastdiff-shards-v1"
+MANIFEST = "manifest.json"
+DEFAULT_SHARD_SIZE = 1024
+# Manifest keys that describe the run but do not change the samples, so they may differ on a resume.
+INFO_KEYS = ("fastdiff_version",)
+
+
+class ShardError(FastdiffError):
+    """A shard folder cannot be used: unreadable manifest, missing or corrupt shards, foreign files."""
+
+
+def shard_name(k: int) -> str:
+    """File name of shard `k`."""
+    return f"shard-{k:05d}.npz"
+
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """The generator of sample `index`: seeded from (seed, index) through numpy's SeedSequence for good mixing."""
+    state = np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Process group
+
+
+@dataclass(frozen=True)
+class _Group:
+    """This process's rank in the sampling job; collectives short-circuit on a single process."""
+
+    rank: int
+    world: int
+
+    def broadcast(self, obj: Any) -> Any:
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def _local_device(device: torch.device) -> torch.device:
+    """`cuda` means this rank's GPU (torchrun's LOCAL_RANK) when no index is given."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device | str) -> Iterator[_Group]:
+    """This process's (rank, world): an existing group, one made from torchrun's environment, or a single process.
+
+    A group made here (NCCL for a CUDA device, gloo otherwise) is destroyed on exit; an existing one is left alone.
+    """
+    device = _local_device(torch.device(device))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if dist.is_available() and dist.is_initialized():
+        yield _Group(dist.get_rank(), dist.get_world_size())
+        return
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1 or "RANK" not in os.environ:
+        yield _Group(0, 1)
+        return
+    if not dist.is_available():
+        raise FastdiffError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
+    try:
+        yield _Group(dist.get_rank(), dist.get_world_size())
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank0(group: _Group, fn: Callable[[], Any]) -> Any:
+    """Run `fn` on rank 0 and give every rank its result; an error is raised on every rank (none is left waiting)."""
+    result: Any = None
+    if group.rank == 0:
+        try:
+            result = fn()
+        except Exception as err:  # shipped to the other ranks, then raised everywhere
+            result = err
+    result = group.broadcast(result)
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Settings and the manifest
+
+
+def _sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tensor_sha256(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _model_sha256(model: Any) -> str | None:
+    """Fingerprint of the weights, so that a resume with a changed model is refused."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    state = model.state_dict()
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(_tensor_sha256(state[name]).encode())
+    return h.hexdigest()
+
+
+def _sampler_settings(sampler: Sampler) -> dict[str, Any]:
+    table = sampler.table
+    return {
+        "kind": table.kind,
+        "steps": len(table),
+        "eta": sampler.eta if isinstance(sampler, DDIMSampler) else None,
+        "clip": table.clip,
+        "prediction_type": sampler.prediction_type,
+        "table_sha256": _tensor_sha256(table.coeffs, table.timesteps),
+    }
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    a, b = _flatten(old), _flatten(new)
+    return [
+        f"{k}: {a.get(k)!r} in the folder, {b.get(k)!r} now"
+        for k in sorted(set(a) | set(b))
+        if k not in INFO_KEYS and k != "shards" and a.get(k) != b.get(k)
+    ]
+
+
+def _read_manifest(out_dir: Path) -> dict[str, Any]:
+    path = out_dir / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{out_dir} has no {MANIFEST}: not a shard folder written by fastdiff sample")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ShardError(f"{path} is not readable JSON: {err}") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ShardError(f"{path} is not a {FORMAT} manifest")
+    return manifest
+
+
+def _write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
+    manifest = {**manifest, "shards": sorted(manifest["shards"], key=lambda r: r["index"])}
+    write_bytes_atomic(out_dir / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+
+
+def _open_out_dir(out_dir: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """Create or check the folder (rank 0) and return the shard records of a matching earlier run.
+
+    Nothing is written before every check has passed, so a refused run leaves the folder as it was.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out_dir {str(out_dir)!r} is a file, expected a folder")
+    if not out_dir.parent.is_dir():
+        raise FileNotFoundError(f"folder {str(out_dir.parent)!r} (parent of out_dir) does not exist")
+    records: list[dict[str, Any]] = []
+    if (out_dir / MANIFEST).exists():
+        manifest = _read_manifest(out_dir)
+        diffs = _differences(manifest, settings)
+        if diffs:
+            raise ValueError(
+                f"out_dir {str(out_dir)!r} holds samples made with different settings; use another folder or "
+                f"the same settings. Differing fields: {'; '.join(diffs)}"
+            )
+        records = list(manifest.get("shards", []))
+    elif out_dir.is_dir() and any(out_dir.glob("shard-*.npz")):
+        raise ShardError(
+            f"out_dir {str(out_dir)!r} has shard files but no {MANIFEST}; refusing to mix samples"
+        )
+    out_dir.mkdir(exist_ok=True)
+    if not os.access(out_dir, os.W_OK):
+        raise PermissionError(f"out_dir {str(out_dir)!r} is not writable")
+    # Temp files of a run that was killed mid-write; the shards they were for are redone.
+    for stale in [*out_dir.glob(".shard-*.tmp"), *out_dir.glob(f".{MANIFEST}.*.tmp")]:
+        stale.unlink(missing_ok=True)
+    return records
+
+
+def _valid(out_dir: Path, record: Mapping[str, Any]) -> bool:
+    path = out_dir / record["file"]
+    try:
+        return path.is_file() and _sha256_file(path) == record["sha256"]
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+@dataclass(frozen=True)
+class _Model:
+    denoiser: Any
+    sample_shape: tuple[int, ...]
+    num_classes: int | None
+    schedule: Any
+    name: str
+
+
+def _resolve_model(model: Any, device: torch.device, sample_shape: Sequence[int] | None) -> _Model:
+    from fastdiff.cli import load_model
+
+    name = model if isinstance(model, str) else type(model).__name__
+    if isinstance(model, str):
+        model = load_model(model, str(device))
+    if isinstance(model, Pretrained):
+        return _Model(model.model, model.sample_shape, model.num_classes, model.schedule, name)
+    if not callable(model):
+        raise TypeError(
+            f"model must be a model name, a Pretrained, or a denoiser, got {type(model).__name__}"
+        )
+    config = getattr(model, "config", None)
+    if sample_shape is None and hasattr(config, "image_size"):
+        sample_shape = (config.in_channels, config.image_size, config.image_size)
+    if sample_shape is None:
+        raise ValueError("sample_shape= (C, H, W) is needed for a denoiser that is not a fastdiff UNet")
+    return _Model(model, tuple(int(s) for s in sample_shape), getattr(model, "num_classes", None), None, name)
+
+
+def _model_device(denoiser: Any, device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if isinstance(denoiser, torch.nn.Module):
+        param = next(iter(denoiser.parameters()), None)
+        if param is not None:
+            return param.device
+    return torch.device("cpu")
+
+
+def _resolve_sampler(sampler: Sampler | str, schedule: Any, steps: int, eta: float) -> Sampler:
+    from fastdiff.cli import build_sampler
+
+    if isinstance(sampler, Sampler):
+        return sampler
+    if sampler not in ("ddim", "ddpm"):
+        raise ValueError(f"sampler must be a DDIMSampler/DDPMSampler or 'ddim'/'ddpm', got {sampler!r}")
+    if schedule is None:
+        raise ValueError(
+            f"sampler={sampler!r} needs the model's schedule: pass a Sampler object for this model"
+        )
+    return build_sampler(sampler, schedule, steps, eta)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _label_spec(
+    class_labels: int | torch.Tensor | None, num_classes: int | None, num_samples: int
+) -> tuple[Callable[[Sequence[int]], torch.Tensor] | None, Any]:
+    """(labels of a list of sample indices, the manifest's description of the labels)."""
+    if num_classes is None:
+        if class_labels is not None:
+            raise ValueError("class_labels: this model is not class-conditional")
+        return None, None
+    if class_labels is None:
+        return (lambda idx: torch.tensor(idx) % num_classes), "cycle"
+    if isinstance(class_labels, int) and not isinstance(class_labels, bool):
+        if not 0 <= class_labels < num_classes:
+            raise ValueError(f"class_labels must be in [0, {num_classes - 1}], got {class_labels}")
+        return (lambda idx: torch.full((len(idx),), class_labels)), class_labels
+    if isinstance(class_labels, torch.Tensor) and class_labels.shape == (num_samples,):
+        labels = class_labels.detach().cpu().long()
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise ValueError(f"class_labels must be in [0, {num_classes - 1}]")
+        return (lambda idx: labels[list(idx)]), f"sha256:{_tensor_sha256(labels)}"
+    raise TypeError(f"class_labels must be None (cycle), an int or a tensor of shape ({num_samples},)")
+
+
+def _cond_spec(cond: Mapping[str, Any] | None, num_samples: int) -> dict[str, Any]:
+    """Extra conditioning: tensors with a leading dimension of num_samples are per sample; recorded by hash."""
+    spec = {}
+    for key, value in (cond or {}).items():
+        if key == "class_labels":
+            raise ValueError("cond: give class labels with class_labels=, not cond=")
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != num_samples:
+            raise ValueError(f"cond[{key!r}] must be a tensor with a leading dimension of num_samples")
+        spec[key] = f"sha256:{_tensor_sha256(value)}"
+    return spec
+
+
+def _shard_bytes(images: np.ndarray, labels: np.ndarray | None, indices: np.ndarray) -> bytes:
+    arrays = {"images": images, "indices": indices}
+    if labels is not None:
+        arrays["labels"] = labels
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def sample_to_dir(
+    model: Any,
+    sampler: Sampler | str,
+    num_samples: int,
+    out_dir: str | os.PathLike,
+    *,
+    batch_size: int,
+    seed: int,
+    cond: Mapping[str, Any] | None = None,
+    class_labels: int | torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    shard_size: int | None = None,
+    steps: int = 50,
+    eta: float = 0.0,
+    sample_shape: Sequence[int] | None = None,
+    model_id: str | None = None,
+    device: torch.device | str | None = None,
+    engine: Any = None,
+    merge_to: str | os.PathLike | None = None,
+    on_shard: Callable[[int, Path], None] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Generate `num_samples` images into shard files under `out_dir`, on every rank of a torchrun job.
+
+    `model` is a model name or .safetensors path (loaded on this rank's device), a `Pretrained`, or a denoiser
+    (a fastdiff UNet, or any callable with `sample_shape=`). `sampler` is a Sampler, or "ddim"/"ddpm" with
+    `steps`/`eta` on the model's schedule. Sample i's noise comes from `sample_generator(seed, i)`, so the images
+    do not depend on the number of ranks or on `batch_size`. Class-conditional models get `class_labels`: None
+    cycles `i % num_classes`, an int fixes one class, a tensor gives one label per sample; `cond` holds other
+    per-sample conditioning tensors (leading dimension num_samples). Shard k holds samples
+    [k * shard_size, (k + 1) * shard_size) (default shard size 1024). `engine` (e.g. a
+    `fastdiff.SamplingEngine` around the same denoiser and sampler) replaces `fastdiff.sample`. Existing valid
+    shards of the same settings are kept, missing or corrupt ones are redone, and other settings raise ValueError.
+    `merge_to` writes the merged .npz at the end (rank 0). `on_shard(k, path)` is called on every rank for each
+    shard made in this call (by any rank), at the end of the round that made it. Returns `out_dir`.
+    """
+    from fastdiff import __version__
+    from fastdiff.samplers import sample
+
+    _check_int("num_samples", num_samples, 1)
+    _check_int("batch_size", batch_size, 1)
+    _check_int("seed", seed, 0)
+    shard_size = _check_int("shard_size", DEFAULT_SHARD_SIZE if shard_size is None else shard_size, 1)
+    if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+    out_dir = Path(out_dir)
+    merge_path = None if merge_to is None else check_output_path(merge_to)
+    if isinstance(model, str):
+        device = _local_device(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    else:
+        device = _model_device(model.model if isinstance(model, Pretrained) else model, device)
+
+    with process_group(device) as group:
+        resolved = _resolve_model(model, device, sample_shape)
+        sampler = _resolve_sampler(sampler, resolved.schedule, steps, eta)
+        if len(resolved.sample_shape) != 3:
+            raise ValueError(
+                f"sample_to_dir writes images (C, H, W); this model makes {resolved.sample_shape}"
+            )
+        labels_of, labels_desc = _label_spec(class_labels, resolved.num_classes, num_samples)
+        if guidance_scale != 1.0 and labels_of is None and not cond:
+            raise ValueError("guidance_scale != 1 needs a conditional model (class labels or cond=)")
+        c, h, w = resolved.sample_shape
+        settings = {
+            "format": FORMAT,
+            "fastdiff_version": __version__,
+            "model": model_id or resolved.name,
+            "model_sha256": _model_sha256(resolved.denoiser),
+            "sampler": _sampler_settings(sampler),
+            "seed": seed,
+            "guidance_scale": float(guidance_scale),
+            "class_labels": labels_desc,
+            "cond": _cond_spec(cond, num_samples),
+            "num_samples": num_samples,
+            "shard_size": shard_size,
+            "image_shape": [h, w, c],
+        }
+        records = _rank0(group, lambda: _open_out_dir(out_dir, settings))
+
+        # Checksums are verified in parallel, each rank a slice; everyone then agrees on what is missing.
+        checked = group.all_gather(
+            [r["index"] for r in records[group.rank :: group.world] if _valid(out_dir, r)]
+        )
+        valid_ids = {k for part in checked for k in part}
+        manifest = {**settings, "shards": [r for r in records if r["index"] in valid_ids]}
+        if group.rank == 0:
+            _write_manifest(out_dir, manifest)
+        num_shards = math.ceil(num_samples / shard_size)
+        pending = [k for k in range(num_shards) if k not in valid_ids]
+        mine = pending[group.rank :: group.world]
+        per_round = math.ceil(batch_size / shard_size)  # shards per round, so that batches can be full
+        rounds = math.ceil(math.ceil(len(pending) / group.world) / per_round)
+        bar = tqdm(
+            total=num_samples,
+            initial=num_samples - sum(min(shard_size, num_samples - k * shard_size) for k in pending),
+            unit="img",
+            desc=f"{len(pending)} shards on {group.world} rank(s)",
+            disable=not progress or group.rank != 0,
+        )
+        for r in range(rounds):
+            chunk = mine[r * per_round : (r + 1) * per_round]
+            indices = [
+                i for k in chunk for i in range(k * shard_size, min((k + 1) * shard_size, num_samples))
+            ]
+            images = []
+            for lo in range(0, len(indices), batch_size):
+                idx = indices[lo : lo + batch_size]
+                kwargs = {key: value[idx].to(device) for key, value in (cond or {}).items()}
+                if labels_of is not None:
+                    kwargs["class_labels"] = labels_of(idx).to(device)
+                shape = (len(idx), *resolved.sample_shape)
+                gens = [sample_generator(seed, i) for i in idx]
+                if engine is not None:
+                    x = engine.sample(
+                        shape, generator=gens, cond=kwargs or None, guidance_scale=guidance_scale
+                    )
+                else:
+                    x = sample(
+                        resolved.denoiser,
+                        sampler,
+                        shape,
+                        generator=gens,
+                        cond=kwargs or None,
+                        guidance_scale=guidance_scale,
+                        device=device,
+                    )
+                images.append(to_uint8(x))
+            written = []
+            made = np.concatenate(images) if images else None
+            for k in chunk:
+                lo, hi = k * shard_size, min((k + 1) * shard_size, num_samples)
+                at = indices.index(lo)
+                idx = list(range(lo, hi))
+                labels = None if labels_of is None else labels_of(idx).numpy().astype(np.int64)
+                data = _shard_bytes(made[at : at + hi - lo], labels, np.arange(lo, hi, dtype=np.int64))
+                write_bytes_atomic(out_dir / shard_name(k), data)
+                written.append(
+                    {
+                        "file": shard_name(k),
+                        "index": k,
+                        "start": lo,
+                        "stop": hi,
+                        "sha256": _sha256_bytes(data),
+                    }
+                )
+            new = sorted(
+                (rec for part in group.all_gather(written) for rec in part), key=lambda rec: rec["index"]
+            )
+            if group.rank == 0:
+                manifest["shards"].extend(new)
+                _write_manifest(out_dir, manifest)
+            bar.update(sum(rec["stop"] - rec["start"] for rec in new))
+            if on_shard is not None:
+                for rec in new:
+                    on_shard(rec["index"], out_dir / rec["file"])
+        bar.close()
+        if merge_path is not None:
+            _rank0(group, lambda: merge(out_dir, merge_path))
+        group.barrier()
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Merge
+
+
+def _load_shard(
+    out_dir: Path, record: Mapping[str, Any], image_shape: Sequence[int]
+) -> dict[str, np.ndarray]:
+    path = out_dir / record["file"]
+    if not _valid(out_dir, record):
+        raise ShardError(f"shard {path} is missing or fails its checksum; run the same sample command again")
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {key: data[key] for key in data.files}
+    n = record["stop"] - record["start"]
+    if arrays["images"].shape != (n, *image_shape) or not np.array_equal(
+        arrays["indices"], np.arange(record["start"], record["stop"])
+    ):
+        raise ShardError(f"shard {path} does not hold samples [{record['start']}, {record['stop']})")
+    return arrays
+
+
+def _write_array(zf: zipfile.ZipFile, name: str, shape: tuple[int, ...], dtype: np.dtype, parts: Any) -> None:
+    """One .npy member of an .npz, written part by part so that 50,000 images need not sit in memory twice."""
+    with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(f, header)
+        for part in parts:
+            f.write(np.ascontiguousarray(part, dtype=dtype).tobytes())
+
+
+def merge(out_dir: str | os.PathLike, out_path: str | os.PathLike) -> Path:
+    """Check that every shard of `out_dir` is present and valid, then write them in index order to one .npz.
+
+    Keys: `images` (uint8 N x H x W x C), `arr_0` (the same array; the key of the ADM / guided-diffusion
+    evaluation scripts) and `labels` for class-conditional samples. Written atomically.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise FileNotFoundError(f"shard folder {str(out_dir)!r} does not exist")
+    out_path = check_output_path(out_path)
+    if out_path.suffix != ".npz":
+        raise ValueError(f"out_path must end in .npz, got {str(out_path)!r}")
+    manifest = _read_manifest(out_dir)
+    n, size = manifest["num_samples"], manifest["shard_size"]
+    records = {r["index"]: r for r in manifest["shards"]}
+    missing = [k for k in range(math.ceil(n / size)) if k not in records]
+    if missing:
+        shown = ", ".join(shard_name(k) for k in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ShardError(
+            f"{out_dir}: {len(missing)} of {math.ceil(n / size)} shards are missing ({shown}); "
+            "run the same sample command again to make them"
+        )
+    order = [records[k] for k in sorted(records)]
+    shape = tuple(manifest["image_shape"])
+    labels = [_load_shard(out_dir, r, shape).get("labels") for r in order]  # also checks every shard first
+
+    def images() -> Iterator[np.ndarray]:
+        for r in order:
+            yield _load_shard(out_dir, r, shape)["images"]
+
+    with atomic_path(out_path) as tmp, zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
+        for key in ("images", "arr_0"):
+            _write_array(zf, key, (n, *shape), np.dtype(np.uint8), images())
+        if labels[0] is not None:
+            _write_array(zf, "labels", (n,), np.dtype(np.int64), labels)
+    return out_path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line and throughput
+
+
+def _counter(shard_size: int, num_samples: int) -> tuple[list[int], Callable[[int, Path], None]]:
+    """A running count of the samples in the shards reported to `on_shard`."""
+    made = [0]
+
+    def on_shard(k: int, path: Path) -> None:
+        made[0] += min(shard_size, num_samples - k * shard_size)
+
+    return made, on_shard
+
+
+def cmd_sample_to_dir(args: argparse.Namespace) -> int:
+    """`fastdiff sample ... --out DIR/`: sharded, resumable sampling on every rank of a torchrun job."""
+    from fastdiff.cli import build_sampler, load_model
+
+    if args.x_T:
+        raise ValueError(
+            "--x-T cannot be used with a shard folder: each sample's noise comes from --seed and its index"
+        )
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {args.out!r} is a file, expected a folder")
+    shard_size = getattr(args, "shard_size", None) or DEFAULT_SHARD_SIZE
+    made, on_shard = _counter(shard_size, args.num_samples)
+    device = _local_device(torch.device(args.device))
+    start = time.perf_counter()
+    with process_group(device) as group:
+        pre = load_model(args.model, str(device))
+        sampler = build_sampler(args.sampler, pre.schedule, args.steps, args.eta)
+        guidance = args.guidance_scale
+        if guidance is None:  # the same default as `fastdiff sample --out FILE`
+            guidance = 2.0 if pre.num_classes is not None else 1.0
+        sample_to_dir(
+            pre,
+            sampler,
+            args.num_samples,
+            out_dir,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            class_labels=args.class_label,
+            guidance_scale=guidance,
+            shard_size=shard_size,
+            model_id=args.model,
+            device=device,
+            merge_to=getattr(args, "merge_to", None),
+            on_shard=on_shard,
+            progress=not args.quiet,
+        )
+    seconds = time.perf_counter() - start
+    if group.rank == 0:
+        print(
+            f"{made[0]} new images ({args.num_samples} in all) in {seconds:.2f} s "
+            f"({made[0] / seconds:.1f} images/s) on {group.world} rank(s), {args.sampler} {args.steps} steps, "
+            f"guidance {guidance:g} -> {out_dir}{os.sep}"
+        )
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """`fastdiff merge DIR --out samples.npz`."""
+    path = merge(args.dir, args.out)
+    print(f"merged {_read_manifest(Path(args.dir))['num_samples']} images -> {path}")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `fastdiff merge`."""
+    p = sub.add_parser("merge", help="merge a shard folder into one .npz (keys images, arr_0, labels)")
+    p.add_argument("dir", help="shard folder written by `fastdiff sample --out DIR/`")
+    p.add_argument("--out", required=True, help="merged .npz file")
+    p.set_defaults(func=cmd_merge)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for MASTER_PORT of a local job)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_rank_env(rank: int, world: int, port: int) -> None:
+    """Set the torchrun environment of `rank` in a job of `world` processes on this machine."""
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+
+
+def _throughput_worker(rank: int, world: int, port: int, threads: int, tmp: str, job: dict) -> None:
+    from fastdiff.cli import load_model
+
+    local_rank_env(rank, world, port)
+    torch.set_num_threads(threads)
+    model, n, batch = job.pop("model"), job.pop("num_samples"), job["batch_size"]
+    with process_group("cpu") as group:
+        pre = load_model(model, "cpu") if isinstance(model, str) else model
+        # One batch per rank first, so that start-up costs (allocator, first calls) stay out of the figure.
+        sample_to_dir(pre, num_samples=batch * world, out_dir=Path(tmp) / "warm", **job)
+        made, on_shard = _counter(job["shard_size"], n)
+        group.barrier()
+        start = time.perf_counter()
+        sample_to_dir(pre, num_samples=n, out_dir=Path(tmp) / "run", on_shard=on_shard, **job)
+        seconds = time.perf_counter() - start
+    if rank == 0:
+        write_bytes_atomic(
+            Path(tmp) / "result.json", json.dumps({"seconds": seconds, "images": made[0]}).encode()
+        )
+
+
+def measure_throughput(
+    model: str | Pretrained = "digits",
+    *,
+    nprocs: int = 1,
+    threads: int = 1,
+    num_samples: int = 256,
+    steps: int = 50,
+    batch_size: int = 64,
+    guidance_scale: float = 1.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Images/s of `sample_to_dir` (DDIM, CPU) with `nprocs` gloo processes of `threads` intra-op threads each.
+
+    Shards are `batch_size` samples, so the work splits evenly. Process start-up, model loading and one warm-up
+    batch per rank are excluded; sampling, shard writing and manifest updates are included.
+    """
+    import torch.multiprocessing as mp
+
+    _check_int("nprocs", nprocs, 1)
+    _check_int("threads", threads, 1)
+    job = {
+        "model": model,
+        "num_samples": num_samples,
+        "sampler": "ddim",
+        "steps": steps,
+        "batch_size": batch_size,
+        "shard_size": batch_size,
+        "guidance_scale": guidance_scale,
+        "seed": seed,
+        "progress": False,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_throughput_worker, args=(nprocs, free_port(), threads, tmp, job), nprocs=nprocs)
+        measured = json.loads((Path(tmp) / "result.json").read_text())
+    return {
+        "nprocs": nprocs,
+        "threads": threads,
+        "num_samples": measured["images"],
+        "steps": steps,
+        "batch_size": batch_size,
+        "guidance_scale": guidance_scale,
+        "seconds": measured["seconds"],
+        "images_per_s": measured["images"] / measured["seconds"],
+    }

@@ -1,0 +1,311 @@
+"""Sharded, resumable sampling: identical images for any number of ranks and any batch size, crash recovery,
+checksums, refusal of mixed settings, merge, and the CLI. CPU only: gloo on 127.0.0.1 for the two-rank runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastdiff
+from fastdiff.cli import main
+from fastdiff.distributed import (
+    MANIFEST,
+    ShardError,
+    free_port,
+    local_rank_env,
+    merge,
+    sample_to_dir,
+    shard_name,
+)
+from fastdiff.models import UNet, UNetConfig
+from fastdiff.pretrained import Pretrained, load_checkpoint, load_pretrained, save_checkpoint
+from fastdiff.samplers import DDIMSampler, sample
+
+N, STEPS, SHARD = 24, 5, 8
+SHIPPED = Path(fastdiff.__file__).parent / "weights" / "digits.safetensors"
+
+
+class Crash(RuntimeError):
+    """Raised by the test hook to stop a run midway."""
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> tuple[Pretrained, str]:
+    """The digits model and its --model argument; random weights until the shipped checkpoint exists."""
+    if SHIPPED.is_file():
+        return load_pretrained("digits"), "digits"
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "digits.safetensors"
+    save_checkpoint(path, UNet(UNetConfig.preset("digits")), {"kind": "cosine", "num_train_timesteps": 1000})
+    return load_checkpoint(path), str(path)
+
+
+def _run(pre: Pretrained, out_dir: Path, *, eta: float = 0.0, **kwargs) -> Path:
+    options = {"batch_size": 8, "seed": 0, "shard_size": SHARD, "progress": False, **kwargs}
+    return sample_to_dir(pre, DDIMSampler(pre.schedule, STEPS, eta=eta), N, out_dir, **options)
+
+
+def _merged(out_dir: Path) -> dict[str, np.ndarray]:
+    path = merge(out_dir, out_dir.parent / f"{out_dir.name}.npz")
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files}
+
+
+def _recorder(made: list[int]):
+    return lambda k, path: made.append(k)
+
+
+def _stats(out_dir: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out_dir.glob("shard-*.npz")}
+
+
+def _manifest_ids(out_dir: Path) -> list[int]:
+    return [r["index"] for r in json.loads((out_dir / MANIFEST).read_text())["shards"]]
+
+
+@pytest.fixture(scope="module")
+def reference(digits, tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
+    """One uninterrupted single-process run: its folder and merged arrays."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    _run(digits[0], out)
+    return out, _merged(out)
+
+
+def test_merged_file_layout(reference):
+    out, ref = reference
+    assert set(ref) == {"images", "arr_0", "labels"}
+    assert ref["images"].shape == (N, 8, 8, 1) and ref["images"].dtype == np.uint8
+    np.testing.assert_array_equal(ref["arr_0"], ref["images"])
+    np.testing.assert_array_equal(ref["labels"], np.arange(N) % 10)
+    assert len(np.unique(ref["images"])) > 50  # real images, not a saturated constant
+    assert sorted(p.name for p in out.glob("shard-*.npz")) == [shard_name(k) for k in range(3)]
+    with np.load(out / shard_name(1)) as shard:
+        np.testing.assert_array_equal(shard["indices"], np.arange(8, 16))
+        np.testing.assert_array_equal(shard["images"], ref["images"][8:16])
+        np.testing.assert_array_equal(shard["labels"], np.arange(8, 16) % 10)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert (
+        manifest["sampler"]["steps"] == STEPS
+        and manifest["seed"] == 0
+        and manifest["image_shape"] == [8, 8, 1]
+    )
+
+
+@pytest.mark.parametrize(("batch_size", "shard_size"), [(5, SHARD), (24, SHARD), (8, 5)])
+def test_images_do_not_depend_on_batch_size_or_shard_size(
+    digits, reference, tmp_path, batch_size, shard_size
+):
+    _run(digits[0], tmp_path / "run", batch_size=batch_size, shard_size=shard_size)
+    got = _merged(tmp_path / "run")
+    np.testing.assert_array_equal(got["images"], reference[1]["images"])
+    np.testing.assert_array_equal(got["labels"], reference[1]["labels"])
+
+
+def test_seed_changes_the_images(digits, reference, tmp_path):
+    _run(digits[0], tmp_path / "run", seed=1)
+    assert not np.array_equal(_merged(tmp_path / "run")["images"], reference[1]["images"])
+
+
+def test_noise_of_every_step_is_per_sample(digits, reference, tmp_path):
+    # eta = 1 draws fresh noise at every step: it too must come from each sample's own generator.
+    _run(digits[0], tmp_path / "a", eta=1.0, batch_size=8)
+    _run(digits[0], tmp_path / "b", eta=1.0, batch_size=5)
+    a = _merged(tmp_path / "a")["images"]
+    np.testing.assert_array_equal(a, _merged(tmp_path / "b")["images"])
+    assert not np.array_equal(a, reference[1]["images"])
+
+
+def test_guided_fixed_label(digits, tmp_path):
+    _run(digits[0], tmp_path / "a", class_labels=3, guidance_scale=2.0, batch_size=8)
+    _run(digits[0], tmp_path / "b", class_labels=3, guidance_scale=2.0, batch_size=24)
+    a, b = _merged(tmp_path / "a"), _merged(tmp_path / "b")
+    np.testing.assert_array_equal(a["images"], b["images"])
+    np.testing.assert_array_equal(a["labels"], np.full(N, 3))
+    assert json.loads((tmp_path / "a" / MANIFEST).read_text())["class_labels"] == 3
+
+
+class RecordingEngine:
+    """Stands in for fastdiff.SamplingEngine: the same call, counted."""
+
+    def __init__(self, denoiser, sampler):
+        self.denoiser, self.sampler, self.batches = denoiser, sampler, []
+
+    def sample(self, shape, **kwargs):
+        self.batches.append(shape[0])
+        return sample(self.denoiser, self.sampler, shape, **kwargs)
+
+
+def test_engine_runs_the_batches(digits, reference, tmp_path):
+    pre = digits[0]
+    engine = RecordingEngine(pre.model, DDIMSampler(pre.schedule, STEPS))
+    _run(pre, tmp_path / "run", engine=engine)
+    assert engine.batches == [8, 8, 8]
+    np.testing.assert_array_equal(_merged(tmp_path / "run")["images"], reference[1]["images"])
+
+
+def test_killed_run_resumes_with_only_the_missing_shards(digits, reference, tmp_path):
+    out = tmp_path / "run"
+
+    def crash_after_two(k: int, path: Path) -> None:
+        if k == 1:
+            raise Crash("killed")
+
+    with pytest.raises(Crash):
+        _run(digits[0], out, on_shard=crash_after_two)
+    assert _manifest_ids(out) == [0, 1]
+    before = _stats(out)
+    with pytest.raises(ShardError, match="1 of 3 shards are missing"):
+        merge(out, tmp_path / "early.npz")
+    assert not (tmp_path / "early.npz").exists()
+    made: list[int] = []
+    _run(digits[0], out, on_shard=_recorder(made))
+    assert made == [2]
+    after = _stats(out)
+    assert {name: after[name] for name in before} == before  # the finished shards were not rewritten
+    assert _manifest_ids(out) == [0, 1, 2]
+    np.testing.assert_array_equal(_merged(out)["images"], reference[1]["images"])
+
+
+def test_corrupt_and_missing_shards_are_redone(digits, reference, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference[0], out)
+    path = out / shard_name(1)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    (out / shard_name(2)).unlink()
+    with pytest.raises(ShardError, match="checksum"):
+        merge(out, tmp_path / "bad.npz")
+    made: list[int] = []
+    _run(digits[0], out, on_shard=_recorder(made))
+    assert made == [1, 2]
+    np.testing.assert_array_equal(_merged(out)["images"], reference[1]["images"])
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+def test_bad_inputs_are_refused_and_nothing_is_overwritten(digits, reference, tmp_path):
+    pre = digits[0]
+    a_file = tmp_path / "file"
+    a_file.write_bytes(b"keep")
+    with pytest.raises(ValueError, match="is a file"):
+        _run(pre, a_file)
+    assert a_file.read_bytes() == b"keep"
+    for name, value in [("num_samples", 0), ("num_samples", -3)]:
+        with pytest.raises(ValueError, match=name):
+            sample_to_dir(pre, DDIMSampler(pre.schedule, STEPS), value, tmp_path / "x", batch_size=8, seed=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        _run(pre, tmp_path / "x", batch_size=0)
+    with pytest.raises(ValueError, match="class_labels"):
+        _run(pre, tmp_path / "x", class_labels=10)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        _run(pre, tmp_path / "missing" / "x")
+    assert not (tmp_path / "x").exists()
+
+    out = tmp_path / "run"
+    shutil.copytree(reference[0], out)
+    before = _tree(out)
+    with pytest.raises(ValueError, match=r"Differing fields: seed: 0 in the folder, 1 now"):
+        _run(pre, out, seed=1)
+    with pytest.raises(ValueError, match=r"sampler\.steps: 5 in the folder, 7 now"):
+        sample_to_dir(pre, DDIMSampler(pre.schedule, 7), N, out, batch_size=8, seed=0, shard_size=SHARD)
+    with pytest.raises(ValueError, match=r"shard_size: 8 in the folder, 4 now"):
+        _run(pre, out, shard_size=4)
+    assert _tree(out) == before
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / shard_name(0)).write_bytes(b"not ours")
+    with pytest.raises(ShardError, match=r"no manifest\.json"):
+        _run(pre, foreign)
+    assert _tree(foreign) == {shard_name(0): b"not ours"}
+
+    with pytest.raises(FileNotFoundError):
+        merge(tmp_path / "nowhere", tmp_path / "m.npz")
+    with pytest.raises(ValueError, match=r"\.npz"):
+        merge(out, tmp_path / "m.txt")
+
+
+def test_cli_sample_merge_and_errors(digits, reference, tmp_path, capsys):
+    model = digits[1]
+    out = tmp_path / "cli"
+    common = ["--model", model, "--steps", str(STEPS), "--num-samples", str(N), "--batch-size", "8"]
+    common += ["--guidance-scale", "1", "--device", "cpu", "--quiet", "--out", f"{out}/"]
+    assert main(["sample", *common, "--seed", "0"]) == 0
+    assert "24 new images" in capsys.readouterr().out
+    assert main(["merge", str(out), "--out", str(tmp_path / "cli.npz")]) == 0
+    with np.load(tmp_path / "cli.npz") as data:  # one shard of 1024 here, three of 8 in the reference
+        np.testing.assert_array_equal(data["images"], reference[1]["images"])
+        np.testing.assert_array_equal(data["arr_0"], reference[1]["images"])
+    assert main(["sample", *common, "--seed", "0"]) == 0
+    assert "0 new images" in capsys.readouterr().out
+
+    before = _tree(out)
+    assert main(["sample", *common, "--seed", "1"]) == 2
+    assert "seed: 0 in the folder, 1 now" in capsys.readouterr().err
+    np.save(tmp_path / "x.npy", np.zeros((N, 1, 8, 8), np.float32))
+    assert main(["sample", *common, "--seed", "0", "--x-T", str(tmp_path / "x.npy")]) == 2
+    assert "--x-T" in capsys.readouterr().err
+    assert _tree(out) == before
+
+    (tmp_path / "f").write_bytes(b"keep")
+    assert main(["sample", *common[:-1], f"{tmp_path / 'f'}/"]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert (tmp_path / "f").read_bytes() == b"keep"
+    assert main(["merge", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m.npz")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def _worker(rank: int, world: int, port: int, pre: Pretrained, out: str, crash: bool) -> None:
+    torch.set_num_threads(1)
+    local_rank_env(rank, world, port)
+    if crash:
+
+        def crash_on_rank1(k: int, path: Path) -> None:
+            if rank == 1:
+                raise Crash("rank 1 killed")
+
+        # A group the caller made is used and left alone.
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        _run(pre, Path(out) / "run", on_shard=crash_on_rank1)
+        return
+    # sample_to_dir makes the group from torchrun's environment and destroys it at the end.
+    _run(pre, Path(out) / "b8", merge_to=Path(out) / "b8.npz")
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    _run(pre, Path(out) / "b5", batch_size=5)
+    assert dist.is_initialized()
+    dist.destroy_process_group()
+
+
+def test_two_ranks_give_the_same_images_as_one(digits, reference, tmp_path):
+    mp.spawn(_worker, args=(2, free_port(), digits[0], str(tmp_path), False), nprocs=2)
+    with np.load(tmp_path / "b8.npz") as data:
+        np.testing.assert_array_equal(data["images"], reference[1]["images"])
+        np.testing.assert_array_equal(data["labels"], reference[1]["labels"])
+    np.testing.assert_array_equal(_merged(tmp_path / "b5")["images"], reference[1]["images"])
+
+
+def test_two_ranks_killed_then_resumed_on_one(digits, reference, tmp_path):
+    with pytest.raises(mp.ProcessRaisedException, match="rank 1 killed"):
+        mp.spawn(_worker, args=(2, free_port(), digits[0], str(tmp_path), True), nprocs=2)
+    out = tmp_path / "run"
+    recorded = _manifest_ids(out)
+    kept = {name: stat for name, stat in _stats(out).items() if int(name[6:11]) in recorded}
+    made: list[int] = []
+    _run(digits[0], out, on_shard=_recorder(made))
+    assert sorted(made + recorded) == [0, 1, 2]  # nothing lost, nothing made twice
+    assert {name: _stats(out)[name] for name in kept} == kept
+    assert _manifest_ids(out) == [0, 1, 2]
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+    np.testing.assert_array_equal(_merged(out)["images"], reference[1]["images"])

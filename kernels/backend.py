@@ -99,3 +99,11 @@ def available() -> dict[str, object]:
     if cuda:
         info["auto_backend_cuda"] = resolve_backend("auto", torch.device("cuda"))
     return info
+
+
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The dense layout a kernel works in and returns: channels-last when x is (and not also contiguous)."""
+    cl = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if cl is not None and not x.is_contiguous() and x.is_contiguous(memory_format=cl):
+        return cl
+    return torch.contiguous_format

@@ -26,7 +26,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from fastdiff.kernels.backend import check_backend, decomposing, resolve_backend
+from fastdiff.kernels.backend import check_backend, decomposing, memory_format, resolve_backend
 
 try:
     import triton
@@ -338,14 +338,6 @@ def _target_programs(device: torch.device) -> int:
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    """The memory format of the output: channels-last when x is, else contiguous."""
-    cl = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    if cl is not None and not x.is_contiguous() and x.is_contiguous(memory_format=cl):
-        return cl
-    return torch.contiguous_format
-
-
 def _flat_view(t: torch.Tensor) -> torch.Tensor:
     """t as (N, C, S) without copying; raises RuntimeError when the spatial dims' strides do not merge."""
     return t.view(t.shape[0], t.shape[1], -1)
@@ -384,7 +376,7 @@ def _group_norm_silu_triton(
     `chunk_s >= S` means one program per group) override the heuristics, so tests can reach every path on
     small shapes."""
     N, C = x.shape[:2]
-    fmt = _memory_format(x)
+    fmt = memory_format(x)
     try:
         xv = _flat_view(x)
     except RuntimeError:
@@ -510,12 +502,12 @@ def _group_norm_silu_op(
     if resolve_backend(backend, x.device) == "triton":
         return _group_norm_silu_triton(x, num_groups, weight, bias, eps, scale, shift, silu)
     y = group_norm_silu_reference(x, num_groups, weight, bias, eps, scale=scale, shift=shift, silu=silu)
-    return y.contiguous(memory_format=_memory_format(x))
+    return y.contiguous(memory_format=memory_format(x))
 
 
 @_group_norm_silu_op.register_fake
 def _(x, num_groups, weight, bias, eps, scale, shift, silu, backend):
-    return torch.empty_like(x, memory_format=_memory_format(x))
+    return torch.empty_like(x, memory_format=memory_format(x))
 
 
 def _setup_context(ctx, inputs, output):

@@ -17,7 +17,7 @@ so a captured CUDA graph can replay the same launch every step with a device-sid
 from __future__ import annotations
 
 import torch
-from fastdiff.kernels.backend import check_backend, decomposing, resolve_backend
+from fastdiff.kernels.backend import check_backend, decomposing, memory_format, resolve_backend
 
 try:
     import triton
@@ -85,17 +85,6 @@ if triton is not None:
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    """The dense layout the kernel works in: x's own when x is channels-last, else contiguous."""
-    if x.is_contiguous():
-        return torch.contiguous_format
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
 def _sampler_step_triton(
     out: torch.Tensor,
     x: torch.Tensor,
@@ -109,8 +98,8 @@ def _sampler_step_triton(
     guidance_tensor: torch.Tensor | None,
     clip: float | None,
 ) -> None:
-    """Launch the kernel writing into `out`, a dense tensor of `_memory_format(out)`; inputs are brought to it."""
-    fmt = _memory_format(out)
+    """Launch the kernel writing into `out`, a dense tensor of `memory_format(out)`; inputs are brought to it."""
+    fmt = memory_format(out)
     # The kernel walks all tensors as one flat buffer, so they must share out's dense layout; an input in another
     # layout is copied once here (the usual callers pass matching layouts and pay nothing).
     x, eps, noise, eps_uncond = (
@@ -245,7 +234,7 @@ def _sampler_step_op(
     clip: float | None,
     backend: str,
 ) -> torch.Tensor:
-    fmt = _memory_format(x)
+    fmt = memory_format(x)
     if resolve_backend(backend, x.device) == "triton":
         out = torch.empty_like(x, memory_format=fmt)
         _sampler_step_triton(
@@ -267,7 +256,7 @@ def _sampler_step_op(
 
 @_sampler_step_op.register_fake
 def _(x, eps, table, step, step_tensor, noise, eps_uncond, guidance_scale, guidance_tensor, clip, backend):
-    return torch.empty_like(x, memory_format=_memory_format(x))
+    return torch.empty_like(x, memory_format=memory_format(x))
 
 
 @torch.library.custom_op("fastdiff::sampler_step_out", mutates_args=("out",))
@@ -286,7 +275,7 @@ def _sampler_step_out_op(
     backend: str,
 ) -> None:
     if resolve_backend(backend, x.device) == "triton":
-        fmt = _memory_format(out)
+        fmt = memory_format(out)
         dense = out.is_contiguous(memory_format=fmt)
         target = out if dense else torch.empty_like(out, memory_format=fmt)
         _sampler_step_triton(

@@ -1,0 +1,607 @@
+"""Export a denoiser to ONNX, check it against eager PyTorch, and run it with onnxruntime as a denoiser.
+
+The graph has one signature whatever the model: inputs `sample` (B, C, H, W) in the model's float dtype,
+`timestep` (B,) float32, then the conditioning inputs in the order of `cond_shapes` (`class_labels` (B,) int64,
+`encoder_hidden_states` (B, L, D) float, ...); one output `eps`. B is a dynamic axis named `batch`.
+
+Fused ops: the model is traced inside `fastdiff.kernels.backend.decomposed()`, so `group_norm_silu` and `attention`
+are recorded as their plain-PyTorch references and exported as standard ONNX ops (InstanceNormalization / Sigmoid /
+Mul, MatMul / Softmax); an accelerated model exports exactly like the plain one, and no `fastdiff` op domain
+reaches the file. This works for both exporters, unlike a translation table, which only the dynamo one reads.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fastdiff.kernels.backend import decomposed
+from torch import nn
+
+from fastdiff.errors import CheckpointError, FastdiffError, missing_extra
+from fastdiff.output import check_output_path
+
+log = logging.getLogger("fastdiff.export")
+
+FORMAT = "fastdiff-onnx-v1"
+# Above this many bytes of weights the file keeps them as external data (protobuf cannot exceed 2 GB).
+EXTERNAL_DATA_BYTES = 1536 * 2**20
+DEFAULT_ATOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+CPU_THREADS = 2  # CPU_NOTES.md: onnxruntime with 2 intra-op threads on our 2-core runners
+RESERVED = ("sample", "timestep")
+
+_ONNX_TYPES = {
+    "tensor(float)": torch.float32,
+    "tensor(float16)": torch.float16,
+    "tensor(bfloat16)": torch.bfloat16,
+    "tensor(double)": torch.float64,
+    "tensor(int64)": torch.int64,
+    "tensor(int32)": torch.int32,
+}
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What `to_onnx` did: the file, the exporter used, the measured parity against eager PyTorch."""
+
+    path: Path
+    exporter: str  # "dynamo" or "torchscript"
+    max_abs_diff: float
+    atol: float
+    seconds: float
+    size_bytes: int  # the .onnx file plus its external data, if any
+    external_data: bool
+
+
+def _import(name: str) -> Any:
+    try:
+        return __import__(name)
+    except ImportError as err:
+        raise missing_extra(name, "onnx") from err
+
+
+# ---------------------------------------------------------------------------------------------------- export
+
+
+class _DenoiserGraph(nn.Module):
+    """The exported signature: forward(sample, timestep, *cond in `cond_names` order) -> eps."""
+
+    def __init__(self, model: nn.Module, cond_names: Sequence[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.cond_names = tuple(cond_names)
+        # diffusers U-Nets return a dataclass unless told otherwise; ours return the tensor.
+        self.tuple_output = "return_dict" in inspect.signature(model.forward).parameters
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+        kwargs: dict[str, Any] = dict(zip(self.cond_names, cond, strict=True))
+        if self.tuple_output:
+            kwargs["return_dict"] = False
+        out = self.model(sample, timestep, **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _shape(name: str, shape: object) -> tuple[int, ...]:
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
+        raise TypeError(f"{name} must be a sequence of positive ints, got {shape!r}")
+    dims = tuple(shape)
+    if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
+        raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {shape!r}")
+    return dims
+
+
+def _num_classes(model: nn.Module) -> int | None:
+    """Number of real classes: ours keep it on the model, diffusers in config.num_class_embeds."""
+    n = getattr(model, "num_classes", None)
+    if n is None:
+        n = getattr(getattr(model, "config", None), "num_class_embeds", None)
+    return n if isinstance(n, int) else None
+
+
+def _null_label(model: nn.Module) -> int | None:
+    """The null class of classifier-free guidance, for models that define one (ours: the label num_classes)."""
+    n = getattr(model, "num_classes", None)
+    return n if isinstance(n, int) and callable(getattr(model, "null_cond", None)) else None
+
+
+def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype, p.device
+    return torch.float32, torch.device("cpu")
+
+
+def _example_inputs(
+    model: nn.Module,
+    sample_shape: tuple[int, ...],
+    cond_shapes: Mapping[str, tuple[int, ...]],
+    dtype: torch.dtype,
+    device: torch.device,
+    batch: int,
+    seed: int,
+) -> tuple[torch.Tensor, ...]:
+    """Deterministic inputs of batch `batch`: N(0,1) sample and float conds, timesteps in [0, 1000), labels."""
+    gen = torch.Generator().manual_seed(seed)
+    inputs = [
+        torch.randn((batch, *sample_shape[1:]), generator=gen).to(device, dtype),
+        torch.randint(0, 1000, (batch,), generator=gen).float().to(device),
+    ]
+    num_classes = _num_classes(model)
+    for name, shape in cond_shapes.items():
+        if name == "class_labels":
+            high = (num_classes or 0) + (1 if _null_label(model) is not None else 0)
+            labels = torch.randint(0, max(high, 1), (batch, *shape[1:]), generator=gen)
+            inputs.append(labels.to(device))
+        else:
+            inputs.append(torch.randn((batch, *shape[1:]), generator=gen).to(device, dtype))
+    return tuple(inputs)
+
+
+def _export_file(
+    graph: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    names: list[str],
+    out: Path,
+    *,
+    dynamic_batch: bool,
+    opset: int | None,
+    external_data: bool,
+) -> str:
+    """Write the graph to `out` with the dynamo exporter, or the TorchScript one if that fails; return which."""
+    try:
+        batch = torch.export.Dim("batch", min=1)
+        # forward(sample, timestep, *cond): torch.export sees the conditioning inputs as one tuple argument
+        dynamic = None
+        if dynamic_batch:
+            dynamic = ({0: batch}, {0: batch}) + ((tuple({0: batch} for _ in args[2:]),) if args[2:] else ())
+        program = torch.onnx.export(
+            graph,
+            args,
+            None,
+            dynamo=True,
+            input_names=names,
+            output_names=["eps"],
+            dynamic_shapes=dynamic,
+            opset_version=opset,
+            verbose=False,
+        )
+        program.save(out, external_data=external_data)
+        return "dynamo"
+    except Exception as err:
+        dynamo_error = err
+        log.warning("the dynamo ONNX exporter failed (%s); trying the TorchScript exporter", _first_line(err))
+    for leftover in out.parent.iterdir():
+        leftover.unlink()
+    try:
+        torch.onnx.export(
+            graph,
+            args,
+            str(out),
+            dynamo=False,
+            input_names=names,
+            output_names=["eps"],
+            dynamic_axes={name: {0: "batch"} for name in [*names, "eps"]} if dynamic_batch else None,
+            opset_version=opset or 17,
+        )
+    except Exception as err:
+        raise FastdiffError(
+            f"ONNX export failed with both exporters: dynamo: {_first_line(dynamo_error)}; "
+            f"TorchScript: {_first_line(err)}"
+        ) from err
+    return "torchscript"
+
+
+def _first_line(err: BaseException) -> str:
+    """One informative line: the dynamo exporter's errors put the cause under an "Exception summary" heading."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if "## Exception summary" in lines:
+        lines = lines[lines.index("## Exception summary") + 1 :]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
+def _providers_for(device: torch.device) -> list[str]:
+    ort = _import("onnxruntime")
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def to_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    sample_shape: Sequence[int],
+    cond_shapes: Mapping[str, Sequence[int]] | None = None,
+    dynamic_batch: bool = True,
+    opset: int | None = None,
+    dtype: torch.dtype | None = None,
+    atol: float | None = None,
+    return_report: bool = False,
+) -> Path | ExportReport:
+    """Export a denoiser to `path` (.onnx), verify it, and return the path (or an `ExportReport`).
+
+    `model`: our UNet, a diffusers UNet2DModel / UNet2DConditionModel, or an accelerated one (any nn.Module called
+    as `model(sample, timestep, **cond)`). `sample_shape` is one example batch, e.g. (2, 1, 8, 8);
+    `cond_shapes` maps each conditioning input to its example shape (`class_labels` is int64, every other input
+    has the float dtype), e.g. {"class_labels": (2,)} or {"encoder_hidden_states": (2, 77, 768)}.
+    With `dynamic_batch` (default) every input's first axis is dynamic; a batch of 1 is traced at 2 because the
+    tracer would otherwise fix it. `dtype` casts a copy of the model (default: the model's own dtype).
+
+    After writing, the file is checked with `onnx.checker`, run with onnxruntime on the example inputs (and on a
+    second batch size when dynamic) and compared with eager PyTorch: a max abs difference above `atol` (default
+    1e-4 float32, 2e-2 float16, 1e-1 bfloat16) raises `FastdiffError`. The file appears only when everything
+    passed (weights over 1.5 GB go to external data `<name>.onnx.data` beside it); a failure leaves nothing.
+    The exporter used and the difference are logged on the `fastdiff.export` logger and stored in the file's
+    metadata (with the null class label for models that have one).
+    """
+    start = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise ValueError(f"path must end in .onnx, got {str(path)!r}")
+    check_output_path(path)
+    sample_shape = _shape("sample_shape", sample_shape)
+    if len(sample_shape) < 2:
+        raise ValueError(f"sample_shape must be (batch, *sample dims), got {sample_shape}")
+    if cond_shapes is not None and not isinstance(cond_shapes, Mapping):
+        raise TypeError(f"cond_shapes must be a dict of name -> shape, got {type(cond_shapes).__name__}")
+    conds = {str(k): _shape(f"cond_shapes[{k!r}]", v) for k, v in (cond_shapes or {}).items()}
+    for name, shape in conds.items():
+        if name in RESERVED or not name.isidentifier():
+            raise ValueError(f"cond_shapes: {name!r} is not a valid conditioning input name")
+        if shape[0] != sample_shape[0]:
+            raise ValueError(
+                f"cond_shapes[{name!r}] has batch {shape[0]}, sample_shape has {sample_shape[0]}"
+            )
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 7):
+        raise ValueError(f"opset must be None or an int >= 7, got {opset!r}")
+    onnx = _import("onnx")
+    ort = _import("onnxruntime")
+
+    model_dtype, device = _model_dtype_device(model)
+    if dtype is not None and dtype != model_dtype:
+        model = copy.deepcopy(model).to(dtype)
+    dtype = dtype or model_dtype
+    if atol is None:
+        atol = DEFAULT_ATOL.get(dtype, 1e-4)
+    graph = _DenoiserGraph(model, list(conds))
+    names = [*RESERVED, *conds]
+    batch = sample_shape[0]
+    trace_batch = max(batch, 2) if dynamic_batch else batch
+    check_batches = [batch, batch + 1] if dynamic_batch else [batch]
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    external = weight_bytes > EXTERNAL_DATA_BYTES
+
+    training = {m: m.training for m in model.modules()}
+    graph.eval()
+    workdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        with torch.no_grad():
+            checks = [
+                (inputs, graph(*inputs))
+                for b in check_batches
+                for inputs in [_example_inputs(model, sample_shape, conds, dtype, device, b, seed=b)]
+            ]
+            trace_inputs = _example_inputs(model, sample_shape, conds, dtype, device, trace_batch, seed=0)
+            with decomposed():
+                exporter = _export_file(
+                    graph,
+                    trace_inputs,
+                    names,
+                    workdir / path.name,
+                    dynamic_batch=dynamic_batch,
+                    opset=opset,
+                    external_data=external,
+                )
+        tmp = workdir / path.name
+        try:
+            onnx.checker.check_model(str(tmp))
+        except Exception as err:
+            raise FastdiffError(f"the exported graph fails onnx.checker: {_first_line(err)}") from err
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = CPU_THREADS
+        session = ort.InferenceSession(str(tmp), options, providers=_providers_for(device))
+        diff = 0.0
+        for inputs, expected in checks:
+            feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs, strict=True)}
+            try:
+                got = session.run(None, feeds)[0]
+            except Exception as err:
+                raise FastdiffError(f"onnxruntime cannot run the exported graph: {_first_line(err)}") from err
+            expected = expected.detach().float().cpu().numpy()
+            if got.shape != expected.shape:
+                raise FastdiffError(f"the exported graph returns shape {got.shape}, eager {expected.shape}")
+            diff = max(diff, float(np.max(np.abs(got.astype(np.float32) - expected))) if got.size else 0.0)
+        if not diff <= atol:
+            raise FastdiffError(
+                f"the exported graph differs from eager PyTorch by {diff:.3g} (max abs) > atol={atol:g}; "
+                f"nothing was written to {path}"
+            )
+        del session
+
+        proto = onnx.load(str(tmp), load_external_data=False)
+        meta = {
+            "fastdiff.format": FORMAT,
+            "fastdiff.exporter": exporter,
+            "fastdiff.max_abs_diff": repr(diff),
+            "fastdiff.model": type(model).__name__,
+            "fastdiff.cond_names": json.dumps(list(conds)),
+        }
+        if (n := _num_classes(model)) is not None:
+            meta["fastdiff.num_classes"] = str(n)
+        if (null := _null_label(model)) is not None and "class_labels" in conds:
+            meta["fastdiff.null_class_label"] = str(null)
+        for key, value in meta.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save(proto, str(tmp))
+
+        files = sorted(workdir.iterdir(), key=lambda f: f == tmp)  # the .onnx last: it appears complete
+        size = sum(f.stat().st_size for f in files)
+        for f in files:
+            os.replace(f, path.parent / f.name)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        for module, mode in training.items():
+            module.training = mode
+
+    report = ExportReport(
+        path=path,
+        exporter=exporter,
+        max_abs_diff=diff,
+        atol=atol,
+        seconds=time.perf_counter() - start,
+        size_bytes=size,
+        external_data=len(files) > 1,
+    )
+    log.info(
+        "exported %s with the %s exporter: %.1f MB, max abs diff vs eager %.3g, %.1f s",
+        path,
+        exporter,
+        size / 1e6,
+        diff,
+        report.seconds,
+    )
+    return report if return_report else path
+
+
+# ---------------------------------------------------------------------------------------------------- runtime
+
+
+@dataclass(frozen=True)
+class Port:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int | None, ...]  # None for a dynamic axis
+
+
+def ports_of(args: Sequence[Any]) -> list[Port]:
+    ports = []
+    for a in args:
+        if a.type not in _ONNX_TYPES:
+            raise ValueError(f"unsupported ONNX tensor type {a.type} for {a.name!r}")
+        ports.append(
+            Port(a.name, _ONNX_TYPES[a.type], tuple(d if isinstance(d, int) else None for d in a.shape))
+        )
+    return ports
+
+
+def check_input(port_name: str, value: torch.Tensor, dtype: torch.dtype, shape: Sequence[int | None]) -> None:
+    """ValueError naming the input when `value` does not have `dtype` and `shape` (None: any size)."""
+    if value.dtype != dtype:
+        raise ValueError(f"input {port_name!r} must have dtype {dtype}, got {value.dtype}")
+    if value.dim() != len(shape) or any(
+        d is not None and d != s for d, s in zip(shape, value.shape, strict=True)
+    ):
+        want = "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+        raise ValueError(f"input {port_name!r} must have shape {want}, got {tuple(value.shape)}")
+
+
+def denoiser_feeds(
+    x: torch.Tensor,
+    t: torch.Tensor | float,
+    cond: Mapping[str, Any],
+    inputs: Sequence[Port],
+    null_label: int | None,
+) -> dict[str, torch.Tensor]:
+    """Validated, typed tensors for every graph input, on x's device (shared by the ONNX and TensorRT runners).
+
+    `t` may be a number, a 0-d / 1-element tensor or (B,): it is broadcast and cast to the graph's timestep dtype.
+    Integer conditioning (class labels) of any integer dtype is cast; float inputs must match the graph's dtype.
+    A missing `class_labels` means the null label when the model has one.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    by_name = {p.name: p for p in inputs}
+    unknown = sorted(set(cond) - set(by_name) - set(RESERVED))
+    if unknown or set(RESERVED) & set(cond):
+        raise ValueError(
+            f"unexpected conditioning input(s) {unknown or sorted(set(RESERVED) & set(cond))}; "
+            f"this graph takes {[p.name for p in inputs[2:]]}"
+        )
+    sample, timestep = by_name["sample"], by_name["timestep"]
+    check_input("sample", x, sample.dtype, sample.shape)
+    batch = x.shape[0]
+    if sample.shape[0] is not None and sample.shape[0] != batch:
+        raise ValueError(
+            f"input 'sample' must have batch {sample.shape[0]} (static batch graph), got {batch}"
+        )
+    if isinstance(t, torch.Tensor):
+        if t.numel() == 1:
+            t = t.reshape(1).expand(batch)
+        if t.shape != (batch,):
+            raise ValueError(
+                f"input 'timestep' must be a number or have shape ({batch},), got {tuple(t.shape)}"
+            )
+    elif isinstance(t, (int, float)) and not isinstance(t, bool):
+        t = torch.full((batch,), float(t))
+    else:
+        raise TypeError(f"t must be a tensor or a number, got {type(t).__name__}")
+    feeds = {"sample": x, "timestep": t.to(x.device, timestep.dtype)}
+    for port in inputs[2:]:
+        value = cond.get(port.name)
+        if value is None and port.name == "class_labels" and null_label is not None:
+            value = torch.full((batch,), null_label, dtype=torch.int64)
+        if value is None:
+            raise ValueError(f"missing conditioning input {port.name!r}")
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"input {port.name!r} must be a torch.Tensor, got {type(value).__name__}")
+        if not port.dtype.is_floating_point:
+            if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+                raise ValueError(f"input {port.name!r} must be an integer tensor, got {value.dtype}")
+            value = value.to(port.dtype)
+        check_input(port.name, value, port.dtype, (batch, *port.shape[1:]))
+        feeds[port.name] = value.to(x.device)
+    return feeds
+
+
+class OnnxDenoiser:
+    """The denoiser protocol over an onnxruntime session: `denoiser(x, t, **cond) -> eps` on torch tensors.
+
+    CUDA tensors run on the CUDA execution provider with IO binding (no host copies) when onnxruntime-gpu is
+    installed; otherwise inputs go through the CPU provider with `intra_op_threads` threads (default 2, the
+    fastest setting on our 2-core runners). `providers` overrides the choice (e.g. ["CPUExecutionProvider"]).
+    A graph exported from a model with a null class has `null_cond(cond)`, so classifier-free guidance works.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        providers: Sequence[str] | None = None,
+        *,
+        intra_op_threads: int = CPU_THREADS,
+    ) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ONNX file {str(self.path)!r} does not exist")
+        if (
+            isinstance(intra_op_threads, bool)
+            or not isinstance(intra_op_threads, int)
+            or intra_op_threads < 0
+        ):
+            raise ValueError(
+                f"intra_op_threads must be an int >= 0 (0: onnxruntime's default), got {intra_op_threads!r}"
+            )
+        ort = _import("onnxruntime")
+        available = ort.get_available_providers()
+        if providers is None:
+            wanted = "CUDAExecutionProvider" in available and torch.cuda.is_available()
+            providers = (
+                ["CUDAExecutionProvider", "CPUExecutionProvider"] if wanted else ["CPUExecutionProvider"]
+            )
+        providers = list(providers)
+        missing = [p for p in providers if p not in available]
+        if missing or not providers:
+            raise ValueError(
+                f"providers {missing or providers} are not available; this onnxruntime has {available}"
+            )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        except Exception as err:
+            raise CheckpointError(f"{self.path} is not a readable ONNX model: {_first_line(err)}") from err
+        self.inputs = ports_of(self.session.get_inputs())
+        self.outputs = ports_of(self.session.get_outputs())
+        if [p.name for p in self.inputs[:2]] != list(RESERVED) or len(self.outputs) != 1:
+            raise CheckpointError(
+                f"{self.path} is not a denoiser graph: expected inputs (sample, timestep, *cond) and one output, "
+                f"got inputs {[p.name for p in self.inputs]} and {len(self.outputs)} outputs"
+            )
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        null = self.metadata.get("fastdiff.null_class_label")
+        self.null_label = int(null) if null is not None else None
+        n = self.metadata.get("fastdiff.num_classes")
+        self.num_classes = int(n) if n is not None else None
+        self.cuda = "CUDAExecutionProvider" in self.session.get_providers()
+
+    @property
+    def cond_names(self) -> list[str]:
+        """Names of the conditioning inputs, in graph order."""
+        return [p.name for p in self.inputs[2:]]
+
+    @property
+    def null_cond(self):
+        """`null_cond(cond)` for classifier-free guidance; only graphs with a null class label have it."""
+        if self.null_label is None:
+            raise AttributeError("this graph has no null class label (exported from a model without one)")
+        return self._null_cond
+
+    def _null_cond(self, cond: Mapping[str, Any]) -> dict[str, Any]:
+        uncond = {}
+        for key, value in cond.items():
+            if key != "class_labels":
+                raise ValueError(f"no null condition for {key!r}: pass an explicit `uncond` for it")
+            uncond[key] = None if value is None else torch.full_like(value, self.null_label)
+        return uncond
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor | float, **cond: Any) -> torch.Tensor:
+        feeds = denoiser_feeds(x, t, cond, self.inputs, self.null_label)
+        if self.cuda and x.is_cuda:
+            return self._run_cuda(feeds)
+        arrays = {name: value.detach().cpu().contiguous().numpy() for name, value in feeds.items()}
+        out = self.session.run([self.outputs[0].name], arrays)[0]
+        return torch.from_numpy(out).to(x.device)
+
+    def _run_cuda(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = feeds["sample"]
+        binding = self.session.io_binding()
+        keep = []
+        for name, value in feeds.items():
+            value = value.contiguous()
+            keep.append(value)
+            binding.bind_input(
+                name=name,
+                device_type="cuda",
+                device_id=value.device.index or 0,
+                element_type=_numpy_dtype(value.dtype),
+                shape=tuple(value.shape),
+                buffer_ptr=value.data_ptr(),
+            )
+        port = self.outputs[0]
+        if any(d is None for d in port.shape[1:]):
+            binding.bind_output(port.name, "cuda")  # onnxruntime allocates; copied back below
+            torch.cuda.current_stream().synchronize()
+            self.session.run_with_iobinding(binding)
+            return torch.from_numpy(binding.copy_outputs_to_cpu()[0]).to(x.device)
+        out = torch.empty((x.shape[0], *port.shape[1:]), dtype=port.dtype, device=x.device)
+        binding.bind_output(
+            name=port.name,
+            device_type="cuda",
+            device_id=out.device.index or 0,
+            element_type=_numpy_dtype(out.dtype),
+            shape=tuple(out.shape),
+            buffer_ptr=out.data_ptr(),
+        )
+        # onnxruntime computes on its own stream: the inputs written on torch's stream must be ready first.
+        torch.cuda.current_stream().synchronize()
+        self.session.run_with_iobinding(binding)
+        return out
+
+    def __repr__(self) -> str:
+        return f"OnnxDenoiser({str(self.path)!r}, providers={self.session.get_providers()})"
+
+
+def _numpy_dtype(dtype: torch.dtype) -> type:
+    return {
+        torch.float32: np.float32,
+        torch.float16: np.float16,
+        torch.int64: np.int64,
+        torch.int32: np.int32,
+    }[dtype]

@@ -1,0 +1,531 @@
+"""SamplingEngine: `fastdiff.sample` with static buffers, CUDA-graph replay and a graph cache (gpt-fast style).
+
+Per call key (mode, device, dtype, batch and sample shape, CFG on/off, conditioning structure and shapes) the engine
+allocates once: the sample buffer `x` (updated in place by `fastdiff.kernels.sampler_step(..., out=x)`), the
+conditioning, the guidance scale (a 0-d device tensor, so changing it needs no new graph), a device-side step counter
+and a noise buffer (rows of pre-drawn noise plus a zero row, and the row each step reads). One step reads everything
+it needs from device memory through the counter: the timestep (gathered from the timesteps on the device), the table
+row (read by the kernel) and the noise row; it then increments the counter. On CUDA that step is captured as a graph
+and replayed once per step (`graph_mode="step"`), or the whole loop is captured as one graph and replayed once
+(`graph_mode="loop"`): no host sync and no per-step Python beyond the replay.
+
+Noise is drawn from the caller's generator in exactly the order `fastdiff.sample` draws it (x_T first when not given,
+then one draw per noisy step), so the engine returns the same samples: bitwise on CPU without `compile` (the same
+ops run in the same order on the same values), within kernel tolerance on CUDA (the Triton step kernel replaces the
+PyTorch reference there). Noise is pre-drawn into the buffer in chunks of at most `NOISE_BUFFER_BYTES`; with more noise
+than that, `graph_mode="loop"` falls back to step graphs (the buffer is refilled between chunks on the host).
+
+The capture itself sits behind a small runner interface (`_CudaGraphRunner`, `_EagerRunner`) so the cache, buffers and
+fallback logic run, and are tested, on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+from tqdm.auto import tqdm
+
+from fastdiff.kernels.sampler_step import sampler_step
+from fastdiff.samplers import (
+    Generator,
+    Sampler,
+    _check_x,
+    _infer_device,
+    _sampler_table,
+    batch_conds,
+    guidance_conds,
+    randn,
+)
+
+GRAPH_MODES = ("step", "loop")
+# Largest pre-drawn noise buffer per cache entry; beyond it the noise is drawn in chunks between step replays.
+NOISE_BUFFER_BYTES = 1 << 30
+
+
+@dataclass
+class EngineStats:
+    """Counters of one engine: cache behaviour, graph captures and the time they took."""
+
+    captures: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    evictions: int = 0
+    eager_fallbacks: int = 0
+    capture_seconds: float = 0.0
+
+
+class _CaptureError(RuntimeError):
+    """A runner could not capture the step (as opposed to the step itself failing when run eagerly)."""
+
+
+class _EagerRunner:
+    """Runs the step function itself on every replay: the path without graphs (CPU, or after a failed capture)."""
+
+    captures = False
+
+    def __init__(self, step: Callable[[], Any], body: Callable[[], Any], reset: Callable[[], None]) -> None:
+        self._step = step
+
+    def replay(self) -> Any:
+        return self._step()
+
+
+class _CudaGraphRunner:
+    """Warms `step` up on a side stream, then captures `body` (one step or the whole loop) as one CUDA graph.
+
+    `reset` zeroes the step counter before each warm-up step and before the capture, so that warm-up never reads
+    past the table. Each runner owns its graph's private memory pool, freed with the runner (on cache eviction).
+    """
+
+    captures = True
+    warmup_steps = 2
+
+    def __init__(self, step: Callable[[], Any], body: Callable[[], Any], reset: Callable[[], None]) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        # Lazy initialisation (cuBLAS handles, Triton and torch.compile compilation) must happen outside capture.
+        with torch.cuda.stream(stream):
+            for _ in range(self.warmup_steps):
+                reset()
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        reset()
+        self._graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(self._graph):
+                self._outputs = body()
+        except Exception as err:
+            raise _CaptureError(f"{type(err).__name__}: {err}") from err
+
+    def replay(self) -> Any:
+        self._graph.replay()
+        return self._outputs
+
+
+@dataclass
+class _Entry:
+    """The static buffers of one cache key, and the runner replaying the step over them."""
+
+    mode: str
+    x: torch.Tensor
+    kwargs: dict[str, Any]
+    leaves: list[Any]
+    guidance: torch.Tensor | None
+    noise: torch.Tensor | None
+    noise_row: torch.Tensor | None
+    rows: int
+    counter: torch.Tensor
+    coeffs: torch.Tensor
+    timesteps: torch.Tensor
+    denoise: Callable[..., torch.Tensor]
+    backend: str
+    graphs: bool
+    runner: Any = field(default=None, repr=False)
+
+
+def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    # The same rule as fastdiff.sample (inline there).
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2 or any(s < 1 for s in shape):
+        raise ValueError(f"shape must be (batch, *sample_shape) with positive sizes, got {shape}")
+    return shape
+
+
+def _check_output(out: Any, x: torch.Tensor) -> None:
+    # The same rule as fastdiff.samplers.run_table (inline there).
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"the denoiser returned {got}, expected a tensor of shape {tuple(x.shape)}")
+
+
+def _leaf_key(name: str, leaf: Any) -> Any:
+    if isinstance(leaf, torch.Tensor):
+        return ("tensor", tuple(leaf.shape), leaf.dtype, leaf.device)
+    try:
+        hash(leaf)
+    except TypeError:
+        raise TypeError(
+            f"{name} values must be tensors, None or hashable constants (a graph bakes them in), "
+            f"got {type(leaf).__name__}"
+        ) from None
+    return ("const", type(leaf), leaf)
+
+
+class SamplingEngine:
+    """`fastdiff.sample` for one denoiser and sampler, with static buffers and (on CUDA) graph replay.
+
+    - `cuda_graphs`: "auto" captures on CUDA and runs eagerly elsewhere; True requires CUDA (ValueError otherwise);
+      False never captures. A denoiser that cannot be captured falls back to eager execution with one warning per
+      engine. The denoiser must be a pure function of its tensor inputs: a graph replays the kernels it launched
+      during capture, not its Python.
+    - `graph_mode`: "step" captures one step and replays it num_steps times; "loop" captures all steps as one
+      graph, replayed once (no per-step launch overhead, but num_steps times the capture time and graph size, and
+      all the call's noise pre-drawn: with more than `NOISE_BUFFER_BYTES` of it, "loop" falls back to "step" with a
+      warning). Which is faster depends on the model and step count: benchmark both
+      (`SamplingEngine(..., cuda_graphs=True, graph_mode="step" | "loop")`).
+    - `compile`: wraps the denoiser with `torch.compile(dynamic=False)`: on CUDA mode "max-autotune-no-cudagraphs"
+      when the engine captures graphs itself, else "reduce-overhead"; on CPU the inductor default mode with
+      `CPU_COMPILE_OPTIONS` (scoped to this compile). Freezing folds the weights into the compiled code: build a new
+      engine after changing the model's weights. Each new shape compiles again (about a minute on a small CPU).
+    - `max_graphs`: size of the LRU cache of keys (static buffers + graph); the least recently used is freed.
+
+    `callback` receives the same dict as with `fastdiff.sample` ({"i", "t", "x", "x0", "model_output"}, fresh
+    tensors); it runs after each step's replay, so with a loop graph the call uses step graphs instead, and reading
+    the tensors syncs the host with the device every step. `progress` shows a bar over the step replays (with
+    graphs it tracks launches, which run ahead of the device; with a loop graph it completes in one jump).
+    """
+
+    # The capture backend and the device type it captures on; tests substitute a CPU fake.
+    _graph_runner: ClassVar[type] = _CudaGraphRunner
+    _graph_device: ClassVar[str] = "cuda"
+
+    def __init__(
+        self,
+        denoiser: Callable[..., torch.Tensor],
+        sampler: Sampler,
+        *,
+        cuda_graphs: bool | str = "auto",
+        compile: bool = False,
+        max_graphs: int = 8,
+        graph_mode: str = "step",
+    ) -> None:
+        if not callable(denoiser):
+            raise TypeError(
+                f"denoiser must be callable as denoiser(x, t, **cond), got {type(denoiser).__name__}"
+            )
+        self.table = _sampler_table(sampler)
+        if cuda_graphs not in (True, False, "auto") or not isinstance(cuda_graphs, (bool, str)):
+            raise ValueError(f"cuda_graphs must be True, False or 'auto', got {cuda_graphs!r}")
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be a bool, got {compile!r}")
+        if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
+            raise ValueError(f"max_graphs must be a positive int, got {max_graphs!r}")
+        if graph_mode not in GRAPH_MODES:
+            raise ValueError(f"graph_mode must be one of {GRAPH_MODES}, got {graph_mode!r}")
+        if cuda_graphs is True:
+            if self._graph_device == "cuda" and not torch.cuda.is_available():
+                raise ValueError("cuda_graphs=True needs a CUDA device, and none is available")
+            param = next(iter(denoiser.parameters()), None) if isinstance(denoiser, torch.nn.Module) else None
+            if param is not None and param.device.type != self._graph_device:
+                raise ValueError(
+                    f"cuda_graphs=True needs the denoiser on a {self._graph_device} device, its parameters are "
+                    f"on {param.device}"
+                )
+        self.denoiser = denoiser
+        self.sampler = sampler
+        self.cuda_graphs = cuda_graphs
+        self.compile = compile
+        self.max_graphs = max_graphs
+        self.graph_mode = graph_mode
+        self.stats = EngineStats()
+        self._cache: OrderedDict[tuple, _Entry] = OrderedDict()
+        self._compiled: dict[tuple[str, bool], Callable[..., torch.Tensor]] = {}
+        self._timesteps: dict[torch.device, torch.Tensor] = {}
+        self._noisy = self.table.noisy_steps()
+        self._capture_failed = False
+        self._warned: set[str] = set()
+
+    # -- public API -------------------------------------------------------------------------------------------
+
+    def sample(
+        self,
+        shape: Sequence[int],
+        *,
+        generator: Generator = None,
+        x_T: torch.Tensor | None = None,
+        cond: Mapping[str, Any] | None = None,
+        uncond: Mapping[str, Any] | None = None,
+        guidance_scale: float = 1.0,
+        progress: bool = False,
+        callback: Callable[[dict[str, Any]], None] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """Generate a batch of `shape`: the arguments and the result of `fastdiff.sample(denoiser, sampler, ...)`."""
+        shape = _check_shape(shape)
+        dev = _infer_device(self.denoiser, x_T, device)
+        if x_T is not None:
+            _check_x("x_T", x_T, shape)
+            dtype = x_T.dtype
+        cond, uncond = guidance_conds(self.denoiser, cond, uncond, guidance_scale)
+        with torch.inference_mode():
+            x_init = randn(shape, generator, dev, dtype) if x_T is None else x_T
+            entry = self._prepare(
+                shape, dev, dtype, cond, uncond, guidance_scale, step_only=callback is not None
+            )
+            self._fill_noise(entry, 0, generator)
+            self._ensure_runner(entry)
+            entry.x.copy_(x_init)
+            entry.counter.zero_()
+            self._drive(entry, generator, guidance_scale, progress, callback)
+            return entry.x.clone()
+
+    def warmup(
+        self,
+        shape: Sequence[int],
+        *,
+        cond: Mapping[str, Any] | None = None,
+        uncond: Mapping[str, Any] | None = None,
+        guidance_scale: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> float:
+        """Allocate, compile and capture for calls like `sample(shape, cond=..., ...)` ahead of time.
+
+        Runs one step on zero inputs (no generator is consumed); returns the seconds it took, which is the
+        compile/capture cost a later `sample` with the same key no longer pays.
+        """
+        start = time.perf_counter()
+        shape = _check_shape(shape)
+        dev = _infer_device(self.denoiser, None, device)
+        cond, uncond = guidance_conds(self.denoiser, cond, uncond, guidance_scale)
+        with torch.inference_mode():
+            entry = self._prepare(shape, dev, dtype, cond, uncond, guidance_scale, step_only=False)
+            self._ensure_runner(entry)
+            if not entry.runner.captures:
+                # Nothing was captured, so run the step once to trigger compilation and lazy initialisation.
+                entry.counter.zero_()
+                self._step(entry)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+        return time.perf_counter() - start
+
+    # -- cache and buffers ------------------------------------------------------------------------------------
+
+    def _uses_graphs(self, device: torch.device) -> bool:
+        if self.cuda_graphs is False or self._capture_failed:
+            return False
+        if device.type == self._graph_device:
+            return True
+        if self.cuda_graphs is True:
+            raise ValueError(
+                f"cuda_graphs=True needs {self._graph_device} tensors, this call runs on {device}"
+            )
+        return False
+
+    def _noise_rows(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        row_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        return min(len(self._noisy), max(1, NOISE_BUFFER_BYTES // row_bytes))
+
+    def _mode(self, graphs: bool, rows: int, step_only: bool) -> str:
+        if not graphs or step_only or self.graph_mode == "step":
+            return "step"
+        if rows < len(self._noisy):
+            self._warn_once(
+                "loop-noise",
+                f"graph_mode='loop' needs all {len(self._noisy)} noise draws in one buffer, which exceeds "
+                f"fastdiff.engine.NOISE_BUFFER_BYTES; using step graphs",
+            )
+            return "step"
+        return "loop"
+
+    def _prepare(
+        self,
+        shape: tuple[int, ...],
+        device: torch.device,
+        dtype: torch.dtype,
+        cond: dict[str, Any],
+        uncond: dict[str, Any] | None,
+        guidance_scale: float,
+        *,
+        step_only: bool,
+    ) -> _Entry:
+        """The entry of this call's key (allocated on a miss), with the conditioning and guidance copied in."""
+        kwargs = batch_conds(cond, uncond) if uncond is not None else cond
+        leaves, spec = tree_flatten(kwargs)
+        leaf_keys = tuple(_leaf_key("cond", leaf) for leaf in leaves)
+        graphs = self._uses_graphs(device)
+        rows = self._noise_rows(shape, dtype)
+        mode = self._mode(graphs, rows, step_only)
+        key = (mode, device, dtype, shape, uncond is not None, spec, leaf_keys)
+        entry = self._cache.get(key)
+        if entry is None:
+            self.stats.cache_misses += 1
+            entry = self._allocate(shape, device, dtype, leaves, spec, uncond is not None, rows, mode, graphs)
+            self._cache[key] = entry
+            if len(self._cache) > self.max_graphs:
+                self._cache.popitem(last=False)
+                self.stats.evictions += 1
+        else:
+            self.stats.cache_hits += 1
+            self._cache.move_to_end(key)
+        for buf, leaf in zip(entry.leaves, leaves, strict=True):
+            if isinstance(buf, torch.Tensor):
+                buf.copy_(leaf)
+        if entry.guidance is not None:
+            entry.guidance.fill_(guidance_scale)
+        return entry
+
+    def _allocate(
+        self,
+        shape: tuple[int, ...],
+        device: torch.device,
+        dtype: torch.dtype,
+        leaves: list[Any],
+        spec: Any,
+        cfg: bool,
+        rows: int,
+        mode: str,
+        graphs: bool,
+    ) -> _Entry:
+        static_leaves = [torch.empty_like(v) if isinstance(v, torch.Tensor) else v for v in leaves]
+        if self._noisy:
+            noise = torch.zeros((rows + 1, *shape), device=device, dtype=dtype)
+            # Noisy step k (in draw order) reads row k % rows; every other step reads the zero row.
+            row_of_step = torch.full((len(self.table),), rows, dtype=torch.long)
+            row_of_step[self._noisy] = torch.arange(len(self._noisy)) % rows
+            noise_row = row_of_step.to(device)
+        else:
+            noise, noise_row = None, None
+        if device not in self._timesteps:
+            self._timesteps[device] = self.table.timesteps.to(device)
+        return _Entry(
+            mode=mode,
+            x=torch.zeros(shape, device=device, dtype=dtype),
+            kwargs=tree_unflatten(static_leaves, spec),
+            leaves=static_leaves,
+            guidance=torch.ones((), device=device, dtype=torch.float32) if cfg else None,
+            noise=noise,
+            noise_row=noise_row,
+            rows=rows,
+            counter=torch.zeros((), device=device, dtype=torch.long),
+            coeffs=self.table.on(device),
+            timesteps=self._timesteps[device],
+            denoise=self._denoiser_for(device, graphs),
+            # On CPU the Triton kernel would only run under the interpreter; the reference is what sample() runs.
+            backend="auto" if device.type == "cuda" else "torch",
+            graphs=graphs,
+        )
+
+    def _denoiser_for(self, device: torch.device, graphs: bool) -> Callable[..., torch.Tensor]:
+        if not self.compile:
+            return self.denoiser
+        key = (device.type, graphs)
+        if key not in self._compiled:
+            if device.type == "cuda":
+                mode = "max-autotune-no-cudagraphs" if graphs else "reduce-overhead"
+                self._compiled[key] = torch.compile(self.denoiser, mode=mode, dynamic=False)
+            else:
+                self._compiled[key] = torch.compile(self.denoiser, dynamic=False, options=CPU_COMPILE_OPTIONS)
+        return self._compiled[key]
+
+    def _ensure_runner(self, entry: _Entry) -> None:
+        if entry.runner is not None:
+            return
+        step = functools.partial(self._step, entry)
+        body = functools.partial(self._loop, entry) if entry.mode == "loop" else step
+        reset = entry.counter.zero_
+        if entry.graphs:
+            start = time.perf_counter()
+            try:
+                entry.runner = self._graph_runner(step, body, reset)
+                self.stats.captures += 1
+            except _CaptureError as err:
+                self._capture_failed = True
+                self.stats.eager_fallbacks += 1
+                self._warn_once(
+                    "capture",
+                    f"SamplingEngine: the denoiser could not be captured as a CUDA graph ({err}); "
+                    "running it eagerly from now on",
+                )
+                # Used eagerly for this call only: its key says "graphs", which later calls no longer use.
+                self._cache = OrderedDict((k, e) for k, e in self._cache.items() if e is not entry)
+                entry.mode, entry.graphs = "step", False
+            finally:
+                self.stats.capture_seconds += time.perf_counter() - start
+        if entry.runner is None:
+            entry.runner = _EagerRunner(step, body, reset)
+
+    def _warn_once(self, what: str, message: str) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    # -- one step, the loop, and the host driver --------------------------------------------------------------
+
+    def _step(self, e: _Entry) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One sampler step on the static buffers; every per-step value is read through the device counter."""
+        x, index = e.x, e.counter.view(1)
+        t = e.timesteps.index_select(0, index).expand(x.shape[0])
+        if e.guidance is None:
+            out, out_u = e.denoise(x, t, **e.kwargs), None
+        else:
+            out, out_u = e.denoise(torch.cat([x, x]), torch.cat([t, t]), **e.kwargs).chunk(2)
+        _check_output(out, x)
+        noise = None if e.noise is None else e.noise.index_select(0, e.noise_row.index_select(0, index))[0]
+        sampler_step(
+            x,
+            out,
+            e.coeffs,
+            e.counter,
+            noise,
+            eps_uncond=out_u,
+            guidance_scale=1.0 if e.guidance is None else e.guidance,
+            clip=self.table.clip,
+            out=x,
+            backend=e.backend,
+        )
+        e.counter.add_(1)
+        return out, out_u
+
+    def _loop(self, e: _Entry) -> tuple[torch.Tensor, torch.Tensor | None]:
+        outputs = None
+        for _ in range(len(self.table)):
+            outputs = self._step(e)
+        return outputs
+
+    def _fill_noise(self, e: _Entry, first: int, generator: Generator) -> None:
+        """Draw the noise of noisy steps first..first+rows (draw order) into their rows."""
+        if e.noise is None:
+            return
+        shape = tuple(e.x.shape)
+        for row in range(min(e.rows, len(self._noisy) - first)):
+            e.noise[row].copy_(randn(shape, generator, e.x.device, e.x.dtype))
+
+    def _drive(
+        self,
+        e: _Entry,
+        generator: Generator,
+        guidance_scale: float,
+        progress: bool,
+        callback: Callable[[dict[str, Any]], None] | None,
+    ) -> None:
+        n = len(self.table)
+        if e.mode == "loop":
+            with tqdm(total=n, disable=not progress, desc="sampling", leave=False) as bar:
+                e.runner.replay()
+                bar.update(n)
+            return
+        # Steps at which the next chunk of noise is drawn (never, when all of it fits in the buffer).
+        refill = {self._noisy[k]: k for k in range(e.rows, len(self._noisy), e.rows)} if e.rows else {}
+        steps = tqdm(range(n), desc="sampling", leave=False) if progress else range(n)
+        for i in steps:
+            if i in refill:
+                self._fill_noise(e, refill[i], generator)
+            before = e.x.clone() if callback is not None else None
+            out, out_u = e.runner.replay()
+            if callback is not None:
+                a, b = e.coeffs[i, 0], e.coeffs[i, 1]
+                m = out.clone() if out_u is None else out_u + guidance_scale * (out - out_u)
+                callback(
+                    {
+                        "i": i,
+                        "t": int(self.table.timesteps[i]),
+                        "x": e.x.clone(),
+                        "x0": a * before + b * m,
+                        "model_output": m,
+                    }
+                )
+
+
+# Inductor options for compile=True on CPU (scoped to that compile, never the global config); see CPU_NOTES.md.
+CPU_COMPILE_OPTIONS: dict[str, Any] = {}

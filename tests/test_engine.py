@@ -1,0 +1,387 @@
+import gc
+import time
+import warnings
+import weakref
+
+import pytest
+import torch
+
+import fastdiff
+import fastdiff.engine as engine_mod
+from fastdiff import DDIMSampler, DDPMSampler, NoiseSchedule
+from fastdiff.engine import SamplingEngine, _CaptureError
+from fastdiff.models.mlp import MLPDenoiser
+from fastdiff.models.unet import UNet, UNetConfig
+
+SCHEDULE = NoiseSchedule.from_kind("linear")
+SHAPE = (3, 1, 8, 8)
+LABELS = torch.tensor([1, 4, 9])
+SAMPLERS = {
+    "ddpm": lambda: DDPMSampler(SCHEDULE, num_steps=8),
+    "ddim-eta0": lambda: DDIMSampler(SCHEDULE, num_steps=8),
+    "ddim-eta1": lambda: DDIMSampler(SCHEDULE, num_steps=8, eta=1.0),
+}
+
+
+class FakeGraphRunner:
+    """A CPU stand-in for `_CudaGraphRunner` with the same contract: warm `step` up, then 'capture' `body` (a CUDA
+    capture runs its Python once, here with `capturing` set so a denoiser can refuse), then replay `body`."""
+
+    captures = True
+    capturing = False
+    constructed = 0
+
+    def __init__(self, step, body, reset):
+        reset()
+        step()
+        reset()
+        FakeGraphRunner.capturing = True
+        try:
+            body()
+        except Exception as err:
+            raise _CaptureError(str(err)) from err
+        finally:
+            FakeGraphRunner.capturing = False
+        FakeGraphRunner.constructed += 1
+        self._body = body
+
+    def replay(self):
+        return self._body()
+
+
+class FakeEngine(SamplingEngine):
+    """The engine with graphs 'on' for CPU tensors, through the fake capture backend."""
+
+    _graph_runner = FakeGraphRunner
+    _graph_device = "cpu"
+
+
+@pytest.fixture(scope="module")
+def unet():
+    """A tiny class-conditional ADM U-Net with small random weights (the zero-initialised layers too)."""
+    torch.manual_seed(0)
+    model = UNet(UNetConfig.preset("digits", model_channels=16, num_res_blocks=1, num_groups=4)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+    return model
+
+
+def toy(x, t, **_):
+    return torch.tanh(0.7 * x + 1e-3 * t.float().reshape(-1, *([1] * (x.dim() - 1))) - 0.2)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def make_engine(kind, denoiser, sampler, **kwargs):
+    if kind == "eager":
+        return SamplingEngine(denoiser, sampler, **kwargs)
+    return FakeEngine(denoiser, sampler, graph_mode=kind, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["eager", "step", "loop"])
+@pytest.mark.parametrize("guidance", [1.0, 2.7])
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_bitwise_parity_with_sample(unet, name, guidance, kind):
+    sampler = SAMPLERS[name]()
+    kwargs = {"cond": {"class_labels": LABELS}, "guidance_scale": guidance}
+    eng = make_engine(kind, unet, sampler)
+    expected = fastdiff.sample(unet, sampler, SHAPE, generator=gen(3), **kwargs)
+    got = eng.sample(SHAPE, generator=gen(3), **kwargs)
+    assert torch.isfinite(expected).all() and expected.std() > 0.1
+    assert torch.equal(got, expected)
+    # A second call reuses the buffers and gives the same result for the same seed.
+    assert torch.equal(eng.sample(SHAPE, generator=gen(3), **kwargs), expected)
+    assert eng.stats.cache_hits == 1 and eng.stats.captures == (kind != "eager")
+
+
+@pytest.mark.parametrize("kind", ["eager", "loop"])
+def test_parity_generator_list_and_x_T(unet, kind):
+    sampler = SAMPLERS["ddpm"]()
+    eng = make_engine(kind, unet, sampler)
+    gens = lambda: [gen(s) for s in (5, 6, 7)]  # noqa: E731
+    kwargs = {"cond": {"class_labels": LABELS}, "guidance_scale": 2.0}
+    expected = fastdiff.sample(unet, sampler, SHAPE, generator=gens(), **kwargs)
+    assert torch.equal(eng.sample(SHAPE, generator=gens(), **kwargs), expected)
+    # Sample j depends only on generator j (up to the model's batch-size dependent rounding).
+    alone = eng.sample(
+        (1, 1, 8, 8), generator=[gen(6)], cond={"class_labels": LABELS[1:2]}, guidance_scale=2.0
+    )
+    torch.testing.assert_close(alone[0], expected[1], rtol=0, atol=1e-5)
+
+    x_T = torch.randn(SHAPE, generator=gen(9))
+    x_T_copy = x_T.clone()
+    expected = fastdiff.sample(unet, sampler, SHAPE, x_T=x_T, generator=gen(1), **kwargs)
+    assert torch.equal(eng.sample(SHAPE, x_T=x_T, generator=gen(1), **kwargs), expected)
+    assert torch.equal(x_T, x_T_copy)
+
+
+def test_explicit_uncond_and_function_denoiser():
+    sampler = SAMPLERS["ddim-eta1"]()
+    cond = {"scale": torch.full((2, 1), 0.5)}
+    uncond = {"scale": torch.zeros(2, 1)}
+
+    def model(x, t, scale):
+        return toy(x, t) + scale * x
+
+    expected = fastdiff.sample(
+        model, sampler, (2, 5), generator=gen(), cond=cond, uncond=uncond, guidance_scale=3
+    )
+    for kind in ("eager", "step"):
+        eng = make_engine(kind, model, sampler)
+        got = eng.sample((2, 5), generator=gen(), cond=cond, uncond=uncond, guidance_scale=3)
+        assert torch.equal(got, expected)
+
+
+def test_guidance_scale_and_cond_values_change_without_new_capture(unet):
+    sampler = SAMPLERS["ddim-eta0"]()
+    eng = FakeEngine(unet, sampler)
+    for w, labels in ((2.0, LABELS), (3.5, LABELS.flip(0)), (2.0, LABELS)):
+        kwargs = {"cond": {"class_labels": labels}, "guidance_scale": w}
+        expected = fastdiff.sample(unet, sampler, SHAPE, generator=gen(), **kwargs)
+        assert torch.equal(eng.sample(SHAPE, generator=gen(), **kwargs), expected)
+    assert eng.stats.captures == 1 and eng.stats.cache_hits == 2
+
+
+def test_callback_and_progress_match_sample(unet):
+    sampler = SAMPLERS["ddpm"]()
+    kwargs = {"cond": {"class_labels": LABELS}, "guidance_scale": 1.5}
+    expected, got = [], []
+    ref = fastdiff.sample(unet, sampler, SHAPE, generator=gen(), callback=expected.append, **kwargs)
+    for kind in ("eager", "loop"):
+        got.clear()
+        eng = make_engine(kind, unet, sampler)
+        out = eng.sample(SHAPE, generator=gen(), callback=got.append, progress=True, **kwargs)
+        assert torch.equal(out, ref)
+        assert len(got) == len(expected) == sampler.num_steps
+        for a, b in zip(got, expected, strict=True):
+            assert a.keys() == b.keys() and a["i"] == b["i"] and a["t"] == b["t"]
+            for key in ("x", "x0", "model_output"):
+                assert torch.equal(a[key], b[key]), key
+    # With a callback the loop-mode engine captured a step graph for that call.
+    assert next(iter(eng._cache.values())).mode == "step"
+
+
+def test_noise_drawn_in_chunks(unet, monkeypatch):
+    sampler = SAMPLERS["ddpm"]()
+    monkeypatch.setattr(engine_mod, "NOISE_BUFFER_BYTES", 3 * 4 * 64 * 2)  # two rows of noise
+    expected = fastdiff.sample(unet, sampler, SHAPE, generator=gen(2))
+    assert torch.equal(SamplingEngine(unet, sampler).sample(SHAPE, generator=gen(2)), expected)
+    eng = FakeEngine(unet, sampler, graph_mode="loop")
+    with pytest.warns(RuntimeWarning, match="NOISE_BUFFER_BYTES"):
+        got = eng.sample(SHAPE, generator=gen(2))
+    assert torch.equal(got, expected)
+    (entry,) = eng._cache.values()
+    assert entry.mode == "step" and entry.rows == 2 and entry.noise.shape[0] == 3
+
+
+def test_cache_lru_over_1000_alternating_calls():
+    sampler = DDIMSampler(SCHEDULE, num_steps=2, eta=1.0)
+    eng = FakeEngine(toy, sampler, max_graphs=2)
+    shapes = [(2, 3), (5, 3)]
+    buffers = {}
+    for k in range(1000):
+        shape = shapes[k % 2]
+        out = eng.sample(shape, generator=gen(k))
+        assert out.shape == shape and len(eng._cache) <= 2
+        (entry,) = (e for e in eng._cache.values() if tuple(e.x.shape) == shape)
+        buffers.setdefault(shape, (entry.x, entry.noise, entry.counter))
+        assert all(a is b for a, b in zip(buffers[shape], (entry.x, entry.noise, entry.counter), strict=True))
+    assert torch.equal(out, fastdiff.sample(toy, sampler, shapes[1], generator=gen(999)))
+    assert (eng.stats.captures, eng.stats.cache_hits, eng.stats.evictions) == (2, 998, 0)
+
+    # Three shapes in turn through two slots: every call evicts, and evicted buffers are freed.
+    eng = FakeEngine(toy, sampler, max_graphs=2)
+    refs = {}
+    for k in range(1000):
+        eng.sample((k % 3 + 1, 3), generator=gen(k))
+        assert len(eng._cache) <= 2
+        refs.update((id(e), weakref.ref(e)) for e in eng._cache.values())
+        if k % 100 == 99:
+            gc.collect()
+            assert sum(r() is not None for r in refs.values()) <= 2
+    assert eng.stats.evictions == 998 and eng.stats.captures == 1000
+
+
+def test_returning_to_a_shape_reuses_its_graph():
+    eng = FakeEngine(toy, SAMPLERS["ddpm"](), max_graphs=3)
+    for shape in [(1, 2), (4, 2), (1, 2), (2, 2), (4, 2), (1, 2)]:
+        eng.sample(shape, generator=gen())
+    assert (eng.stats.captures, eng.stats.cache_hits, eng.stats.cache_misses) == (3, 3, 3)
+    eng.sample((3, 2), generator=gen())  # evicts the least recently used, (2, 2)
+    eng.sample((2, 2), generator=gen())
+    assert eng.stats.evictions == 2 and eng.stats.captures == 5
+
+
+def test_uncapturable_denoiser_falls_back_once(unet):
+    sampler = SAMPLERS["ddpm"]()
+
+    def refuses_capture(x, t, **cond):
+        if FakeGraphRunner.capturing:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return unet(x, t, **cond)
+
+    refuses_capture.null_cond = unet.null_cond
+    kwargs = {"cond": {"class_labels": LABELS}, "guidance_scale": 2.0}
+    expected = fastdiff.sample(unet, sampler, SHAPE, generator=gen(), **kwargs)
+    eng = FakeEngine(refuses_capture, sampler, graph_mode="loop")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = eng.sample(SHAPE, generator=gen(), **kwargs)
+        second = eng.sample((2, 1, 8, 8), generator=gen(), cond={"class_labels": LABELS[:2]})
+    assert [str(w.message).count("could not be captured") for w in caught] == [1]
+    assert torch.equal(first, expected)
+    assert torch.equal(second, fastdiff.sample(unet, sampler, (2, 1, 8, 8), generator=gen(),
+                                               cond={"class_labels": LABELS[:2]}))  # fmt: skip
+    assert eng.stats.eager_fallbacks == 1 and eng.stats.captures == 0
+    assert all(not e.graphs and e.mode == "step" for e in eng._cache.values())
+
+
+def test_errors_outside_capture_are_raised_not_swallowed():
+    eng = FakeEngine(lambda x, t: x[:, :1], SAMPLERS["ddim-eta0"]())
+    with pytest.raises(ValueError, match="denoiser returned"):
+        eng.sample((2, 3))
+    assert eng.stats.eager_fallbacks == 0
+
+
+def test_warmup_then_sample_hits_the_cache(unet):
+    sampler = SAMPLERS["ddpm"]()
+    kwargs = {"cond": {"class_labels": LABELS}, "guidance_scale": 2.0}
+    for kind in ("eager", "loop"):
+        eng = make_engine(kind, unet, sampler)
+        assert eng.warmup(SHAPE, **kwargs) >= 0
+        assert eng.stats.captures == (kind != "eager") and eng.stats.cache_misses == 1
+        expected = fastdiff.sample(unet, sampler, SHAPE, generator=gen(), **kwargs)
+        assert torch.equal(eng.sample(SHAPE, generator=gen(), **kwargs), expected)
+        assert eng.stats.cache_hits == 1 and eng.stats.cache_misses == 1
+
+
+def test_nested_and_constant_conditioning():
+    def model(x, t, extra, mode):
+        return toy(x, t) * extra["gain"] + (0.1 if mode == "shift" else 0.0)
+
+    sampler = SAMPLERS["ddim-eta0"]()
+    eng = FakeEngine(model, sampler)
+    for mode in ("shift", "none", "shift"):
+        cond = {"extra": {"gain": torch.full((2, 1), 0.9)}, "mode": mode}
+        expected = fastdiff.sample(model, sampler, (2, 4), generator=gen(), cond=cond)
+        assert torch.equal(eng.sample((2, 4), generator=gen(), cond=cond), expected)
+    assert eng.stats.captures == 2  # a constant is baked into the graph, so each value has its own key
+    with pytest.raises(TypeError, match="cond values"):
+        eng.sample((2, 4), cond={"extra": {"gain": torch.ones(2, 1)}, "mode": bytearray(b"unhashable")})
+
+
+def test_argument_errors(unet):
+    sampler = SAMPLERS["ddim-eta0"]()
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        SamplingEngine(unet, sampler, cuda_graphs=True)
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="cuda_graphs"):
+            SamplingEngine(unet, sampler, cuda_graphs=bad)
+    with pytest.raises(ValueError, match="graph_mode"):
+        SamplingEngine(unet, sampler, graph_mode="whole")
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="max_graphs"):
+            SamplingEngine(unet, sampler, max_graphs=bad)
+    with pytest.raises(TypeError, match="compile"):
+        SamplingEngine(unet, sampler, compile="yes")
+    with pytest.raises(TypeError, match="sampler"):
+        SamplingEngine(unet, object())
+    with pytest.raises(TypeError, match="denoiser"):
+        SamplingEngine("unet", sampler)
+
+    eng = SamplingEngine(unet, sampler)
+    for shape in ((), (3,), (0, 1, 8, 8), (3, -1, 8, 8)):
+        with pytest.raises(ValueError, match="shape"):
+            eng.sample(shape)
+    x_T = torch.randn(SHAPE)
+    x_T[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="x_T"):
+        eng.sample(SHAPE, x_T=x_T)
+    with pytest.raises(ValueError, match="x_T"):
+        eng.sample(SHAPE, x_T=torch.randn(2, 1, 8, 8))
+    with pytest.raises(TypeError, match="x_T"):
+        eng.sample(SHAPE, x_T=torch.zeros(SHAPE, dtype=torch.long))
+    with pytest.raises(ValueError, match="guidance_scale"):
+        eng.sample(SHAPE, guidance_scale=2.0)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        eng.sample(SHAPE, cond={"class_labels": LABELS}, guidance_scale=float("nan"))
+    with pytest.raises(ValueError, match="generator list"):
+        eng.sample(SHAPE, generator=[gen(), gen()])
+    with pytest.raises(ValueError, match="cuda_graphs=True needs cpu"):
+        FakeEngine(toy, sampler, cuda_graphs=True).sample((2, 3), device="meta")
+
+
+def test_compile_matches_eager():
+    """The one inductor test: compile=True on a tiny model within 1e-4 of the eager engine."""
+    torch.manual_seed(0)
+    model = MLPDenoiser(hidden=32, num_layers=1, time_embed_dim=16).eval()
+    sampler = DDIMSampler(SCHEDULE, num_steps=4, eta=1.0)
+    expected = SamplingEngine(model, sampler).sample((8, 2), generator=gen())
+    eng = SamplingEngine(model, sampler, compile=True)
+    start = time.perf_counter()
+    warm = eng.warmup((8, 2))
+    got = eng.sample((8, 2), generator=gen())
+    assert time.perf_counter() - start >= warm
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    assert eng.stats.cache_hits == 1
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA_TOL = {"rtol": 1e-4, "atol": 1e-4}  # the Triton step kernel against the PyTorch reference, 8 steps
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("graph_mode", ["step", "loop"])
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_cuda_graph_parity(unet, name, graph_mode):
+    model = unet.to("cuda")
+    sampler = SAMPLERS[name]()
+    labels = LABELS.cuda()
+    eng = SamplingEngine(model, sampler, cuda_graphs=True, graph_mode=graph_mode)
+    for w in (1.0, 2.5):
+        kwargs = {"cond": {"class_labels": labels}, "guidance_scale": w}
+        expected = fastdiff.sample(
+            model, sampler, SHAPE, generator=torch.Generator("cuda").manual_seed(0), **kwargs
+        )
+        got = eng.sample(SHAPE, generator=torch.Generator("cuda").manual_seed(0), **kwargs)
+        torch.testing.assert_close(got, expected, **CUDA_TOL)
+    assert eng.stats.captures == 2 and eng.stats.eager_fallbacks == 0
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_graph_replay_with_changing_batch(unet):
+    model = unet.to("cuda")
+    sampler = SAMPLERS["ddpm"]()
+    eng = SamplingEngine(model, sampler, max_graphs=2)
+    batches = [3, 5, 3, 1, 5, 3]
+    for b in batches:
+        labels = torch.arange(b, device="cuda") % 10
+        kwargs = {"cond": {"class_labels": labels}, "guidance_scale": 2.0}
+        g = [torch.Generator("cuda").manual_seed(s) for s in range(b)]
+        expected = fastdiff.sample(model, sampler, (b, 1, 8, 8), generator=g, **kwargs)
+        g = [torch.Generator("cuda").manual_seed(s) for s in range(b)]
+        torch.testing.assert_close(eng.sample((b, 1, 8, 8), generator=g, **kwargs), expected, **CUDA_TOL)
+        assert len(eng._cache) <= 2
+    assert (eng.stats.captures, eng.stats.cache_hits, eng.stats.evictions) == (4, 2, 2)
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_uncapturable_denoiser_falls_back(unet):
+    model = unet.to("cuda")
+    sampler = SAMPLERS["ddim-eta1"]()
+
+    def host_sync(x, t):
+        return model(x, t) * float(t[0] >= 0)  # reads a device value: not capturable
+
+    expected = fastdiff.sample(model, sampler, SHAPE, generator=torch.Generator("cuda").manual_seed(0))
+    eng = SamplingEngine(host_sync, sampler)
+    with pytest.warns(RuntimeWarning, match="could not be captured"):
+        got = eng.sample(SHAPE, generator=torch.Generator("cuda").manual_seed(0), device="cuda")
+    torch.testing.assert_close(got, expected, **CUDA_TOL)
+    assert eng.stats.eager_fallbacks == 1

@@ -1,0 +1,256 @@
+"""`fastdiff bench` (also `python -m benchmarks`): run the sampling benchmark, compare or validate results files.
+
+    fastdiff bench --workloads digits,swissroll --backends eager,fastdiff --batch-sizes 1,64 --device cpu \\
+        --out results.json --markdown results.md --plot results.png
+    fastdiff bench compare BASE.json NEW.json --max-regression 5%     # exit 1 on a regression (the CI gate)
+    fastdiff bench validate results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .backends import BACKENDS
+from .harness import DTYPES, BenchConfig, run_benchmark
+from .report import (
+    METRICS,
+    compare,
+    comparison_markdown,
+    load_results,
+    markdown,
+    parse_threshold,
+    plot,
+    validation_errors,
+    write_results,
+    write_text,
+)
+from .workloads import SAMPLERS, WORKLOADS
+
+
+def _names(option: str, choices: Sequence[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        items = [v.strip() for v in text.split(",") if v.strip()]
+        if items == ["all"]:
+            return list(choices)
+        bad = [v for v in items if v not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {', '.join(choices)} (or all), got {text!r}"
+            )
+        return items
+
+    parse.__name__ = option  # argparse names the option's type in its error message
+    return parse
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(v) for v in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers such as 1,64, got {text!r}")
+    return sizes
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of a benchmark run."""
+    cuda = torch.cuda.is_available()
+    p.add_argument(
+        "--workloads",
+        type=_names("workloads", list(WORKLOADS)),
+        default=["digits", "swissroll"],
+        help=f"comma list of {', '.join(WORKLOADS)} or all (default digits,swissroll)",
+    )
+    p.add_argument(
+        "--backends",
+        type=_names("backends", BACKENDS),
+        default=list(BACKENDS),
+        help=f"comma list of {', '.join(BACKENDS)} or all (default all; eager is always measured)",
+    )
+    p.add_argument("--batch-sizes", type=_batch_sizes, default=[1, 64], help="comma list (default 1,64)")
+    p.add_argument(
+        "--dtype",
+        dest="dtypes",
+        type=_names("dtype", list(DTYPES)),
+        default=["float16" if cuda else "float32"],
+        help="comma list of float32, float16, bfloat16 (default float16 on GPU, float32 on CPU)",
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if cuda else "cpu")
+    p.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        default=None,
+        help="default: each workload's own (swissroll DDPM, others DDIM)",
+    )
+    p.add_argument(
+        "--steps", type=_count(1), default=None, help="sampling steps (default: 50; swissroll 1000)"
+    )
+    p.add_argument("--repeats", type=_count(1), default=5, help="timed runs per measurement (default 5)")
+    p.add_argument(
+        "--warmup", type=_count(0), default=1, help="untimed runs after the first call (default 1)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--graph-mode",
+        choices=("step", "loop"),
+        default="step",
+        help="fastdiff-graphs on GPU: capture one step (replayed per step) or the whole loop",
+    )
+    p.add_argument(
+        "--no-profile", action="store_true", help="skip the model-only timing of the per-step profile"
+    )
+    p.add_argument("--out", help="results JSON (validated against schema.json, written atomically)")
+    p.add_argument("--markdown", help="markdown report")
+    p.add_argument("--plot", help="PNG of the speedups over eager (needs matplotlib, the `plot` extra)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The `fastdiff bench` command that repeats this run, every setting spelled out."""
+    words = ["fastdiff", "bench"]
+    for option, value in (
+        ("--workloads", ",".join(args.workloads)),
+        ("--backends", ",".join(args.backends)),
+        ("--batch-sizes", ",".join(map(str, args.batch_sizes))),
+        ("--dtype", ",".join(args.dtypes)),
+        ("--device", args.device),
+        ("--sampler", args.sampler),
+        ("--steps", args.steps),
+        ("--repeats", args.repeats),
+        ("--warmup", args.warmup),
+        ("--seed", args.seed),
+        ("--graph-mode", args.graph_mode),
+        ("--out", args.out),
+        ("--markdown", args.markdown),
+        ("--plot", args.plot),
+    ):
+        if value is not None:
+            words += [option, str(value)]
+    if args.no_profile:
+        words.append("--no-profile")
+    return shlex.join(words)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark, print the markdown report, write the files asked for."""
+    from fastdiff.output import check_output_path
+
+    for path in (args.out, args.markdown, args.plot):
+        if path is not None:
+            check_output_path(path)  # fail now, not after minutes of measuring
+    config = BenchConfig(
+        workloads=args.workloads,
+        backends=args.backends,
+        batch_sizes=args.batch_sizes,
+        dtypes=args.dtypes,
+        device=args.device,
+        sampler=args.sampler,
+        steps=args.steps,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        seed=args.seed,
+        profile=not args.no_profile,
+        graph_mode=args.graph_mode,
+    )
+    report = run_benchmark(config, command=command_line(args), progress=not args.quiet)
+    text = markdown(report)
+    print(text)
+    if args.out:
+        write_results(args.out, report)
+        print(f"wrote {args.out}")
+    if args.markdown:
+        write_text(args.markdown, text)
+        print(f"wrote {args.markdown}")
+    if args.plot:
+        try:
+            plot(report, args.plot)
+            print(f"wrote {args.plot}")
+        except ImportError as err:
+            print(f"no plot: {err}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Print the differences of two results files; exit code 1 when a case regressed beyond the threshold."""
+    result = compare(
+        load_results(args.base), load_results(args.new), parse_threshold(args.max_regression), args.metric
+    )
+    print(comparison_markdown(result), end="")
+    return 1 if result.regressions else 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Check results files against schema.json; exit code 1 if any is invalid."""
+    import json
+    from pathlib import Path
+
+    invalid = 0
+    for name in args.files:
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"results file {name!r} does not exist")
+        try:
+            errors = validation_errors(json.loads(path.read_text()))
+        except json.JSONDecodeError as err:
+            errors = [f"not JSON: {err}"]
+        invalid += bool(errors)
+        print(f"{name}: " + ("valid" if not errors else f"{len(errors)} problem(s)"))
+        for error in errors:
+            print(f"  {error}")
+    return 1 if invalid else 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `bench` (with its `compare` and `validate` subcommands) on the `fastdiff` command line."""
+    p = sub.add_parser(
+        "bench",
+        help="sampling benchmark against eager PyTorch (JSON, markdown, PNG); compare / validate results",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_run_arguments(p)
+    p.set_defaults(func=cmd_bench)
+    actions = p.add_subparsers(dest="bench_command", metavar="{compare,validate}")
+    c = actions.add_parser("compare", help="compare two results files; exit 1 on a regression (CI gate)")
+    c.add_argument("base", help="baseline results JSON")
+    c.add_argument("new", help="new results JSON")
+    c.add_argument(
+        "--max-regression", default="5%", help="largest allowed drop of the metric, e.g. 5%% (default 5%%)"
+    )
+    c.add_argument(
+        "--metric",
+        choices=tuple(METRICS),
+        default="throughput",
+        help="throughput (samples/s) or speedup (over eager, same run: steadier across machines)",
+    )
+    c.set_defaults(func=cmd_compare)
+    v = actions.add_parser("validate", help="check results files against benchmarks/schema.json")
+    v.add_argument("files", nargs="+", help="results JSON files")
+    v.set_defaults(func=cmd_validate)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m benchmarks ...`: the same as `fastdiff bench ...`."""
+    from fastdiff.cli import main as fastdiff_main
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return fastdiff_main(["bench", *argv])

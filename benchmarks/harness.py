@@ -1,0 +1,413 @@
+"""The sampling benchmark: every workload x backend x batch size x dtype, against eager PyTorch in the same run.
+
+Methodology, per measurement:
+- the same starting noise (seeded, drawn in float32 on the host) and the same step-noise seed for every backend;
+- the backend is prepared once per workload and dtype (accelerate, export, engine build: `setup_s`); the first
+  sampling run of each batch size (lazy compilation, graph capture) is timed on its own (`first_run_s`); then
+  `warmup` more untimed runs; then `repeats` timed runs (CUDA events after a synchronize on GPU,
+  `time.perf_counter` on CPU), reported as median, min, max and quartiles;
+- the eager backend is always measured, so every result has `speedup_vs_eager` = eager median / its median
+  (same workload, batch size and dtype);
+- the final samples are compared with the eager float32 samples (max abs difference, PSNR over the
+  reference's peak-to-peak range), so that a fast wrong answer shows;
+- a per-step profile: the backend's denoiser called alone `steps` times on the same inputs (model time), the
+  rest of a run's time per step being sampler and host overhead; peak memory (`torch.cuda.max_memory_allocated`
+  on GPU; the process's peak RSS so far, from `getrusage`, on CPU).
+A backend or workload that cannot run is recorded as `skipped` with the reason, one that fails as `error`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import math
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .backends import BACKENDS, Backend, BackendSkipped, Case, EagerBackend, prepare
+from .environment import device_info, git_revision, load_average, versions
+from .workloads import SAMPLERS, WORKLOADS, Workload, build_workload
+
+SCHEMA_VERSION = 1
+KIND = "fastdiff.benchmarks.sampling"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PROFILE_REPEATS = 3  # timed model-only loops per measurement (the profile needs less precision than the runs)
+
+
+def _check_names(option: str, values: Sequence[str], choices: Sequence[str]) -> list[str]:
+    values = list(values)
+    bad = [v for v in values if v not in choices]
+    if not values or bad:
+        raise ValueError(f"{option}: expected a non-empty list of {', '.join(choices)}; got {values!r}")
+    return list(dict.fromkeys(values))
+
+
+@dataclass
+class BenchConfig:
+    """What to run. `sampler` / `steps` of None use each workload's own default (DDIM 50; swissroll DDPM 1000)."""
+
+    workloads: Sequence[str] = ("digits", "swissroll")
+    backends: Sequence[str] = ("eager", "fastdiff")
+    batch_sizes: Sequence[int] = (1, 64)
+    dtypes: Sequence[str] = ("float32",)
+    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+    sampler: str | None = None
+    steps: int | None = None
+    repeats: int = 5
+    warmup: int = 1
+    seed: int = 0
+    profile: bool = True
+    graph_mode: str = "step"
+
+    def __post_init__(self) -> None:
+        self.workloads = _check_names("workloads", self.workloads, tuple(WORKLOADS))
+        self.backends = _check_names("backends", self.backends, BACKENDS)
+        # float32 first: its eager samples are the numerical reference of every other row
+        self.dtypes = sorted(_check_names("dtypes", self.dtypes, tuple(DTYPES)), key=list(DTYPES).index)
+        sizes = list(self.batch_sizes)
+        if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
+            raise ValueError(f"batch_sizes: expected positive integers, got {sizes!r}")
+        self.batch_sizes = list(dict.fromkeys(sizes))
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.graph_mode not in ("step", "loop"):
+            raise ValueError(f"graph_mode must be 'step' or 'loop', got {self.graph_mode!r}")
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS} or None, got {self.sampler!r}")
+        for name, low in (("repeats", 1), ("warmup", 0), ("steps", 1)):
+            value = getattr(self, name)
+            if name == "steps" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """(seconds, result) of one call: CUDA events around it on GPU, perf_counter on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        out = fn()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1e3, out
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def summarize(times: Sequence[float]) -> dict[str, Any]:
+    """Median, min, max and quartiles (seconds) of repeated timings, with the timings themselves."""
+    arr = np.asarray(times, dtype=np.float64)
+    q1, median, q3 = np.percentile(arr, [25, 50, 75])
+    return {
+        "median": float(median),
+        "min": float(arr.min()),
+        "max": float(arr.max()),
+        "q1": float(q1),
+        "q3": float(q3),
+        "runs": [float(t) for t in arr],
+    }
+
+
+def compare_samples(out: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
+    """Max abs difference and PSNR (dB, peak = the reference's peak-to-peak range) of `out` against `ref`."""
+    out = out.detach().float().cpu()
+    ref = ref.detach().float().cpu()
+    if out.shape != ref.shape:
+        raise ValueError(f"samples of shape {tuple(out.shape)} cannot be compared with {tuple(ref.shape)}")
+    finite = bool(torch.isfinite(out).all())
+    result: dict[str, Any] = {
+        "reference": "eager float32",
+        "finite": finite,
+        "max_abs": None,
+        "psnr_db": None,
+    }
+    if not finite:
+        return result
+    diff = (out.double() - ref.double()).abs()
+    result["max_abs"] = float(diff.max())
+    mse = float(diff.square().mean())
+    peak = float(ref.max() - ref.min())
+    # identical samples have no finite PSNR: None with max_abs 0
+    if mse > 0 and peak > 0:
+        result["psnr_db"] = 10 * math.log10(peak**2 / mse)
+    return result
+
+
+def _peak_memory(device: torch.device) -> dict[str, Any]:
+    if device.type == "cuda":
+        return {
+            "kind": "cuda_max_memory_allocated",
+            "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20,
+        }
+    try:
+        import resource
+    except ImportError:
+        return {"kind": "unavailable", "peak_mib": None}
+    # ru_maxrss is in KiB on Linux (bytes on macOS); it is the process's peak so far, never lower than before
+    scale = 2**20 if sys.platform == "darwin" else 2**10
+    return {
+        "kind": "cpu_peak_rss",
+        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20,
+    }
+
+
+def measure(
+    backend: Backend, case: Case, *, repeats: int, warmup: int, profile: bool
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """Time `backend` on `case` (first run, warm-up, repeats, model-only profile); returns (fields, samples)."""
+    device = case.x_T.device
+    steps = backend.workload.steps
+    with torch.inference_mode():
+        first_s, out = _timed(lambda: backend.sample(case), device)
+        for _ in range(warmup):
+            backend.sample(case)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for _ in range(repeats):
+            seconds, out = _timed(lambda: backend.sample(case), device)
+            times.append(seconds)
+        memory = _peak_memory(device)
+        stats = summarize(times)
+        fields: dict[str, Any] = {
+            "first_run_s": first_s,
+            "time_s": stats,
+            "samples_per_s": case.shape[0] / stats["median"],
+            "ms_per_step": 1e3 * stats["median"] / steps,
+            "memory": memory,
+            "profile": None,
+        }
+        if profile and backend.denoise is not None:
+            t = backend.sampler.timesteps[0].to(device)
+            x, t, kwargs = case.model_inputs(t)
+            denoise = backend.denoise
+
+            def model_only() -> None:
+                for _ in range(steps):
+                    denoise(x, t, **kwargs)
+
+            denoise(x, t, **kwargs)
+            model_s = float(
+                np.median([_timed(model_only, device)[0] for _ in range(min(repeats, PROFILE_REPEATS))])
+            )
+            fields["profile"] = {
+                "model_s": model_s,
+                "model_ms_per_step": 1e3 * model_s / steps,
+                "overhead_ms_per_step": 1e3 * (stats["median"] - model_s) / steps,
+                "overhead_fraction": (stats["median"] - model_s) / stats["median"],
+            }
+    return fields, out
+
+
+def _error_text(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:500]}" if text else type(err).__name__
+
+
+def _row(
+    workload: str, backend: str, batch: int, dtype: str, status: str, reason: str | None
+) -> dict[str, Any]:
+    return {
+        "workload": workload,
+        "backend": backend,
+        "batch_size": batch,
+        "dtype": dtype,
+        "status": status,
+        "reason": reason,
+        "sampler": None,
+        "steps": None,
+        "guidance_scale": None,
+        "setup_s": None,
+        "first_run_s": None,
+        "time_s": None,
+        "samples_per_s": None,
+        "ms_per_step": None,
+        "speedup_vs_eager": None,
+        "profile": None,
+        "memory": None,
+        "numerics": None,
+        "info": {},
+    }
+
+
+def make_case(workload: Workload, batch: int, dtype: torch.dtype, seed: int) -> Case:
+    """The seeded inputs of one measurement, identical for every backend."""
+    device = workload.device
+    x_T = torch.randn((batch, *workload.sample_shape), generator=torch.Generator().manual_seed(seed))
+    cond, uncond = workload.conds(batch, device, dtype)
+    guidance = workload.guidance_scale if uncond is not None else 1.0
+    return Case(x_T.to(device=device, dtype=dtype), cond, uncond, guidance, seed + 1)
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = tqdm(total=total, disable=not enabled, desc="bench", unit="run")
+
+    def step(self, label: str) -> None:
+        self.bar.set_postfix_str(label, refresh=False)
+        self.bar.update(1)
+
+
+def _run_workload(
+    name: str,
+    config: BenchConfig,
+    backends: list[str],
+    device: torch.device,
+    workdir: Path,
+    progress: _Progress,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """All rows of one workload, and its description."""
+    rows: list[dict[str, Any]] = []
+    grid = [(d, b, n) for d in config.dtypes for b in backends for n in config.batch_sizes]
+
+    def skip_all(reason: str, status: str = "skipped") -> list[dict[str, Any]]:
+        for dtype, backend, batch in grid:
+            rows.append(_row(name, backend, batch, dtype, status, reason))
+            progress.step(f"{name} {backend} skipped")
+        return rows
+
+    spec = WORKLOADS[name]
+    if spec.gpu_only and device.type != "cuda":
+        return {"description": spec.description, "skipped": spec.gpu_only}, skip_all(spec.gpu_only)
+    try:
+        workload = build_workload(name, device, sampler=config.sampler, steps=config.steps, seed=config.seed)
+    except ImportError as err:
+        reason = _error_text(err)
+        return {"description": spec.description, "skipped": reason}, skip_all(reason)
+
+    references: dict[int, torch.Tensor] = {}
+    if "float32" not in config.dtypes:
+        reference = EagerBackend(workload, torch.float32)
+        with torch.inference_mode():
+            for batch in config.batch_sizes:
+                references[batch] = reference.sample(make_case(workload, batch, torch.float32, config.seed))
+        del reference
+    for dtype_name in config.dtypes:
+        dtype = DTYPES[dtype_name]
+        for backend_name in backends:
+            try:
+                backend = prepare(
+                    backend_name,
+                    workload,
+                    dtype,
+                    workdir=workdir,
+                    max_batch=max(config.batch_sizes),
+                    graph_mode=config.graph_mode,
+                )
+            except BackendSkipped as skip:
+                backend, status, reason = None, "skipped", str(skip)
+            except Exception as err:  # a backend that fails to build is a result, not the end of the run
+                backend, status, reason = None, "error", _error_text(err)
+            for batch in config.batch_sizes:
+                progress.step(f"{name} {backend_name} b{batch} {dtype_name}")
+                if backend is None:
+                    rows.append(_row(name, backend_name, batch, dtype_name, status, reason))
+                    continue
+                row = _row(name, backend_name, batch, dtype_name, "ok", None)
+                row.update(
+                    sampler=workload.sampler_kind,
+                    steps=workload.steps,
+                    setup_s=backend.setup_s,
+                    info=dict(backend.info),
+                )
+                case = make_case(workload, batch, dtype, config.seed)
+                row["guidance_scale"] = case.guidance_scale
+                try:
+                    fields, samples = measure(
+                        backend, case, repeats=config.repeats, warmup=config.warmup, profile=config.profile
+                    )
+                except Exception as err:
+                    row.update(status="error", reason=_error_text(err))
+                    rows.append(row)
+                    _release(device)
+                    continue
+                row.update(fields)
+                if backend_name == "eager" and dtype_name == "float32":
+                    references[batch] = samples
+                if batch in references:
+                    row["numerics"] = compare_samples(samples, references[batch])
+                rows.append(row)
+            del backend
+            _release(device)
+    return workload.describe(), rows
+
+
+def _add_speedups(rows: list[dict[str, Any]]) -> None:
+    eager = {
+        (r["workload"], r["batch_size"], r["dtype"]): r["time_s"]["median"]
+        for r in rows
+        if r["backend"] == "eager" and r["status"] == "ok"
+    }
+    for r in rows:
+        base = eager.get((r["workload"], r["batch_size"], r["dtype"]))
+        if r["status"] == "ok" and base is not None:
+            r["speedup_vs_eager"] = base / r["time_s"]["median"]
+
+
+def run_benchmark(
+    config: BenchConfig, *, command: str | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Run every measurement of `config` and return the results document (see schema.json)."""
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but no CUDA GPU is available")
+    # the reference is always measured, first, so that every other row has a ratio and a numerical check
+    backends = ["eager", *(b for b in config.backends if b != "eager")]
+    load_start = load_average()
+    started = datetime.datetime.now(datetime.timezone.utc)
+    bar = _Progress(
+        len(config.workloads) * len(config.dtypes) * len(backends) * len(config.batch_sizes), progress
+    )
+    workloads: dict[str, Any] = {}
+    results: list[dict[str, Any]] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="fastdiff-bench-") as tmp:
+            for name in config.workloads:
+                workloads[name], rows = _run_workload(name, config, backends, device, Path(tmp), bar)
+                results += rows
+    finally:
+        bar.bar.close()
+    _add_speedups(results)
+    settings = asdict(config)
+    settings["eager_added"] = "eager" not in config.backends
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": KIND,
+        "created_utc": started.isoformat(timespec="seconds"),
+        "duration_s": (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(),
+        "command": command if command is not None else " ".join(sys.argv),
+        "git": git_revision(),
+        "environment": {
+            "device": device_info(device),
+            "versions": versions(),
+            "platform": platform.platform(),
+            "load_average": {"start": load_start, "end": load_average()},
+        },
+        "settings": settings,
+        "workloads": workloads,
+        "results": results,
+    }

@@ -1,0 +1,281 @@
+"""The models the sampling benchmark runs: what each one is, how it is built, its sampler and its conditioning.
+
+| workload         | model                                                     | default sampler | conditioning          |
+|------------------|-----------------------------------------------------------|-----------------|-----------------------|
+| `digits`         | the shipped checkpoint (`load_pretrained("digits")`)      | DDIM 50         | class labels, CFG 2   |
+| `ddpm-cifar10`   | `UNet(UNetConfig.preset("ddpm-cifar10"))`, random weights | DDIM 50         | none                  |
+| `adm-imagenet64` | `UNet(UNetConfig.preset("adm-imagenet64"))`, random       | DDIM 50         | class labels, CFG 2   |
+| `sd15-unet`      | diffusers `UNet2DConditionModel`, SD 1.5 config, random   | DDIM 50         | 77x768 text, CFG 7.5  |
+| `swissroll`      | `MLPDenoiser()`, random weights                           | DDPM 1000       | none                  |
+
+Random weights: the ADM U-Net zero-initialises the last convolution of every residual branch and its output,
+so a freshly built model predicts exactly zero and every backend would "agree" trivially. Those all-zero
+parameters get small random values (seeded), so that the numerical comparison of backends means something.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastdiff.samplers import DDIMSampler, DDPMSampler, Sampler
+from fastdiff.schedule import NoiseSchedule
+
+SAMPLERS = ("ddim", "ddpm")
+
+# Stable Diffusion 1.5's U-Net (CompVis/stable-diffusion-v1-5, unet/config.json), written out so that nothing
+# is downloaded: 860M parameters, 64x64x4 latents, 77x768 CLIP text states.
+SD15_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ),
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "use_linear_projection": False,
+}
+SD15_TEXT_TOKENS = 77
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """A benchmark workload: its defaults and a builder of its model on a device."""
+
+    name: str
+    description: str
+    sampler: str
+    steps: int
+    guidance_scale: float = 1.0
+    gpu_only: str | None = None  # why it is skipped without a GPU
+
+
+WORKLOADS: dict[str, WorkloadSpec] = {
+    spec.name: spec
+    for spec in (
+        WorkloadSpec("digits", "shipped digits U-Net, 8x8x1, 10 classes, CFG 2", "ddim", 50, 2.0),
+        WorkloadSpec("ddpm-cifar10", "DDPM CIFAR-10 U-Net (35.7M), 32x32x3, random weights", "ddim", 50),
+        WorkloadSpec(
+            "adm-imagenet64", "ADM ImageNet-64 U-Net, 1000 classes, CFG 2, random weights", "ddim", 50, 2.0
+        ),
+        WorkloadSpec(
+            "sd15-unet",
+            "SD 1.5 U-Net (diffusers, 860M), 64x64x4 latents, 77x768 text, CFG 7.5, random weights",
+            "ddim",
+            50,
+            7.5,
+            gpu_only="GPU only: the 860M-parameter SD 1.5 U-Net takes minutes per sample on a CPU",
+        ),
+        WorkloadSpec(
+            "swissroll", "MLPDenoiser on 2-D points, random weights (per-step overhead)", "ddpm", 1000
+        ),
+    )
+}
+
+
+@dataclass
+class Workload:
+    """A built workload: the float32 model on its device, its schedule and sampler, and its conditioning."""
+
+    spec: WorkloadSpec
+    model: nn.Module
+    schedule: NoiseSchedule
+    sample_shape: tuple[int, ...]
+    sampler_kind: str
+    steps: int
+    weights: str
+    make_cond: Callable[[int, torch.device, torch.dtype], tuple[dict | None, dict | None]]
+    is_diffusers: bool = False
+    notes: list[str] = field(default_factory=list)
+    _by_dtype: dict[torch.dtype, nn.Module] = field(default_factory=dict, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def guidance_scale(self) -> float:
+        return self.spec.guidance_scale
+
+    def sampler(self) -> Sampler:
+        """The fastdiff sampler of this workload (the diffusers reference uses the same numbers)."""
+        if self.sampler_kind == "ddim":
+            return DDIMSampler(self.schedule, self.steps)
+        return DDPMSampler(self.schedule, self.steps)
+
+    def model_as(self, dtype: torch.dtype) -> nn.Module:
+        """The model in `dtype` (a cached copy for anything but float32); backends copy it again before editing."""
+        if dtype == torch.float32:
+            return self.model
+        if dtype not in self._by_dtype:
+            self._by_dtype[dtype] = copy.deepcopy(self.model).to(dtype)
+        return self._by_dtype[dtype]
+
+    def conds(self, batch: int, device: torch.device, dtype: torch.dtype) -> tuple[dict | None, dict | None]:
+        """(cond, uncond) keyword arguments of the denoiser for a batch; uncond is None without guidance."""
+        return self.make_cond(batch, device, dtype)
+
+    def describe(self) -> dict[str, Any]:
+        """The JSON description of the workload in the results file."""
+        return {
+            "description": self.spec.description,
+            "model": type(self.model).__name__,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "sample_shape": list(self.sample_shape),
+            "sampler": self.sampler_kind,
+            "steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "schedule": self.schedule.kind,
+            "weights": self.weights,
+            "notes": list(self.notes),
+        }
+
+
+def randomize_zero_parameters(model: nn.Module, seed: int = 0, std: float = 0.02) -> nn.Module:
+    """Give every all-zero parameter (zero-initialised output layers) small random values, in place."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
+def _class_conds(num_classes: int) -> Callable:
+    def make(batch: int, device: torch.device, dtype: torch.dtype) -> tuple[dict, dict]:
+        labels = torch.arange(batch, device=device) % num_classes
+        return {"class_labels": labels}, {"class_labels": torch.full_like(labels, num_classes)}
+
+    return make
+
+
+def _no_conds(batch: int, device: torch.device, dtype: torch.dtype) -> tuple[None, None]:
+    return None, None
+
+
+def _text_conds(batch: int, device: torch.device, dtype: torch.dtype) -> tuple[dict, dict]:
+    # Fixed random stand-ins for the CLIP states of a prompt and of the empty prompt.
+    gen = torch.Generator().manual_seed(1234)
+    dim = SD15_UNET_CONFIG["cross_attention_dim"]
+    text, empty = torch.randn(2, 1, SD15_TEXT_TOKENS, dim, generator=gen).to(device=device, dtype=dtype)
+    return (
+        {"encoder_hidden_states": text.repeat(batch, 1, 1)},
+        {"encoder_hidden_states": empty.repeat(batch, 1, 1)},
+    )
+
+
+def _random_unet(preset: str, seed: int):
+    from fastdiff.models import UNet, UNetConfig
+
+    torch.manual_seed(seed)
+    return randomize_zero_parameters(UNet(UNetConfig.preset(preset)), seed)
+
+
+def sd15_unet(seed: int = 0, **overrides: Any) -> nn.Module:
+    """The SD 1.5 U-Net with random weights (diffusers' default init); `overrides` shrink it for tests."""
+    try:
+        from diffusers import UNet2DConditionModel
+    except ImportError:
+        from fastdiff.errors import missing_extra
+
+        raise missing_extra("diffusers", "diffusers") from None
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**{**SD15_UNET_CONFIG, **overrides})
+
+
+def build_workload(
+    name: str,
+    device: torch.device,
+    *,
+    sampler: str | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+) -> Workload:
+    """Build workload `name` in float32 and eval mode on `device`; `sampler` / `steps` override its defaults."""
+    from fastdiff import train
+
+    if name not in WORKLOADS:
+        raise ValueError(f"workload must be one of {sorted(WORKLOADS)}, got {name!r}")
+    if sampler is not None and sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    spec = WORKLOADS[name]
+    notes: list[str] = []
+    is_diffusers = False
+    if name == "digits":
+        from fastdiff.pretrained import load_pretrained
+
+        try:
+            pre = load_pretrained("digits")
+            model, schedule = pre.model, pre.schedule
+            weights = "pretrained: fastdiff/weights/digits.safetensors"
+        except FileNotFoundError:
+            model = _random_unet("digits", seed)
+            schedule = NoiseSchedule.from_kind(**train.DIGITS_SCHEDULE)
+            weights = "random"
+            notes.append("the shipped digits checkpoint is absent: random weights of the digits preset")
+        sample_shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
+        make_cond = _class_conds(model.num_classes)
+    elif name in ("ddpm-cifar10", "adm-imagenet64"):
+        model = _random_unet(name, seed)
+        kind = "linear" if name == "ddpm-cifar10" else "cosine"
+        schedule = NoiseSchedule.from_kind(kind)
+        weights = "random"
+        sample_shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
+        make_cond = _no_conds if model.num_classes is None else _class_conds(model.num_classes)
+    elif name == "sd15-unet":
+        model = sd15_unet(seed)
+        schedule = NoiseSchedule.from_kind("scaled_linear", beta_start=0.00085, beta_end=0.012)
+        weights = "random"
+        size = SD15_UNET_CONFIG["sample_size"]
+        sample_shape = (SD15_UNET_CONFIG["in_channels"], size, size)
+        make_cond = _text_conds
+        is_diffusers = True
+        notes.append("text states are fixed random tensors (no CLIP encoder in the loop)")
+    else:
+        from fastdiff.models import MLPDenoiser
+
+        torch.manual_seed(seed)
+        model = MLPDenoiser()
+        schedule = NoiseSchedule.from_kind(**train.SWISSROLL_SCHEDULE)
+        weights = "random"
+        sample_shape = (model.dim,)
+        make_cond = _no_conds
+    workload = Workload(
+        spec=spec,
+        model=model.to(device).eval(),
+        schedule=schedule,
+        sample_shape=sample_shape,
+        sampler_kind=sampler or spec.sampler,
+        steps=steps or spec.steps,
+        weights=weights,
+        make_cond=make_cond,
+        is_diffusers=is_diffusers,
+        notes=notes,
+    )
+    workload.sampler()  # fails early on a step count the schedule cannot give
+    return workload

@@ -1,0 +1,389 @@
+"""The sampling benchmark (benchmarks/): a CPU smoke run end to end, its results schema, reports and CI gate."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from fastdiff.benchmarks import harness, readme_table, report
+from fastdiff.benchmarks.backends import EagerBackend, EagerSdpaBackend
+from fastdiff.benchmarks.harness import BenchConfig, make_case, run_benchmark
+from fastdiff.benchmarks.workloads import build_workload
+
+from fastdiff.cli import main as cli
+
+# The fastdiff loop and diffusers' loop compute the same float32 update in a different order.
+SAME_MODEL_ATOL = 1e-4
+# ONNX Runtime runs its own kernels for every op (to_onnx itself checks one call at 1e-4); a few steps compound it.
+ONNX_ATOL = 1e-3
+SMOKE_BACKENDS = "eager,eager-sdpa,fastdiff,onnxruntime,tensorrt"
+
+
+@pytest.fixture(autouse=True)
+def no_interpreter(monkeypatch):
+    # The kernel tests' conftest turns the Triton interpreter on for the whole process; the benchmark must measure
+    # the plain CPU paths (backend "auto" resolves to torch without the interpreter).
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One tiny run through the command line: digits and swissroll, two batch sizes, three steps."""
+    out = tmp_path_factory.mktemp("bench")
+    paths = {name: out / name for name in ("results.json", "report.md", "speedup.png")}
+    env = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        code = cli(
+            [
+                "bench",
+                "--workloads",
+                "digits,swissroll,sd15-unet",
+                "--backends",
+                SMOKE_BACKENDS,
+                "--batch-sizes",
+                "1,2",
+                "--steps",
+                "3",
+                "--repeats",
+                "2",
+                "--device",
+                "cpu",
+                "--dtype",
+                "float32",
+                "--quiet",
+                "--out",
+                str(paths["results.json"]),
+                "--markdown",
+                str(paths["report.md"]),
+                "--plot",
+                str(paths["speedup.png"]),
+            ]
+        )
+    finally:
+        if env is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = env
+    assert code == 0
+    return out, paths, json.loads(paths["results.json"].read_text())
+
+
+def _rows(doc, **match):
+    return [r for r in doc["results"] if all(r[k] == v for k, v in match.items())]
+
+
+def test_smoke_run_writes_valid_results(smoke):
+    out, paths, doc = smoke
+    assert sorted(p.name for p in out.iterdir()) == sorted(paths)  # no temp files left behind
+    assert report.validation_errors(doc) == []
+    assert doc["schema_version"] == harness.SCHEMA_VERSION
+    assert doc["environment"]["device"]["type"] == "cpu"
+    assert doc["environment"]["versions"]["torch"] == torch.__version__
+    assert len(doc["environment"]["load_average"]["start"]) == 3
+    assert doc["command"].startswith("fastdiff bench --workloads digits,swissroll,sd15-unet")
+    # every combination is recorded, measured or not
+    assert len(doc["results"]) == 3 * 5 * 2
+
+
+def test_smoke_run_measures_eager_and_fastdiff(smoke):
+    _, _, doc = smoke
+    for workload in ("digits", "swissroll"):
+        for batch in (1, 2):
+            eager = _rows(doc, workload=workload, backend="eager", batch_size=batch)[0]
+            fast = _rows(doc, workload=workload, backend="fastdiff", batch_size=batch)[0]
+            assert eager["status"] == fast["status"] == "ok", (eager["reason"], fast["reason"])
+            assert eager["speedup_vs_eager"] == pytest.approx(1.0)
+            assert eager["numerics"]["max_abs"] == 0.0
+            assert fast["speedup_vs_eager"] == pytest.approx(
+                eager["time_s"]["median"] / fast["time_s"]["median"]
+            )
+            assert fast["numerics"]["finite"] and fast["numerics"]["max_abs"] < SAME_MODEL_ATOL
+            assert fast["steps"] == 3 and len(fast["time_s"]["runs"]) == 2
+            t = fast["time_s"]
+            assert t["min"] <= t["q1"] <= t["median"] <= t["q3"] <= t["max"]
+            assert fast["samples_per_s"] == pytest.approx(batch / t["median"])
+            assert fast["profile"]["model_s"] > 0 and fast["memory"]["kind"] == "cpu_peak_rss"
+    digits = doc["workloads"]["digits"]
+    assert digits["sampler"] == "ddim" and digits["guidance_scale"] == 2.0
+    assert doc["workloads"]["swissroll"]["sampler"] == "ddpm"
+    assert _rows(doc, backend="eager")[0]["info"]["loop"].startswith("diffusers DDIMScheduler.step()")
+
+
+def test_smoke_run_records_skips_with_reasons(smoke):
+    _, _, doc = smoke
+    for row in _rows(doc, workload="sd15-unet"):
+        assert row["status"] == "skipped" and "GPU only" in row["reason"]
+    for row in _rows(doc, backend="tensorrt"):
+        assert row["status"] == "skipped" and row["reason"]
+    sdpa = _rows(doc, workload="swissroll", backend="eager-sdpa")
+    assert all(r["status"] == "skipped" and "no attention" in r["reason"] for r in sdpa)
+    for row in _rows(doc, workload="digits", backend="eager-sdpa"):
+        assert row["status"] == "ok" and row["numerics"]["max_abs"] < SAME_MODEL_ATOL
+    for row in _rows(doc, backend="onnxruntime", workload="digits"):
+        if row["status"] == "ok":
+            assert row["numerics"]["max_abs"] < ONNX_ATOL and row["setup_s"] > 0
+        else:
+            assert row["status"] == "skipped" and row["reason"], row
+
+
+def test_smoke_run_writes_markdown_and_png(smoke):
+    _, paths, doc = smoke
+    text = paths["report.md"].read_text()
+    assert "### digits" in text and "### swissroll" in text and "| fastdiff | 2 | float32 |" in text
+    assert "sd15-unet / eager (1/float32, 2/float32): skipped: GPU only" in text
+    assert text == report.markdown(doc)
+    assert paths["speedup.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_gate_on_a_synthetic_regression(smoke, tmp_path, capsys):
+    _, paths, doc = smoke
+    slow = copy.deepcopy(doc)
+    row = _rows(slow, workload="digits", backend="fastdiff", batch_size=2)[0]
+    row["samples_per_s"] *= 0.9
+    (tmp_path / "slow.json").write_text(json.dumps(slow))
+    base = str(paths["results.json"])
+
+    assert cli(["bench", "compare", base, base, "--max-regression", "5%"]) == 0
+    assert "no regression beyond 5%" in capsys.readouterr().out
+    assert cli(["bench", "compare", base, str(tmp_path / "slow.json"), "--max-regression", "5%"]) == 1
+    out = capsys.readouterr().out
+    assert "| digits | fastdiff | 2 | float32 |" in out and "-10.0% | regression |" in out
+    assert cli(["bench", "compare", base, str(tmp_path / "slow.json"), "--max-regression", "15%"]) == 0
+
+
+def test_compare_verdicts():
+    def doc(rows):
+        env = {"device": {"name": "cpu0"}}
+        return {"environment": env, "results": rows}
+
+    def row(backend, value, status="ok", batch=1):
+        return {
+            "workload": "w",
+            "backend": backend,
+            "batch_size": batch,
+            "dtype": "float32",
+            "status": status,
+            "reason": None if status == "ok" else "boom",
+            "samples_per_s": value if status == "ok" else None,
+            "speedup_vs_eager": 1.0,
+        }
+
+    base = doc([row("a", 100.0), row("b", 100.0), row("c", 100.0), row("d", 100.0), row("e", 100.0)])
+    new = doc([row("a", 94.0), row("b", 106.0), row("c", 0, "error"), row("e", 96.0), row("f", 5.0)])
+    result = report.compare(base, new, 0.05)
+    verdicts = {r["backend"]: r["verdict"] for r in result.rows}
+    assert verdicts == {
+        "a": "regression",
+        "b": "improved",
+        "c": "no longer runs",
+        "d": "not in new",
+        "e": "ok",
+        "f": "new case",
+    }
+    assert {r["backend"] for r in result.regressions} == {"a", "c"}
+    assert report.compare(base, new, 0.05, metric="speedup").regressions[0]["backend"] == "c"
+    new["environment"]["device"]["name"] = "gpu0"
+    assert report.compare(base, new).warnings == ["different devices: base 'cpu0', new 'gpu0'"]
+
+
+@pytest.mark.parametrize(("text", "value"), [("5%", 0.05), ("0%", 0.0), ("12.5%", 0.125), ("0.05", 0.05)])
+def test_parse_threshold(text, value):
+    assert report.parse_threshold(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text", ["5", "-1%", "100%", "abc", "nan%"])
+def test_parse_threshold_rejects(text):
+    with pytest.raises(ValueError, match="--max-regression"):
+        report.parse_threshold(text)
+
+
+@pytest.mark.parametrize("with_jsonschema", [True, False])
+def test_validation_catches_broken_documents(smoke, monkeypatch, with_jsonschema):
+    _, _, doc = smoke
+    if not with_jsonschema:
+        monkeypatch.setitem(sys.modules, "jsonschema", None)  # the minimal structural check instead
+    assert report.validation_errors(doc) == []
+    broken = []
+    for edit in (
+        lambda d: d.pop("environment"),
+        lambda d: d.update(schema_version=2),
+        lambda d: d["results"][0].update(status="fine"),
+        lambda d: d["results"][0]["time_s"].update(median=-1.0),
+        lambda d: d["results"][0].update(time_s=None),  # status ok without timings
+        lambda d: d["results"][-1].update(reason=None),  # skipped without a reason
+        lambda d: d["settings"].update(batch_sizes=[0]),
+        lambda d: d["results"][0].update(samples_per_s=math.inf),
+    ):
+        bad = copy.deepcopy(doc)
+        edit(bad)
+        broken.append(report.validation_errors(bad))
+    assert all(broken), broken
+
+
+def test_validate_command(smoke, tmp_path, capsys):
+    _, paths, doc = smoke
+    bad = copy.deepcopy(doc)
+    del bad["results"][0]["status"]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    (tmp_path / "junk.json").write_text("{not json")
+    assert cli(["bench", "validate", str(paths["results.json"])]) == 0
+    assert cli(["bench", "validate", str(tmp_path / "bad.json"), str(tmp_path / "junk.json")]) == 1
+    out = capsys.readouterr().out
+    assert "valid" in out and "'status' is a required property" in out and "not JSON" in out
+    assert cli(["bench", "validate", str(tmp_path / "absent.json")]) == 2
+
+
+def test_write_results_refuses_invalid_documents(smoke, tmp_path):
+    _, _, doc = smoke
+    bad = copy.deepcopy(doc)
+    bad["results"][0]["samples_per_s"] = math.nan
+    with pytest.raises(report.InvalidResultsError):
+        report.write_results(tmp_path / "r.json", bad)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_readme_table_between_markers(smoke, tmp_path, capsys):
+    _, paths, _ = smoke
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# fastdiff\n\nintro\n\n{readme_table.START}\nold table\n{readme_table.END}\n\nmore\n")
+    assert readme_table.main([str(paths["results.json"])]) == 0
+    table = capsys.readouterr().out
+    assert "| digits (DDIM 3) | 2 | float32 |" in table and "eager-sdpa" in table and "tensorrt" in table
+    assert readme_table.main([str(paths["results.json"]), "--write-readme", "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old table" not in text and table.strip() in text
+    assert text.startswith("# fastdiff\n\nintro\n\n<!-- bench:start -->\n") and text.endswith(
+        "<!-- bench:end -->\n\nmore\n"
+    )
+    readme.write_text("no markers\n")
+    assert readme_table.main([str(paths["results.json"]), "--write-readme", "--readme", str(readme)]) == 2
+    assert readme.read_text() == "no markers\n"
+
+
+def test_plot_without_matplotlib_names_the_extra(smoke, tmp_path, monkeypatch):
+    _, _, doc = smoke
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r"fastdiff\[plot\]"):
+        report.plot(doc, tmp_path / "p.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_backend_module_is_skipped_with_reason(monkeypatch):
+    monkeypatch.setitem(sys.modules, "fastdiff.engine", None)
+    config = BenchConfig(
+        workloads=["swissroll"],
+        backends=["fastdiff-graphs"],
+        batch_sizes=[2],
+        steps=2,
+        repeats=1,
+        device="cpu",
+    )
+    doc = run_benchmark(config, progress=False)
+    assert report.validation_errors(doc) == []
+    graphs = _rows(doc, backend="fastdiff-graphs")[0]
+    assert graphs["status"] == "skipped" and "fastdiff.engine is not available" in graphs["reason"]
+    assert _rows(doc, backend="eager")[0]["status"] == "ok"  # always measured
+    assert doc["settings"]["eager_added"] is True
+
+
+def test_eager_fallback_without_diffusers_matches_diffusers_loop(monkeypatch):
+    workload = build_workload("swissroll", torch.device("cpu"), steps=4)
+    case = make_case(workload, 8, torch.float32, seed=3)
+    with torch.inference_mode():
+        with_diffusers = EagerBackend(workload, torch.float32)
+        monkeypatch.setitem(sys.modules, "diffusers", None)
+        fallback = EagerBackend(workload, torch.float32)
+        assert "diffusers not installed" in fallback.info["loop"]
+        a, b = with_diffusers.sample(case), fallback.sample(case)
+    assert harness.compare_samples(b, a)["max_abs"] < 1e-5
+    assert not torch.equal(a, case.x_T)  # the loop ran
+
+
+def test_sdpa_attention_matches_reference_attention():
+    workload = build_workload("digits", torch.device("cpu"), steps=2)
+    case = make_case(workload, 3, torch.float32, seed=0)
+    x, t, kwargs = case.model_inputs(workload.sampler().timesteps[0])
+    sdpa = EagerSdpaBackend(workload, torch.float32)
+    with torch.inference_mode():
+        expected = EagerBackend(workload, torch.float32).denoise(x, t, **kwargs)
+        got = sdpa.denoise(x, t, **kwargs)
+    assert "AttentionBlocks" in sdpa.info["attention"]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_compare_samples():
+    ref = torch.linspace(-1, 1, 101)
+    same = harness.compare_samples(ref.clone(), ref)
+    assert same["max_abs"] == 0.0 and same["psnr_db"] is None
+    off = harness.compare_samples(ref + 0.02, ref)
+    assert off["max_abs"] == pytest.approx(0.02) and off["psnr_db"] == pytest.approx(
+        10 * math.log10(4 / 0.02**2)
+    )
+    bad = harness.compare_samples(torch.full_like(ref, math.nan), ref)
+    assert bad["finite"] is False and bad["max_abs"] is None
+
+
+def test_summarize():
+    s = harness.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (s["median"], s["min"], s["max"], s["q1"], s["q3"]) == (3.0, 1.0, 5.0, 2.0, 4.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"workloads": ["sdxl"]}, "workloads"),
+        ({"backends": []}, "backends"),
+        ({"batch_sizes": [0]}, "batch_sizes"),
+        ({"dtypes": ["float64"]}, "dtypes"),
+        ({"repeats": 0}, "repeats"),
+        ({"steps": 0}, "steps"),
+        ({"sampler": "euler"}, "sampler"),
+        ({"device": "tpu"}, "device"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        BenchConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--workloads", "sdxl"],
+        ["--backends", "eager,jax"],
+        ["--batch-sizes", "0"],
+        ["--dtype", "int8"],
+        ["--repeats", "0"],
+        ["--warmup", "-1"],
+    ],
+)
+def test_bad_command_line_is_a_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli(["bench", *argv])
+    assert info.value.code == 2
+    assert argv[0] in capsys.readouterr().err
+
+
+def test_unwritable_output_fails_before_measuring(tmp_path, capsys):
+    assert cli(["bench", "--workloads", "swissroll", "--out", str(tmp_path / "absent" / "r.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_python_dash_m_benchmarks(smoke):
+    _, paths, _ = smoke
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "validate", str(paths["results.json"])],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith(": valid")

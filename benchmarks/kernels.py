@@ -23,10 +23,8 @@ import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -49,8 +47,11 @@ if not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 from fastdiff.kernels import attention, group_norm_silu, sampler_step, sampler_step_reference  # noqa: E402
 
+from fastdiff.output import write_bytes_atomic  # noqa: E402
 from fastdiff.samplers import DDIMSampler, DDPMSampler  # noqa: E402
 from fastdiff.schedule import NoiseSchedule  # noqa: E402
+
+from .environment import device_name, versions  # noqa: E402
 
 SCHEMA = "fastdiff.benchmarks.kernels/1"
 OPS = ("group_norm_silu", "attention", "sampler_step")
@@ -404,14 +405,7 @@ def markdown(report: dict[str, Any]) -> str:
 def write_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file in the same folder, so no reader sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_bytes_atomic(path, text.encode())
 
 
 def _csv(value: str, choices: Sequence[str], name: str) -> list[str]:
@@ -468,12 +462,6 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
     compile_backend = None
     if not args.no_compile:
         compile_backend = "inductor" if device.type == "cuda" else "aot_eager"
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
     if args.smoke and device.type == "cpu":
         # Tiny shapes gain nothing from intra-op threads, and on a shared machine each parallel region can stall
         # for a scheduler tick waiting on a busy core.
@@ -493,19 +481,13 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
             ):
                 results += run_case(case, device, args.repeats, peaks)
                 case.impls.clear()  # free this case's tensors before the next one
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     return {
         "schema": SCHEMA,
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "smoke": args.smoke,
-        "device": {"type": device.type, "name": name},
-        "versions": {
-            "torch": torch.__version__,
-            "triton": triton_version,
-            "cuda": torch.version.cuda,
-            "python": platform.python_version(),
-        },
+        "device": {"type": device.type, "name": device_name(device)},
+        "versions": versions(),
         "settings": {
             "dtype": args.dtype,
             "batch_sizes": args.batch_sizes,

@@ -178,15 +178,17 @@ def _no_conds(batch: int, device: torch.device, dtype: torch.dtype) -> tuple[Non
     return None, None
 
 
-def _text_conds(batch: int, device: torch.device, dtype: torch.dtype) -> tuple[dict, dict]:
-    # Fixed random stand-ins for the CLIP states of a prompt and of the empty prompt.
-    gen = torch.Generator().manual_seed(1234)
-    dim = SD15_UNET_CONFIG["cross_attention_dim"]
-    text, empty = torch.randn(2, 1, SD15_TEXT_TOKENS, dim, generator=gen).to(device=device, dtype=dtype)
-    return (
-        {"encoder_hidden_states": text.repeat(batch, 1, 1)},
-        {"encoder_hidden_states": empty.repeat(batch, 1, 1)},
-    )
+def _text_conds(tokens: int, dim: int) -> Callable:
+    def make(batch: int, device: torch.device, dtype: torch.dtype) -> tuple[dict, dict]:
+        # Fixed random stand-ins for the CLIP states of a prompt and of the empty prompt.
+        gen = torch.Generator().manual_seed(1234)
+        text, empty = torch.randn(2, 1, tokens, dim, generator=gen).to(device=device, dtype=dtype)
+        return (
+            {"encoder_hidden_states": text.repeat(batch, 1, 1)},
+            {"encoder_hidden_states": empty.repeat(batch, 1, 1)},
+        )
+
+    return make
 
 
 def _random_unet(preset: str, seed: int):
@@ -215,8 +217,12 @@ def build_workload(
     sampler: str | None = None,
     steps: int | None = None,
     seed: int = 0,
+    sd15_overrides: dict[str, Any] | None = None,
 ) -> Workload:
-    """Build workload `name` in float32 and eval mode on `device`; `sampler` / `steps` override its defaults."""
+    """Build workload `name` in float32 and eval mode on `device`; `sampler` / `steps` override its defaults.
+
+    `sd15_overrides` change fields of the SD 1.5 U-Net config (tests build a tiny one to run its code path on CPU).
+    """
     from fastdiff import train
 
     if name not in WORKLOADS:
@@ -248,12 +254,14 @@ def build_workload(
         sample_shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
         make_cond = _no_conds if model.num_classes is None else _class_conds(model.num_classes)
     elif name == "sd15-unet":
-        model = sd15_unet(seed)
+        model = sd15_unet(seed, **(sd15_overrides or {}))
         schedule = NoiseSchedule.from_kind("scaled_linear", beta_start=0.00085, beta_end=0.012)
         weights = "random"
-        size = SD15_UNET_CONFIG["sample_size"]
-        sample_shape = (SD15_UNET_CONFIG["in_channels"], size, size)
-        make_cond = _text_conds
+        config = model.config
+        sample_shape = (config.in_channels, config.sample_size, config.sample_size)
+        make_cond = _text_conds(SD15_TEXT_TOKENS, config.cross_attention_dim)
+        if sd15_overrides:
+            notes.append(f"SD 1.5 config changed: {sorted(sd15_overrides)}")
         is_diffusers = True
         notes.append("text states are fixed random tensors (no CLIP encoder in the loop)")
     else:

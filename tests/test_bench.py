@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 from fastdiff.benchmarks import harness, readme_table, report
-from fastdiff.benchmarks.backends import EagerBackend, EagerSdpaBackend
+from fastdiff.benchmarks.backends import BackendSkipped, EagerBackend, EagerSdpaBackend, FastdiffBackend
 from fastdiff.benchmarks.harness import BenchConfig, make_case, run_benchmark
 from fastdiff.benchmarks.workloads import build_workload
 
@@ -387,3 +387,27 @@ def test_python_dash_m_benchmarks(smoke):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().endswith(": valid")
+
+
+def test_diffusers_unet_path_runs_on_a_tiny_sd_config():
+    """The sd15-unet code path (diffusers model, text conditioning, explicit uncond) on a tiny config."""
+    tiny = {
+        "block_out_channels": (32, 64),
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "layers_per_block": 1,
+        "cross_attention_dim": 32,
+        "attention_head_dim": 4,
+        "sample_size": 8,
+    }
+    workload = build_workload("sd15-unet", torch.device("cpu"), steps=3, sd15_overrides=tiny)
+    assert workload.is_diffusers and workload.sample_shape == (4, 8, 8)
+    case = make_case(workload, 2, torch.float32, seed=0)
+    assert case.uncond["encoder_hidden_states"].shape == (2, 77, 32) and case.guidance_scale == 7.5
+    with pytest.raises(BackendSkipped, match="SDPA by default"):
+        EagerSdpaBackend(workload, torch.float32)
+    with torch.inference_mode():
+        eager = EagerBackend(workload, torch.float32).sample(case)
+        fast = FastdiffBackend(workload, torch.float32).sample(case)
+    assert not torch.equal(eager, case.x_T)
+    assert harness.compare_samples(fast, eager)["max_abs"] < SAME_MODEL_ATOL

@@ -103,15 +103,20 @@ def _shape(name: str, shape: object) -> tuple[int, ...]:
 
 
 def _num_classes(model: nn.Module) -> int | None:
-    """Number of real classes: ours keep it on the model, diffusers in config.num_class_embeds."""
+    """Number of class embeddings: ours keep it on the model, diffusers (as_denoiser-wrapped or not) in its config."""
     n = getattr(model, "num_classes", None)
     if n is None:
-        n = getattr(getattr(model, "config", None), "num_class_embeds", None)
+        unet = getattr(model, "unet", model)
+        n = getattr(getattr(unet, "config", None), "num_class_embeds", None)
     return n if isinstance(n, int) else None
 
 
 def _null_label(model: nn.Module) -> int | None:
-    """The null class of classifier-free guidance, for models that define one (ours: the label num_classes)."""
+    """The null class of classifier-free guidance where the model defines one: ours use the label num_classes,
+    `as_denoiser(unet, null_class_label=...)` stores it."""
+    label = getattr(model, "null_class_label", None)
+    if isinstance(label, int):
+        return label
     n = getattr(model, "num_classes", None)
     return n if isinstance(n, int) and callable(getattr(model, "null_cond", None)) else None
 
@@ -201,6 +206,33 @@ def _export_file(
             f"TorchScript: {_first_line(err)}"
         ) from err
     return "torchscript"
+
+
+def _restore_signature(
+    onnx: Any, path: Path, names: list[str], inputs: Sequence[torch.Tensor], dynamic_batch: bool
+) -> None:
+    """Give the graph exactly the inputs `names`, in order: the TorchScript exporter drops inputs the trace does
+    not use (a model that ignores its timestep), and every denoiser graph must take the same arguments."""
+    proto = onnx.load(str(path), load_external_data=False)
+    present = {i.name: i for i in proto.graph.input}
+    if list(present) == names:
+        return
+    types = {
+        torch.float32: onnx.TensorProto.FLOAT,
+        torch.float16: onnx.TensorProto.FLOAT16,
+        torch.bfloat16: onnx.TensorProto.BFLOAT16,
+        torch.int64: onnx.TensorProto.INT64,
+    }
+    restored = [
+        present.get(name)
+        or onnx.helper.make_tensor_value_info(
+            name, types[x.dtype], ["batch" if dynamic_batch else x.shape[0], *x.shape[1:]]
+        )
+        for name, x in zip(names, inputs, strict=True)
+    ]
+    del proto.graph.input[:]
+    proto.graph.input.extend(restored)
+    onnx.save(proto, str(path))
 
 
 def _first_line(err: BaseException) -> str:
@@ -309,6 +341,7 @@ def to_onnx(
                     external_data=external,
                 )
         tmp = workdir / path.name
+        _restore_signature(onnx, tmp, names, trace_inputs, dynamic_batch)
         try:
             onnx.checker.check_model(str(tmp))
         except Exception as err:

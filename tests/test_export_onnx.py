@@ -1,0 +1,518 @@
+"""ONNX export (fastdiff.export.onnx, the `fastdiff export` CLI) against eager PyTorch, run with onnxruntime on CPU.
+
+Exports are slow (10-30 s each with the dynamo exporter), so every exported file is made once per module and
+shared. Parity tolerance: max abs difference <= 1e-4 in float32 (what `to_onnx` itself enforces).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+import onnx
+from fastdiff.export import ExportReport, OnnxDenoiser, to_onnx
+from fastdiff.kernels import attention, attention_reference, group_norm_silu
+from fastdiff.kernels.backend import decomposed, decomposing
+
+from fastdiff.errors import CheckpointError, FastdiffError
+from fastdiff.models import UNet, UNetConfig
+from fastdiff.models.unet import AttentionBlock, GroupNormSiLU
+from fastdiff.samplers import DDIMSampler, sample
+from fastdiff.schedule import NoiseSchedule
+
+ATOL = 1e-4
+DIGITS_CHECKPOINT = os.path.join(os.path.dirname(__file__), "..", "fastdiff", "weights", "digits.safetensors")
+
+
+def _randomize_zero_params(model: nn.Module) -> nn.Module:
+    """ADM zero-initialises every residual branch and the output conv: give them weights so outputs are not 0."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model.eval()
+
+
+def _digits() -> tuple[nn.Module, NoiseSchedule, bool]:
+    """The shipped digits model when its checkpoint exists, else the digits preset with random weights."""
+    if os.path.exists(DIGITS_CHECKPOINT):
+        from fastdiff.pretrained import load_pretrained
+
+        pre = load_pretrained("digits")
+        return pre.model, pre.schedule, True
+    model = _randomize_zero_params(UNet(UNetConfig.preset("digits")))
+    return model, NoiseSchedule.from_kind("cosine"), False
+
+
+def _tiny_unet(**overrides) -> UNet:
+    config = dict(
+        image_size=8,
+        in_channels=1,
+        model_channels=8,
+        out_channels=1,
+        num_res_blocks=1,
+        attention_resolutions=(4,),
+        channel_mult=(1, 2),
+        num_groups=4,
+        use_scale_shift_norm=True,
+        num_classes=3,
+    )
+    config.update(overrides)
+    return _randomize_zero_params(UNet(UNetConfig(**config)))
+
+
+def _domains(path) -> set[str]:
+    model = onnx.load(str(path), load_external_data=False)
+    return {node.domain for node in model.graph.node} | {f.domain for f in model.functions}
+
+
+def _files(folder) -> list[str]:
+    return sorted(os.listdir(folder))
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    model, schedule, trained = _digits()
+    path = tmp_path_factory.mktemp("digits") / "digits.onnx"
+    report = to_onnx(
+        model, path, sample_shape=(2, 1, 8, 8), cond_shapes={"class_labels": (2,)}, return_report=True
+    )
+    return model, schedule, trained, report
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    # The ddpm-cifar10 structure (4 levels, 2 res blocks, attention at 16x16, 32 groups) at a quarter of the width:
+    # tracing costs the same per op, the full 35.7M-parameter preset only adds weight and eager/ORT compute time.
+    model = _randomize_zero_params(UNet(UNetConfig.preset("ddpm-cifar10", model_channels=32)))
+    path = tmp_path_factory.mktemp("cifar") / "cifar.onnx"
+    return model, to_onnx(model, path, sample_shape=(2, 3, 32, 32), return_report=True)
+
+
+def _diffusers_unet2d():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=8,
+        num_class_embeds=10,
+    ).eval()
+
+
+def _diffusers_unet2d_condition():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=8,
+        cross_attention_dim=16,
+        attention_head_dim=4,
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def unet2d(tmp_path_factory):
+    model = _diffusers_unet2d()
+    path = tmp_path_factory.mktemp("unet2d") / "unet2d.onnx"
+    to_onnx(model, path, sample_shape=(2, 1, 8, 8), cond_shapes={"class_labels": (2,)})
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def unet2d_condition(tmp_path_factory):
+    model = _diffusers_unet2d_condition()
+    path = tmp_path_factory.mktemp("unet2dc") / "unet2dc.onnx"
+    to_onnx(model, path, sample_shape=(2, 4, 8, 8), cond_shapes={"encoder_hidden_states": (2, 5, 16)})
+    return model, path
+
+
+def _check_parity(model, path, sample_shape, cond_fn, *, batches=(1, 5)):
+    denoiser = OnnxDenoiser(path, ["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(1)
+    for batch in batches:
+        x = torch.randn((batch, *sample_shape), generator=gen)
+        t = torch.randint(0, 1000, (batch,), generator=gen)
+        cond = cond_fn(batch, gen)
+        with torch.no_grad():
+            expected = model(x, t, **cond)
+        expected = expected[0] if isinstance(expected, tuple) else getattr(expected, "sample", expected)
+        got = denoiser(x, t, **cond)
+        assert got.shape == expected.shape and got.dtype == torch.float32
+        assert expected.abs().max() > 1e-2  # a graph of zeros would match anything
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ parity
+
+
+def test_digits_parity_at_other_batches(digits):
+    model, _, _, report = digits
+    assert isinstance(report, ExportReport) and report.path.is_file()
+    assert report.max_abs_diff <= ATOL and report.atol == ATOL
+    assert report.exporter == "dynamo" and not report.external_data
+
+    def labels(batch, gen):
+        return {"class_labels": torch.randint(0, 11, (batch,), generator=gen)}  # 10 is the null label
+
+    _check_parity(model, report.path, (1, 8, 8), labels)
+
+
+def test_digits_graph_signature_metadata_and_standard_ops(digits):
+    _, _, _, report = digits
+    proto = onnx.load(str(report.path))
+    assert [i.name for i in proto.graph.input] == ["sample", "timestep", "class_labels"]
+    assert [o.name for o in proto.graph.output] == ["eps"]
+    for tensor in proto.graph.input:
+        assert tensor.type.tensor_type.shape.dim[0].dim_param  # dynamic batch axis
+    assert _domains(report.path) <= {"", "ai.onnx"}
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["fastdiff.null_class_label"] == "10" and meta["fastdiff.num_classes"] == "10"
+    assert meta["fastdiff.exporter"] == "dynamo"
+    denoiser = OnnxDenoiser(report.path)
+    assert denoiser.cond_names == ["class_labels"] and denoiser.null_label == 10
+    y = torch.tensor([3, 7])
+    assert torch.equal(denoiser.null_cond({"class_labels": y})["class_labels"], torch.tensor([10, 10]))
+
+
+def test_ddpm_cifar10_structure_parity(cifar):
+    model, report = cifar
+    assert report.max_abs_diff <= ATOL
+    _check_parity(model, report.path, (3, 32, 32), lambda batch, gen: {})
+    denoiser = OnnxDenoiser(report.path)
+    assert denoiser.cond_names == [] and not hasattr(denoiser, "null_cond")
+
+
+def test_diffusers_unet2d_parity(unet2d):
+    model, path = unet2d
+
+    def labels(batch, gen):
+        return {"class_labels": torch.randint(0, 10, (batch,), generator=gen)}
+
+    _check_parity(model, path, (1, 8, 8), labels)
+    assert _domains(path) <= {"", "ai.onnx"}
+    assert OnnxDenoiser(path).null_label is None  # diffusers has no null class unless told (as_denoiser)
+
+
+def test_diffusers_unet2d_condition_parity(unet2d_condition):
+    model, path = unet2d_condition
+
+    def text(batch, gen):
+        return {"encoder_hidden_states": torch.randn((batch, 5, 16), generator=gen)}
+
+    _check_parity(model, path, (4, 8, 8), text)
+    assert OnnxDenoiser(path).cond_names == ["encoder_hidden_states"]
+
+
+def test_accelerated_model_exports_as_standard_ops(tmp_path):
+    try:
+        from fastdiff.accelerate import accelerate
+    except ImportError:
+        accelerate = None
+    model = _tiny_unet()
+    if accelerate is not None:
+        fast = accelerate(model, kernels="auto")
+    else:  # what accelerate() does to our U-Net: flip every fused module's backend
+        fast = _tiny_unet()
+        for m in fast.modules():
+            if isinstance(m, (GroupNormSiLU, AttentionBlock)):
+                m.backend = "auto"
+    assert any(getattr(m, "backend", "torch") == "auto" for m in fast.modules())
+    path = to_onnx(
+        fast, tmp_path / "fast.onnx", sample_shape=(2, 1, 8, 8), cond_shapes={"class_labels": (2,)}
+    )
+    domains = _domains(path)
+    assert not any("fastdiff" in d for d in domains) and domains <= {"", "ai.onnx"}
+
+    def labels(batch, gen):
+        return {"class_labels": torch.randint(0, 4, (batch,), generator=gen)}
+
+    _check_parity(model, path, (1, 8, 8), labels, batches=(3,))
+
+
+def test_decomposed_mode_runs_references_and_restores():
+    x = torch.randn(2, 4, 3, 3)
+    q, k, v = torch.randn(3, 1, 2, 5, 4).unbind()
+    assert not decomposing()
+    with decomposed():
+        assert decomposing()
+        # "triton" cannot run on CPU without the interpreter: in decomposed mode the reference runs instead
+        y = group_norm_silu(x, 2, None, None, backend="triton")
+        torch.testing.assert_close(attention(q, k, v, backend="triton"), attention_reference(q, k, v))
+        with pytest.raises(ValueError, match="backend"):
+            group_norm_silu(x, 2, None, None, backend="cuda")
+    assert not decomposing()
+    torch.testing.assert_close(y, group_norm_silu(x, 2, None, None, backend="torch"))
+    with pytest.raises(RuntimeError), decomposed():
+        raise RuntimeError("boom")
+    assert not decomposing()
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+
+def test_sampling_with_onnx_matches_pytorch(digits):
+    model, schedule, _, report = digits
+    sampler = DDIMSampler(schedule, 20)
+    labels = torch.arange(10)
+    results = []
+    for denoiser in (model, OnnxDenoiser(report.path)):
+        results.append(
+            sample(
+                denoiser,
+                sampler,
+                (10, 1, 8, 8),
+                generator=torch.Generator().manual_seed(0),
+                cond={"class_labels": labels},
+                guidance_scale=2.0,
+            )
+        )
+    eager, onnx_run = results
+    assert eager.abs().max() > 0.1
+    # Per-call differences of ~1e-6 grow through 20 DDIM steps: the images agree to 1e-3 (0.13 of one 8-bit level).
+    torch.testing.assert_close(onnx_run, eager, atol=1e-3, rtol=0)
+    from fastdiff.output import to_uint8
+
+    levels = np.abs(to_uint8(onnx_run).astype(int) - to_uint8(eager).astype(int))
+    assert levels.max() <= 1
+
+
+# ------------------------------------------------------------------------------------------------ runtime errors
+
+
+def test_onnx_denoiser_rejects_bad_inputs(digits, unet2d):
+    _, _, _, report = digits
+    denoiser = OnnxDenoiser(report.path)
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([5, 9]), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match=r"'sample'.*shape"):
+        denoiser(torch.randn(2, 1, 16, 16), t, class_labels=y)
+    with pytest.raises(ValueError, match=r"'sample'.*dtype"):
+        denoiser(x.double(), t, class_labels=y)
+    with pytest.raises(ValueError, match="'timestep'"):
+        denoiser(x, torch.tensor([1, 2, 3]), class_labels=y)
+    with pytest.raises(ValueError, match=r"'class_labels'.*integer"):
+        denoiser(x, t, class_labels=y.float())
+    with pytest.raises(ValueError, match=r"'class_labels'.*shape"):
+        denoiser(x, t, class_labels=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="encoder_hidden_states"):
+        denoiser(x, t, class_labels=y, encoder_hidden_states=torch.randn(2, 3, 4))
+    with pytest.raises(TypeError, match="x must be"):
+        denoiser(x.numpy(), t, class_labels=y)
+    # the null label fills a missing class_labels; a number is a timestep for the whole batch
+    torch.testing.assert_close(
+        denoiser(x, 5), denoiser(x, t.new_tensor([5, 5]), class_labels=torch.tensor([10, 10]))
+    )
+    no_null = OnnxDenoiser(unet2d[1])
+    with pytest.raises(ValueError, match="missing conditioning input 'class_labels'"):
+        no_null(x, t)
+    with pytest.raises(ValueError, match="providers"):
+        OnnxDenoiser(report.path, providers=["NoSuchExecutionProvider"])
+
+
+def test_corrupt_truncated_and_missing_files(digits, tmp_path):
+    _, _, _, report = digits
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"this is not a protobuf" * 100)
+    with pytest.raises(CheckpointError, match=r"corrupt\.onnx"):
+        OnnxDenoiser(corrupt)
+    truncated = tmp_path / "truncated.onnx"
+    data = report.path.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"truncated\.onnx"):
+        OnnxDenoiser(truncated)
+    with pytest.raises(FileNotFoundError, match=r"missing\.onnx"):
+        OnnxDenoiser(tmp_path / "missing.onnx")
+
+
+# ------------------------------------------------------------------------------------------------ export errors
+
+
+class _Recorder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 1)
+        self.calls = 0
+
+    def forward(self, x, t):
+        self.calls += 1
+        return self.conv(x)
+
+
+def test_export_fails_early_on_bad_paths_and_arguments(tmp_path):
+    model = _Recorder()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        to_onnx(model, tmp_path / "missing" / "m.onnx", sample_shape=(2, 1, 4, 4))
+    with pytest.raises(ValueError, match=r"\.onnx"):
+        to_onnx(model, tmp_path / "m.txt", sample_shape=(2, 1, 4, 4))
+    with pytest.raises(ValueError, match="sample_shape"):
+        to_onnx(model, tmp_path / "m.onnx", sample_shape=(2, 0, 4))
+    with pytest.raises(ValueError, match="cond_shapes"):
+        to_onnx(model, tmp_path / "m.onnx", sample_shape=(2, 1, 4, 4), cond_shapes={"class_labels": (3,)})
+    with pytest.raises(ValueError, match="cond_shapes"):
+        to_onnx(model, tmp_path / "m.onnx", sample_shape=(2, 1, 4, 4), cond_shapes={"timestep": (2,)})
+    with pytest.raises(TypeError, match="model"):
+        to_onnx(lambda x, t: x, tmp_path / "m.onnx", sample_shape=(2, 1, 4, 4))
+    assert model.calls == 0 and _files(tmp_path) == []
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root can write to read-only folders")
+def test_export_fails_early_in_read_only_folder(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(PermissionError, match="not writable"):
+            to_onnx(_Recorder(), folder / "m.onnx", sample_shape=(2, 1, 4, 4))
+    finally:
+        folder.chmod(0o700)
+
+
+class _TracedDiffers(nn.Module):
+    """Exports a different function than it runs eagerly: to_onnx's parity check must catch it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 1)
+
+    def forward(self, x, t):
+        return self.conv(x) * (2.0 if decomposing() else 1.0)
+
+
+class _Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 1)
+
+    def forward(self, x, t):
+        if decomposing():
+            raise RuntimeError("cannot be traced")
+        return self.conv(x)
+
+
+def test_parity_failure_raises_and_leaves_nothing(tmp_path):
+    with pytest.raises(FastdiffError, match="differs from eager"):
+        to_onnx(_TracedDiffers(), tmp_path / "m.onnx", sample_shape=(2, 1, 4, 4))
+    assert _files(tmp_path) == []
+    with pytest.raises(FastdiffError, match="both exporters"):
+        to_onnx(_Untraceable(), tmp_path / "m.onnx", sample_shape=(2, 1, 4, 4))
+    assert _files(tmp_path) == []
+
+
+class _DataDependent(nn.Module):
+    """Branches on a tensor value: torch.export refuses it, the TorchScript tracer records the branch taken."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 1)
+
+    def forward(self, x, t):
+        y = self.conv(x)
+        return y * 2 if (t > -1).all() else y
+
+
+def test_falls_back_to_torchscript_exporter_and_logs_it(tmp_path, caplog):
+    model = _DataDependent()
+    with caplog.at_level(logging.INFO, logger="fastdiff.export"):
+        report = to_onnx(model, tmp_path / "m.onnx", sample_shape=(2, 1, 4, 4), return_report=True)
+    assert report.exporter == "torchscript" and report.max_abs_diff <= ATOL
+    assert "trying the TorchScript exporter" in caplog.text and "torchscript exporter" in caplog.text
+    assert _files(tmp_path) == ["m.onnx"]
+    x, t = torch.randn(3, 1, 4, 4), torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(OnnxDenoiser(report.path)(x, t), model(x, t), atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from fastdiff.pretrained import save_checkpoint
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    return save_checkpoint(path, _tiny_unet(), {"kind": "linear"})
+
+
+def test_cli_export_onnx(tiny_checkpoint, tmp_path, capsys):
+    from fastdiff.cli import main
+
+    out = tmp_path / "tiny.onnx"
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                str(tiny_checkpoint),
+                "--format",
+                "onnx",
+                "--batch",
+                "1:3:8",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    line = capsys.readouterr().out.strip()
+    assert "max abs diff vs eager" in line and str(out) in line and "MB" in line
+    denoiser = OnnxDenoiser(out)
+    assert denoiser.cond_names == ["class_labels"] and denoiser.null_label == 3
+    assert _files(tmp_path) == ["tiny.onnx"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--batch", "8:2:4"], "--batch"),
+        (["--batch", "x"], "--batch"),
+        (["--model", "nope"], "unknown model"),
+        (["--out", "{tmp}/model.txt"], ".onnx"),
+        (["--out", "{tmp}/missing/m.onnx"], "does not exist"),
+    ],
+)
+def test_cli_export_errors(argv, message, tmp_path, capsys):
+    from fastdiff.cli import main
+
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "m.onnx")]
+    assert main(["export", *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert _files(tmp_path) == []
+
+
+def test_cli_tensorrt_without_tensorrt_names_the_extra(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("tensorrt is installed")
+    except ImportError:
+        pass
+    from fastdiff.cli import main
+
+    assert main(["export", "--format", "tensorrt", "--out", str(tmp_path / "m.engine")]) == 2
+    assert "fastdiff[tensorrt]" in capsys.readouterr().err
+    assert _files(tmp_path) == []

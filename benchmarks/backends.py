@@ -218,14 +218,21 @@ class TorchCompileBackend(EagerBackend):
 def _accelerated(workload: Workload, dtype: torch.dtype) -> tuple[Callable, dict[str, Any], float]:
     """(denoiser, info, seconds): fastdiff.accelerate on a copy of the model, as a denoiser."""
     try:
-        from fastdiff.accelerate import accelerate, as_denoiser
+        from fastdiff.accelerate import accelerate, as_denoiser, report
     except ImportError as err:
         raise BackendSkipped(f"fastdiff.accelerate is not available: {err}") from None
     start = time.perf_counter()
     module = accelerate(workload.model_as(dtype), dtype=dtype)
     denoiser = as_denoiser(module)
     seconds = time.perf_counter() - start
-    return denoiser, {"accelerate": "fastdiff.accelerate(model, dtype=...)"}, seconds
+    done = report(module)
+    info = {
+        "accelerate": f"fastdiff.accelerate(model, dtype={str(dtype).removeprefix('torch.')})",
+        "kernels": done.backend,
+        "channels_last": done.channels_last,
+        "fused": {kind: f"{c.fused}/{c.found}" for kind, c in done.coverage.items() if c.found},
+    }
+    return denoiser, info, seconds
 
 
 class FastdiffBackend(Backend):

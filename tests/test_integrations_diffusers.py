@@ -1,0 +1,384 @@
+"""FastDDIMScheduler / FastDDPMScheduler as drop-ins for diffusers' schedulers, and accelerate_pipeline().
+
+Parity is with diffusers itself, float32 on CPU, same generator seed:
+- images from a full pipeline loop: max abs difference <= 1e-5 (1e-4 when accelerate_pipeline also swaps the
+  U-Net's kernels);
+- one scheduler step on the same inputs: within 1e-6 times the magnitude of the terms x0 is computed from (at
+  least 1) of the exact float64 step, and of diffusers' result up to diffusers' own float32 error.
+Pipelines use small random-weight components built from configs (a tiny CLIP tokenizer from an in-memory
+vocabulary); nothing is downloaded.
+"""
+
+import copy
+import pickle
+import string
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from fastdiff.accelerate import report
+
+diffusers = pytest.importorskip("diffusers")
+from fastdiff.integrations.diffusers import (  # noqa: E402
+    FastDDIMScheduler,
+    FastDDPMScheduler,
+    accelerate_pipeline,
+    from_diffusers_scheduler,
+)
+
+ATOL = 1e-5  # images from a full pipeline loop, max abs
+# accelerate_pipeline also changes the U-Net's float32 rounding (~1e-7 relative per call), which a random-weight
+# U-Net amplifies along the loop
+ATOL_ACCELERATED = 1e-4
+STEP_ATOL = 1e-6  # one scheduler step on the same unit-scale inputs
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def tiny_unet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(
+        sample_size=8,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=4,
+    ).eval()
+
+
+def images(pipe, seed: int = 0, **kwargs) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(generator=torch.Generator().manual_seed(seed), output_type="np", **kwargs).images
+
+
+# ---- schedulers -------------------------------------------------------------------------------------------------
+
+
+def test_drop_in_keeps_diffusers_interface():
+    ref = diffusers.DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
+    fast = FastDDIMScheduler.from_config(ref.config)
+    assert isinstance(fast, diffusers.DDIMScheduler)
+    assert {k: v for k, v in fast.config.items() if k != "_class_name"} == {
+        k: v for k, v in ref.config.items() if k != "_class_name"
+    }
+    ref.set_timesteps(20)
+    fast.set_timesteps(20)
+    assert torch.equal(fast.timesteps, ref.timesteps)
+    assert (fast.order, fast.init_noise_sigma) == (ref.order, ref.init_noise_sigma) == (1, 1.0)
+    x, noise = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    assert fast.scale_model_input(x, fast.timesteps[0]) is x
+    t = torch.tensor([10, 900])
+    assert torch.equal(fast.add_noise(x, noise, t), ref.add_noise(x, noise, t))
+    # a new instance from the fast config, a deep copy and a pickle round trip are the same scheduler
+    for other in (
+        FastDDIMScheduler.from_config(fast.config),
+        copy.deepcopy(fast),
+        pickle.loads(pickle.dumps(fast)),
+    ):
+        assert type(other) is FastDDIMScheduler
+        other.set_timesteps(20)
+        assert torch.equal(other.timesteps, ref.timesteps)
+    assert type(from_diffusers_scheduler(fast, 20)).__name__ == "DDIMSampler"
+
+
+STEP_CASES = {
+    "ddim-eta0": (diffusers.DDIMScheduler, dict(clip_sample=True), dict(eta=0.0)),
+    "ddim-eta0.5-v-trailing": (
+        diffusers.DDIMScheduler,
+        dict(prediction_type="v_prediction", timestep_spacing="trailing", clip_sample=False),
+        dict(eta=0.5),
+    ),
+    "ddim-sample-linspace-no-alpha-one": (
+        diffusers.DDIMScheduler,
+        dict(prediction_type="sample", timestep_spacing="linspace", set_alpha_to_one=False),
+        dict(eta=1.0),
+    ),
+    "ddpm-fixed-small": (diffusers.DDPMScheduler, dict(), dict()),
+    "ddpm-fixed-large-cosine": (
+        diffusers.DDPMScheduler,
+        dict(variance_type="fixed_large", beta_schedule="squaredcos_cap_v2", clip_sample=False),
+        dict(),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STEP_CASES))
+def test_every_step_matches_diffusers(case):
+    cls, config, step_kwargs = STEP_CASES[case]
+    ref = cls(**config)
+    fast = (FastDDIMScheduler if cls is diffusers.DDIMScheduler else FastDDPMScheduler).from_config(
+        ref.config
+    )
+    ref.set_timesteps(25)
+    fast.set_timesteps(25)
+    table = from_diffusers_scheduler(ref, 25, eta=step_kwargs.get("eta", 0.0)).table
+    gen = torch.Generator().manual_seed(0)
+    for i, t in enumerate(fast.timesteps):
+        # fresh unit-scale inputs at every row (random outputs fed back would make x grow without bound)
+        x, model_output = torch.randn(2, 3, 4, 4, generator=gen), torch.randn(2, 3, 4, 4, generator=gen)
+        seed = 100 + i
+        a = ref.step(model_output, t, x, generator=torch.Generator().manual_seed(seed), **step_kwargs)
+        b = fast.step(model_output, t, x, generator=torch.Generator().manual_seed(seed), **step_kwargs)
+        # the exact step in float64 from the table (itself checked against diffusers in test_samplers.py)
+        ca, cb, cp, cq, cc, cd, ce, cs = table.coeffs[i].tolist()
+        xd, md = x.double(), model_output.double()
+        x0 = ca * xd + cb * md
+        if table.clip is not None:
+            x0 = x0.clamp(-table.clip, table.clip)
+        prev = cc * x0 + cd * (cp * xd + cq * md) + ce * xd
+        if cs:
+            prev = prev + cs * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).double()
+        # x0 = a x + b m cancels terms up to 1/sqrt(alpha_bar) times larger than itself at early steps, and
+        # float32 rounds those terms: the tolerance scales with them
+        tol = STEP_ATOL * max(1.0, abs(ca) * x.abs().max().item() + abs(cb) * model_output.abs().max().item())
+        for ours, theirs, exact in (
+            (b.prev_sample, a.prev_sample, prev),
+            (b.pred_original_sample, a.pred_original_sample, x0),
+        ):
+            assert (ours.double() - exact).abs().max() <= tol
+            # diffusers rounds its coefficients to float32: a few steps are off the exact value by more than tol
+            assert (ours - theirs).abs().max() <= tol + (theirs.double() - exact).abs().max()
+    # return_dict=False gives the same pair as a tuple
+    prev, x0 = fast.step(
+        model_output, t, x, generator=torch.Generator().manual_seed(1), return_dict=False, **step_kwargs
+    )
+    out = fast.step(model_output, t, x, generator=torch.Generator().manual_seed(1), **step_kwargs)
+    assert torch.equal(prev, out.prev_sample) and torch.equal(x0, out.pred_original_sample)
+
+
+def test_ddim_variance_noise_and_diffusers_fallbacks():
+    ref = diffusers.DDIMScheduler(clip_sample=True)
+    fast = FastDDIMScheduler.from_config(ref.config)
+    for s in (ref, fast):
+        s.set_timesteps(10)
+    gen = torch.Generator().manual_seed(0)
+    x, m, z = (torch.randn(1, 3, 4, 4, generator=gen) * 3 for _ in range(3))
+    t = fast.timesteps[2]
+    # explicit variance noise, as CycleDiffusion passes it
+    a = ref.step(m, t, x, eta=0.7, variance_noise=z).prev_sample
+    torch.testing.assert_close(
+        fast.step(m, t, x, eta=0.7, variance_noise=z).prev_sample, a, rtol=0, atol=STEP_ATOL
+    )
+    with pytest.raises(ValueError, match="Cannot pass both generator and variance_noise"):
+        fast.step(m, t, x, eta=0.7, variance_noise=z, generator=gen)
+    # epsilon re-derived from the clipped x0, and a timestep between the table's rows, run diffusers' own step
+    for kwargs in (dict(timestep=t, use_clipped_model_output=True), dict(timestep=int(t) + 3)):
+        a = ref.step(m, sample=x, eta=0.0, **kwargs).prev_sample
+        assert torch.equal(fast.step(m, sample=x, eta=0.0, **kwargs).prev_sample, a)
+    # a plain int timestep finds its row by value
+    a = ref.step(m, int(t), x).prev_sample
+    torch.testing.assert_close(fast.step(m, int(t), x).prev_sample, a, rtol=0, atol=STEP_ATOL)
+
+
+def test_ddpm_without_set_timesteps_steps_through_training_timesteps():
+    ref = diffusers.DDPMScheduler(num_train_timesteps=50)
+    fast = FastDDPMScheduler.from_config(ref.config)
+    x, m = torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)
+    for t in (49, 20, 0):
+        a = ref.step(m, t, x, generator=torch.Generator().manual_seed(t)).prev_sample
+        b = fast.step(m, t, x, generator=torch.Generator().manual_seed(t)).prev_sample
+        torch.testing.assert_close(b, a, rtol=0, atol=STEP_ATOL)
+
+
+def test_unsupported_configs_fail_at_set_timesteps():
+    with pytest.raises(ValueError, match="thresholding"):
+        FastDDIMScheduler(thresholding=True).set_timesteps(10)
+    with pytest.raises(ValueError, match="variance_type 'learned_range' is not supported"):
+        FastDDPMScheduler(variance_type="learned_range").set_timesteps(10)
+    with pytest.raises(ValueError, match="custom timesteps"):
+        FastDDPMScheduler().set_timesteps(timesteps=[900, 500, 100])
+    with pytest.raises(ValueError, match="run 'set_timesteps'"):
+        FastDDIMScheduler().step(torch.zeros(1, 1, 2, 2), 10, torch.zeros(1, 1, 2, 2))
+
+
+def test_lazy_attributes():
+    import fastdiff.integrations.diffusers as module
+
+    assert module.FastDDIMScheduler is FastDDIMScheduler
+    assert FastDDIMScheduler.__module__ == module.__name__
+    with pytest.raises(AttributeError, match="FastEulerScheduler"):
+        _ = module.FastEulerScheduler
+
+
+# ---- full pipelines ---------------------------------------------------------------------------------------------
+
+PIPELINE_CASES = {
+    "ddim-eta0": (diffusers.DDIMPipeline, dict(clip_sample=False), dict(eta=0.0, num_inference_steps=10)),
+    "ddim-eta1-generator-list": (
+        diffusers.DDIMPipeline,
+        dict(clip_sample=False),
+        dict(eta=1.0, num_inference_steps=10),
+    ),
+    # clipping x0 makes a random U-Net amplify float32 rounding along the loop: fewer steps keep it in 1e-5
+    "ddim-clip": (diffusers.DDIMPipeline, dict(clip_sample=True), dict(eta=0.0, num_inference_steps=5)),
+    "ddpm": (diffusers.DDPMPipeline, dict(), dict(num_inference_steps=10)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PIPELINE_CASES))
+def test_pipeline_with_fast_scheduler_matches_diffusers(case):
+    pipeline_cls, config, call = PIPELINE_CASES[case]
+    scheduler_cls = (
+        diffusers.DDIMScheduler if pipeline_cls is diffusers.DDIMPipeline else diffusers.DDPMScheduler
+    )
+    fast_cls = FastDDIMScheduler if pipeline_cls is diffusers.DDIMPipeline else FastDDPMScheduler
+    unet = tiny_unet()
+    pipe = pipeline_cls(unet, scheduler_cls(**config))
+    if case.endswith("generator-list"):
+        call["generator"] = [torch.Generator().manual_seed(s) for s in (3, 4)]
+        ref = pipe(batch_size=2, output_type="np", **call).images
+        pipe.scheduler = fast_cls.from_config(pipe.scheduler.config)
+        call["generator"] = [torch.Generator().manual_seed(s) for s in (3, 4)]
+        out = pipe(batch_size=2, output_type="np", **call).images
+    else:
+        ref = images(pipe, batch_size=2, **call)
+        pipe.scheduler = fast_cls.from_config(pipe.scheduler.config)
+        out = images(pipe, batch_size=2, **call)
+    assert type(pipe.scheduler) is fast_cls
+    assert np.abs(out - ref).max() <= ATOL
+    assert (
+        np.abs(
+            out - images(pipe, seed=1, batch_size=2, **{k: v for k, v in call.items() if k != "generator"})
+        ).max()
+        > 1e-2
+    )
+
+
+def tiny_stable_diffusion(scheduler) -> "diffusers.StableDiffusionPipeline":
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        norm_num_groups=4,
+        attention_head_dim=2,
+    )
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(8,),
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=8,
+    )
+    # A byte-less CLIP BPE vocabulary of single letters: enough to tokenize lowercase prompts offline.
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    tokenizer = transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=8)
+    text_encoder = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=8,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    ).eval()
+    return diffusers.StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+SD_SCHEDULER = dict(
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "stable-diffusion"])
+def test_accelerate_pipeline_matches_the_original(name):
+    if name == "stable-diffusion":
+        build = lambda: tiny_stable_diffusion(diffusers.DDIMScheduler(**SD_SCHEDULER))  # noqa: E731
+        call = dict(prompt="a red cat", num_inference_steps=5, guidance_scale=4.0)
+        fast_cls = FastDDIMScheduler
+    else:
+        pipeline_cls = diffusers.DDPMPipeline if name == "ddpm" else diffusers.DDIMPipeline
+        scheduler_cls = diffusers.DDPMScheduler if name == "ddpm" else diffusers.DDIMScheduler
+        build = lambda: pipeline_cls(tiny_unet(), scheduler_cls(clip_sample=False))  # noqa: E731
+        call = dict(batch_size=2, num_inference_steps=10)
+        fast_cls = FastDDPMScheduler if name == "ddpm" else FastDDIMScheduler
+    ref = images(build(), **call)
+    pipe = build()
+    assert accelerate_pipeline(pipe, kernels="torch", cuda_graphs=True) is pipe  # cuda_graphs: no-op on CPU
+    assert type(pipe.scheduler) is fast_cls
+    rep = report(pipe.unet)
+    assert rep.complete and rep.coverage["attention"].fused > 0, str(rep)
+    assert np.abs(images(pipe, **call) - ref).max() <= ATOL_ACCELERATED
+
+
+def test_accelerate_pipeline_keeps_schedulers_it_has_no_counterpart_for():
+    ref = images(
+        tiny_stable_diffusion(diffusers.PNDMScheduler(skip_prk_steps=True, steps_offset=1)),
+        prompt="a cat",
+        num_inference_steps=3,
+    )
+    pipe = tiny_stable_diffusion(diffusers.PNDMScheduler(skip_prk_steps=True, steps_offset=1))
+    with pytest.warns(UserWarning, match="kept PNDMScheduler: PNDMScheduler has no fastdiff counterpart"):
+        accelerate_pipeline(pipe, kernels="torch")
+    assert type(pipe.scheduler) is diffusers.PNDMScheduler and report(pipe.unet).complete
+    assert np.abs(images(pipe, prompt="a cat", num_inference_steps=3) - ref).max() <= ATOL_ACCELERATED
+    # a DDIM config fastdiff cannot run as a table (dynamic thresholding) is kept too
+    pipe = diffusers.DDIMPipeline(tiny_unet(), diffusers.DDIMScheduler())
+    pipe.scheduler = diffusers.DDIMScheduler(thresholding=True)
+    with pytest.warns(UserWarning, match="thresholding"):
+        accelerate_pipeline(pipe, kernels="torch")
+    assert type(pipe.scheduler) is diffusers.DDIMScheduler
+
+
+def test_accelerate_pipeline_dtype_and_bad_arguments():
+    pipe = diffusers.DDPMPipeline(tiny_unet(), diffusers.DDPMScheduler())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        accelerate_pipeline(pipe, dtype=torch.float16, kernels="torch")
+    assert pipe.unet.dtype == torch.float16 and report(pipe.unet).dtype == torch.float16
+    out = images(pipe, batch_size=1, num_inference_steps=2)
+    assert np.isfinite(out).all()
+    with pytest.raises(TypeError, match="pipe must be a diffusers pipeline"):
+        accelerate_pipeline(object())
+    with pytest.raises(ValueError, match="cuda_graphs must be"):
+        accelerate_pipeline(pipe, cuda_graphs="always")
+    with pytest.raises(ValueError, match="dtype must be None or one of"):
+        accelerate_pipeline(pipe, dtype=torch.float64)
+
+
+# ---- GPU ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_fast_scheduler_pipeline_matches_diffusers():
+    pipe = diffusers.DDIMPipeline(tiny_unet(), diffusers.DDIMScheduler(clip_sample=False)).to("cuda")
+    ref = images(pipe, batch_size=2, eta=1.0, num_inference_steps=10)
+    pipe.scheduler = FastDDIMScheduler.from_config(pipe.scheduler.config)
+    assert np.abs(images(pipe, batch_size=2, eta=1.0, num_inference_steps=10) - ref).max() <= 1e-4
+    with pytest.raises(NotImplementedError, match="cuda_graphs=True"):
+        accelerate_pipeline(pipe, cuda_graphs=True)
+    accelerate_pipeline(pipe, dtype=torch.float16)
+    out = images(pipe, batch_size=2, eta=1.0, num_inference_steps=10)
+    assert np.abs(out - ref).max() < 5e-2

@@ -145,7 +145,12 @@ class TensorRTDenoiser:
             raise FastdiffError("TensorRTDenoiser needs a CUDA GPU")
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+        try:
+            self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+        except Exception as err:  # some TensorRT versions raise instead of returning None
+            raise CheckpointError(
+                f"{self.path} is not a TensorRT engine this TensorRT/GPU can load: {err}"
+            ) from err
         if self.engine is None:
             raise CheckpointError(f"{self.path} is not a TensorRT engine this TensorRT/GPU can load")
         self.context = self.engine.create_execution_context()

@@ -6,6 +6,7 @@ shared. Parity tolerance: max abs difference <= 1e-4 in float32 (what `to_onnx` 
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 
@@ -297,6 +298,38 @@ def test_sampling_with_onnx_matches_pytorch(digits):
 
     levels = np.abs(to_uint8(onnx_run).astype(int) - to_uint8(eager).astype(int))
     assert levels.max() <= 1
+    try:
+        from fastdiff.engine import SamplingEngine
+    except ImportError:
+        return
+    engine_run = SamplingEngine(OnnxDenoiser(report.path), sampler).sample(
+        (10, 1, 8, 8),
+        generator=torch.Generator().manual_seed(0),
+        cond={"class_labels": labels},
+        guidance_scale=2.0,
+    )
+    torch.testing.assert_close(engine_run, onnx_run, atol=1e-5, rtol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_onnx_denoiser_on_cuda_uses_io_binding(digits):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime-gpu is not installed")
+    model, _, _, report = digits
+    denoiser = OnnxDenoiser(report.path)
+    assert denoiser.cuda
+    x = torch.randn(5, 1, 8, 8, device="cuda")
+    t = torch.randint(0, 1000, (5,), device="cuda")
+    y = torch.randint(0, 11, (5,), device="cuda")
+    with torch.no_grad():
+        expected = copy.deepcopy(model).cuda()(x, t, y)
+    out = denoiser(x, t, class_labels=y)
+    assert out.is_cuda
+    # cuDNN may pick TF32 convolutions
+    torch.testing.assert_close(out, expected, atol=5e-3, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------ runtime errors

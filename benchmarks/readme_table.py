@@ -63,7 +63,6 @@ def readme_table(report: dict[str, Any], source: str) -> str:
         {r["backend"] for r in rows if r["status"] != "ok"} - {r["backend"] for r in ok.values()}
     )
     notes = [
-        "",
         "Cells: speedup over eager PyTorch with diffusers' scheduler loop (eager median / backend median). "
         "— : not measured.",
     ]
@@ -76,7 +75,7 @@ def readme_table(report: dict[str, Any], source: str) -> str:
     if skipped:
         notes.append(f"Not measured on this machine: {', '.join(skipped)} (reasons in the results file).")
     notes += [f"Results: `{source}`.", *header(report)]
-    return "\n".join(lines + notes) + "\n"
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes if n) + "\n"
 
 
 def replace_between_markers(text: str, body: str, start: str = START, end: str = END) -> str:

@@ -170,7 +170,7 @@ def header(report: dict[str, Any]) -> list[str]:
 
 def markdown(report: dict[str, Any]) -> str:
     """Every measurement as one markdown table per workload, then the skipped and failed ones."""
-    lines = ["## fastdiff sampling benchmark", "", *header(report)]
+    lines = ["## fastdiff sampling benchmark", "", *(f"- {line}" for line in header(report))]
     rows = report["results"]
     for name, desc in report["workloads"].items():
         ok = [r for r in rows if r["workload"] == name and r["status"] == "ok"]

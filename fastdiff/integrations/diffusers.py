@@ -230,7 +230,7 @@ def __getattr__(name: str) -> Any:
 
 
 def _fast_scheduler(scheduler: Any) -> Any:
-    """The Fast counterpart of a diffusers DDIMScheduler / DDPMScheduler (same config), or None with the reason."""
+    """(the Fast counterpart of a diffusers DDIMScheduler / DDPMScheduler, same config, None) or (None, why not)."""
     classes = _fast_schedulers()
     if isinstance(scheduler, tuple(classes.values())):
         return scheduler, None

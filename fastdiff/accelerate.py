@@ -471,6 +471,11 @@ def report(module: nn.Module) -> AccelerationReport:
     return rep
 
 
+# Once fastdiff/__init__.py exports the function, the name `fastdiff.accelerate` is the function, not this module:
+# as an attribute of the function, `fastdiff.accelerate.report(model)` works either way.
+accelerate.report = report
+
+
 class DiffusersDenoiser(nn.Module):
     """A diffusers U-Net as a fastdiff denoiser: `forward(x, t, **cond) -> tensor` (the `.sample` of the output).
 

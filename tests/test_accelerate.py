@@ -104,6 +104,8 @@ def test_inplace_returns_the_same_module():
     model = our_unet("digits")
     assert accelerate(model, kernels="torch", inplace=True) is model
     assert report(model).complete
+    # `fastdiff.accelerate.report` also resolves when `fastdiff.accelerate` names the exported function
+    assert accelerate.report is report
 
 
 # ---- diffusers U-Nets -----------------------------------------------------------------------------------------

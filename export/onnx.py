@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from fastdiff.kernels.backend import decomposed
 from torch import nn
 
 from fastdiff.errors import CheckpointError, FastdiffError, missing_extra
+from fastdiff.kernels.backend import decomposed
 from fastdiff.output import check_output_path
 
 log = logging.getLogger("fastdiff.export")

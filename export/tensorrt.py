@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fastdiff.export.onnx import Port, denoiser_feeds
 
 from fastdiff.errors import CheckpointError, FastdiffError, missing_extra
+from fastdiff.export.onnx import Port, denoiser_feeds
 from fastdiff.output import atomic_path, check_output_path, write_bytes_atomic
 
 # TensorRT DataType names -> torch dtypes (names, so this table needs no tensorrt import).

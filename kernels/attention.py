@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from fastdiff.kernels.backend import check_backend, decomposing, interpreter_enabled, resolve_backend
 
 try:

@@ -26,6 +26,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+
 from fastdiff.kernels.backend import check_backend, decomposing, memory_format, resolve_backend
 
 try:

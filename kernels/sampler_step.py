@@ -17,6 +17,7 @@ so a captured CUDA graph can replay the same launch every step with a device-sid
 from __future__ import annotations
 
 import torch
+
 from fastdiff.kernels.backend import check_backend, decomposing, memory_format, resolve_backend
 
 try:

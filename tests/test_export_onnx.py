@@ -20,11 +20,11 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 import onnx
+
+from fastdiff.errors import CheckpointError, FastdiffError
 from fastdiff.export import ExportReport, OnnxDenoiser, to_onnx
 from fastdiff.kernels import attention, attention_reference, group_norm_silu
 from fastdiff.kernels.backend import decomposed, decomposing
-
-from fastdiff.errors import CheckpointError, FastdiffError
 from fastdiff.models import UNet, UNetConfig
 from fastdiff.models.unet import AttentionBlock, GroupNormSiLU
 from fastdiff.samplers import DDIMSampler, sample
@@ -475,6 +475,19 @@ def test_falls_back_to_torchscript_exporter_and_logs_it(tmp_path, caplog):
     x, t = torch.randn(3, 1, 4, 4), torch.tensor([1, 2, 3])
     with torch.no_grad():
         torch.testing.assert_close(OnnxDenoiser(report.path)(x, t), model(x, t), atol=ATOL, rtol=0)
+
+
+def test_large_model_path_writes_external_data(tmp_path, monkeypatch):
+    # Weights above EXTERNAL_DATA_BYTES go to `<name>.onnx.data`; lower the threshold instead of building 2 GB.
+    monkeypatch.setattr("fastdiff.export.onnx.EXTERNAL_DATA_BYTES", 0)
+    model = _tiny_unet(num_classes=None)
+    report = to_onnx(model, tmp_path / "big.onnx", sample_shape=(2, 1, 8, 8), return_report=True)
+    assert report.external_data and _files(tmp_path) == ["big.onnx", "big.onnx.data"]
+    assert report.size_bytes == sum(f.stat().st_size for f in tmp_path.iterdir())
+    _check_parity(model, report.path, (1, 8, 8), lambda batch, gen: {}, batches=(3,))
+    (tmp_path / "big.onnx.data").unlink()  # the weights really are in it
+    with pytest.raises(CheckpointError, match=r"big\.onnx"):
+        OnnxDenoiser(report.path)
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -7,9 +7,9 @@ import importlib.util
 
 import pytest
 import torch
-from fastdiff.export import TensorRTDenoiser, build_tensorrt_engine
 
 from fastdiff.errors import CheckpointError
+from fastdiff.export import TensorRTDenoiser, build_tensorrt_engine
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -82,7 +82,6 @@ def exported(tmp_path_factory):
     """The digits U-Net (random weights, non-zero output) on the GPU and its ONNX graph."""
     pytest.importorskip("onnxruntime")
     from fastdiff.export import to_onnx
-
     from fastdiff.models import UNet, UNetConfig
 
     torch.manual_seed(0)

@@ -1,23 +1,47 @@
-"""fastdiff: fast diffusion-model sampling."""
+"""fastdiff: fast diffusion-model sampling.
 
-from fastdiff.errors import CheckpointError, FastdiffError
-from fastdiff.integrations.diffusers import from_diffusers_scheduler
+Optional dependencies (triton, diffusers, onnxruntime, tensorrt) are imported only when a feature needs them.
+"""
+
+from fastdiff.accelerate import AccelerationReport, as_denoiser, report
+from fastdiff.accelerate import accelerate as accelerate
+from fastdiff.distributed import merge, sample_to_dir
+from fastdiff.engine import SamplingEngine
+from fastdiff.errors import BackendUnavailableError, CheckpointError, FastdiffError
+from fastdiff.integrations.diffusers import accelerate_pipeline, from_diffusers_scheduler
+from fastdiff.models import MLPDenoiser, UNet, UNetConfig
+from fastdiff.pretrained import Pretrained, load_checkpoint, load_pretrained
 from fastdiff.samplers import DDIMSampler, DDPMSampler, StepTable, ddim_invert, inpaint, sample, sdedit
 from fastdiff.schedule import NoiseSchedule
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccelerationReport",
+    "BackendUnavailableError",
     "CheckpointError",
     "DDIMSampler",
     "DDPMSampler",
     "FastdiffError",
+    "MLPDenoiser",
     "NoiseSchedule",
+    "Pretrained",
+    "SamplingEngine",
     "StepTable",
+    "UNet",
+    "UNetConfig",
     "__version__",
+    "accelerate",
+    "accelerate_pipeline",
+    "as_denoiser",
     "ddim_invert",
     "from_diffusers_scheduler",
     "inpaint",
+    "load_checkpoint",
+    "load_pretrained",
+    "merge",
+    "report",
     "sample",
+    "sample_to_dir",
     "sdedit",
 ]

@@ -67,12 +67,12 @@ class Case:
         """A fresh generator for the noise the sampler draws, so that every run draws the same noise."""
         return torch.Generator(self.x_T.device).manual_seed(self.seed)
 
-    def model_inputs(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        """(x, t, kwargs) of one denoiser call at timestep `t`, cond and uncond batched when guiding."""
+    def model_inputs(self) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(x, kwargs) of one denoiser call, cond and uncond batched when guiding."""
         x = self.x_T
         if self.uncond is not None:
-            return torch.cat([x, x]), t.expand(2 * x.shape[0]), batch_conds(self.cond, self.uncond)
-        return x, t.expand(x.shape[0]), dict(self.cond or {})
+            return torch.cat([x, x]), batch_conds(self.cond, self.uncond)
+        return x, dict(self.cond or {})
 
 
 def _tensor_output(model: Callable) -> Callable[..., torch.Tensor]:
@@ -119,6 +119,10 @@ class Backend:
     def sample(self, case: Case) -> torch.Tensor:
         raise NotImplementedError
 
+    def model_timestep(self, batch: int) -> torch.Tensor:
+        """The first step's timestep in the form this backend's loop passes it to the model: (batch,) on device."""
+        return self.sampler.timesteps[0].to(self.workload.device).expand(batch)
+
 
 class EagerBackend(Backend):
     """The reference: the PyTorch model in a diffusers scheduler loop."""
@@ -154,6 +158,10 @@ class EagerBackend(Backend):
         if self.workload.sampler_kind == "ddim":
             return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True)
         return DDPMScheduler(**common, clip_sample=True, variance_type="fixed_small")
+
+    def model_timestep(self, batch: int) -> torch.Tensor:
+        # diffusers pipelines pass the scheduler's 0-d host tensor
+        return super().model_timestep(batch) if self.scheduler is None else self.sampler.timesteps[0]
 
     def sample(self, case: Case) -> torch.Tensor:
         generator = case.generator()

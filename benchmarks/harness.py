@@ -10,8 +10,8 @@ Methodology, per measurement:
   (same workload, batch size and dtype);
 - the final samples are compared with the eager float32 samples (max abs difference, PSNR over the
   reference's peak-to-peak range), so that a fast wrong answer shows;
-- a per-step profile: the backend's denoiser called alone `steps` times on the same inputs (model time), the
-  rest of a run's time per step being sampler and host overhead; peak memory (`torch.cuda.max_memory_allocated`
+- a per-step profile: the backend's denoiser called alone on the first step's inputs (a few calls, scaled to
+  `steps`: the model time), the rest of a run's time per step being sampler and host overhead; peak memory (`torch.cuda.max_memory_allocated`
   on GPU; the process's peak RSS so far, from `getrusage`, on CPU).
 A backend or workload that cannot run is recorded as `skipped` with the reason, one that fails as `error`.
 """
@@ -41,7 +41,10 @@ from .workloads import SAMPLERS, WORKLOADS, Workload, build_workload
 SCHEMA_VERSION = 1
 KIND = "fastdiff.benchmarks.sampling"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-PROFILE_REPEATS = 3  # timed model-only loops per measurement (the profile needs less precision than the runs)
+# The profile times PROFILE_REPEATS loops of (at most) PROFILE_CALLS model calls: every step's call costs the same,
+# so a few calls give the per-step model time without paying for a whole extra sampling run.
+PROFILE_REPEATS = 3
+PROFILE_CALLS = 10
 
 
 def _check_names(option: str, values: Sequence[str], choices: Sequence[str]) -> list[str]:
@@ -196,18 +199,18 @@ def measure(
             "profile": None,
         }
         if profile and backend.denoise is not None:
-            t = backend.sampler.timesteps[0].to(device)
-            x, t, kwargs = case.model_inputs(t)
+            x, kwargs = case.model_inputs()
+            t = backend.model_timestep(x.shape[0])
             denoise = backend.denoise
+            calls = min(steps, PROFILE_CALLS)
 
             def model_only() -> None:
-                for _ in range(steps):
+                for _ in range(calls):
                     denoise(x, t, **kwargs)
 
             denoise(x, t, **kwargs)
-            model_s = float(
-                np.median([_timed(model_only, device)[0] for _ in range(min(repeats, PROFILE_REPEATS))])
-            )
+            loops = [_timed(model_only, device)[0] for _ in range(min(repeats, PROFILE_REPEATS))]
+            model_s = float(np.median(loops)) / calls * steps
             fields["profile"] = {
                 "model_s": model_s,
                 "model_ms_per_step": 1e3 * model_s / steps,

@@ -45,8 +45,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch.nn.functional as F  # noqa: E402
-from fastdiff.kernels import attention, group_norm_silu, sampler_step, sampler_step_reference  # noqa: E402
 
+from fastdiff.kernels import attention, group_norm_silu, sampler_step, sampler_step_reference  # noqa: E402
 from fastdiff.output import write_bytes_atomic  # noqa: E402
 from fastdiff.samplers import DDIMSampler, DDPMSampler  # noqa: E402
 from fastdiff.schedule import NoiseSchedule  # noqa: E402

@@ -21,7 +21,6 @@ from fastdiff.kernels import (
     sampler_step,
     sampler_step_reference,
 )
-
 from fastdiff.samplers import DDPMSampler
 from fastdiff.schedule import NoiseSchedule
 

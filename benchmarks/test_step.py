@@ -38,7 +38,7 @@ def _eager_step(workload, case: Case):
         pytest.skip("diffusers is not installed")
     scheduler.set_timesteps(workload.steps)
     t = scheduler.timesteps[STEP]
-    x, _, kwargs = case.model_inputs(t.to(DEVICE))
+    x, kwargs = case.model_inputs()
 
     def run():
         out_c, out_u = backend.denoise(x, t, **kwargs).chunk(2)
@@ -51,8 +51,8 @@ def _eager_step(workload, case: Case):
 def _fastdiff_step(workload, case: Case):
     backend = FastdiffBackend(workload, torch.float32)
     coeffs = backend.sampler.table.on(DEVICE)
-    t = backend.sampler.timesteps[STEP].to(DEVICE)
-    x, t, kwargs = case.model_inputs(t)
+    x, kwargs = case.model_inputs()
+    t = backend.sampler.timesteps[STEP].to(DEVICE).expand(x.shape[0])
 
     def run():
         out_c, out_u = backend.denoise(x, t, **kwargs).chunk(2)

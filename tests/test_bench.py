@@ -11,11 +11,11 @@ import sys
 
 import pytest
 import torch
+
 from fastdiff.benchmarks import harness, readme_table, report
 from fastdiff.benchmarks.backends import BackendSkipped, EagerBackend, EagerSdpaBackend, FastdiffBackend
 from fastdiff.benchmarks.harness import BenchConfig, make_case, run_benchmark
 from fastdiff.benchmarks.workloads import build_workload
-
 from fastdiff.cli import main as cli
 
 # The fastdiff loop and diffusers' loop compute the same float32 update in a different order.
@@ -309,8 +309,9 @@ def test_eager_fallback_without_diffusers_matches_diffusers_loop(monkeypatch):
 def test_sdpa_attention_matches_reference_attention():
     workload = build_workload("digits", torch.device("cpu"), steps=2)
     case = make_case(workload, 3, torch.float32, seed=0)
-    x, t, kwargs = case.model_inputs(workload.sampler().timesteps[0])
+    x, kwargs = case.model_inputs()
     sdpa = EagerSdpaBackend(workload, torch.float32)
+    t = sdpa.model_timestep(x.shape[0])
     with torch.inference_mode():
         expected = EagerBackend(workload, torch.float32).denoise(x, t, **kwargs)
         got = sdpa.denoise(x, t, **kwargs)

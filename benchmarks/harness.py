@@ -287,9 +287,9 @@ def _run_workload(
     rows: list[dict[str, Any]] = []
     grid = [(d, b, n) for d in config.dtypes for b in backends for n in config.batch_sizes]
 
-    def skip_all(reason: str, status: str = "skipped") -> list[dict[str, Any]]:
+    def skip_all(reason: str) -> list[dict[str, Any]]:
         for dtype, backend, batch in grid:
-            rows.append(_row(name, backend, batch, dtype, status, reason))
+            rows.append(_row(name, backend, batch, dtype, "skipped", reason))
             progress.step(f"{name} {backend} skipped")
         return rows
 
@@ -349,6 +349,8 @@ def _run_workload(
                     _release(device)
                     continue
                 row.update(fields)
+                # other processes on the machine skew CPU timings: the load right after this measurement
+                row["info"]["load_average_1m"] = (load_average() or [None])[0]
                 if backend_name == "eager" and dtype_name == "float32":
                     references[batch] = samples
                 if batch in references:

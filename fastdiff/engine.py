@@ -65,7 +65,12 @@ class EngineStats:
 
 
 class _CaptureError(RuntimeError):
-    """A runner could not capture the step (as opposed to the step itself failing when run eagerly)."""
+    """A runner could not capture the step (as opposed to the step itself failing when run eagerly).
+
+    Runner contract: `runner(step, body, reset)` captures `body` (raising `_CaptureError` when that fails; errors of
+    an eager warm-up step propagate as they are), `replay()` runs it and returns its outputs, and `captures` says
+    whether anything was captured.
+    """
 
 
 class _EagerRunner:
@@ -184,7 +189,7 @@ class SamplingEngine:
       graph, replayed once (no per-step launch overhead, but num_steps times the capture time and graph size, and
       all the call's noise pre-drawn: with more than `NOISE_BUFFER_BYTES` of it, "loop" falls back to "step" with a
       warning). Which is faster depends on the model and step count: benchmark both
-      (`SamplingEngine(..., cuda_graphs=True, graph_mode="step" | "loop")`).
+      (`SamplingEngine(..., cuda_graphs=True, graph_mode="step" | "loop")`). Ignored when nothing is captured.
     - `compile`: wraps the denoiser with `torch.compile(dynamic=False)`: on CUDA mode "max-autotune-no-cudagraphs"
       when the engine captures graphs itself, else "reduce-overhead"; on CPU the inductor default mode, traced
       inside `fastdiff.kernels.backend.decomposed()` so that inductor fuses our ops' reference twins (no global
@@ -264,7 +269,10 @@ class SamplingEngine:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        """Generate a batch of `shape`: the arguments and the result of `fastdiff.sample(denoiser, sampler, ...)`."""
+        """Generate a batch of `shape`: the arguments and the result of `fastdiff.sample(denoiser, sampler, ...)`.
+
+        The result is a new tensor (the engine's buffers are reused by the next call).
+        """
         shape = _check_shape(shape)
         dev = _infer_device(self.denoiser, x_T, device)
         if x_T is not None:

@@ -16,6 +16,7 @@ import copy
 import inspect
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -38,14 +39,13 @@ log = logging.getLogger("fastdiff.export")
 FORMAT = "fastdiff-onnx-v1"
 # Above this many bytes of weights the file keeps them as external data (protobuf cannot exceed 2 GB).
 EXTERNAL_DATA_BYTES = 1536 * 2**20
-DEFAULT_ATOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+DEFAULT_ATOL = {torch.float32: 1e-4, torch.float16: 2e-2}
 CPU_THREADS = 2  # CPU_NOTES.md: onnxruntime with 2 intra-op threads on our 2-core runners
 RESERVED = ("sample", "timestep")
 
 _ONNX_TYPES = {
     "tensor(float)": torch.float32,
     "tensor(float16)": torch.float16,
-    "tensor(bfloat16)": torch.bfloat16,
     "tensor(double)": torch.float64,
     "tensor(int64)": torch.int64,
     "tensor(int32)": torch.int32,
@@ -220,7 +220,6 @@ def _restore_signature(
     types = {
         torch.float32: onnx.TensorProto.FLOAT,
         torch.float16: onnx.TensorProto.FLOAT16,
-        torch.bfloat16: onnx.TensorProto.BFLOAT16,
         torch.int64: onnx.TensorProto.INT64,
     }
     restored = [
@@ -273,10 +272,10 @@ def to_onnx(
 
     After writing, the file is checked with `onnx.checker`, run with onnxruntime on the example inputs (and on a
     second batch size when dynamic) and compared with eager PyTorch: a max abs difference above `atol` (default
-    1e-4 float32, 2e-2 float16, 1e-1 bfloat16) raises `FastdiffError`. The file appears only when everything
-    passed (weights over 1.5 GB go to external data `<name>.onnx.data` beside it); a failure leaves nothing.
-    The exporter used and the difference are logged on the `fastdiff.export` logger and stored in the file's
-    metadata (with the null class label for models that have one).
+    1e-4 float32, 2e-2 float16; bfloat16 models are refused) raises `FastdiffError`. The file appears only
+    when everything passed (weights over 1.5 GB go to external data `<name>.onnx.data` beside it); a failure
+    leaves nothing. The exporter used and the difference are logged on the `fastdiff.export` logger and stored
+    in the file's metadata (with the null class label for models that have one).
     """
     start = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -302,15 +301,26 @@ def to_onnx(
         raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
     if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 7):
         raise ValueError(f"opset must be None or an int >= 7, got {opset!r}")
+    if not isinstance(dynamic_batch, bool):
+        raise TypeError(f"dynamic_batch must be a bool, got {dynamic_batch!r}")
+    if atol is not None and (
+        isinstance(atol, bool) or not isinstance(atol, (int, float)) or not 0 <= atol < math.inf
+    ):
+        raise ValueError(f"atol must be None or a finite number >= 0, got {atol!r}")
     onnx = _import("onnx")
     ort = _import("onnxruntime")
 
     model_dtype, device = _model_dtype_device(model)
+    if (dtype or model_dtype) not in DEFAULT_ATOL:
+        raise ValueError(
+            f"cannot export a {dtype or model_dtype} model: the parity check feeds onnxruntime float32 or float16 "
+            "(export float32 and let TensorRT run it in bf16: build_tensorrt_engine(..., bf16=True))"
+        )
     if dtype is not None and dtype != model_dtype:
         model = copy.deepcopy(model).to(dtype)
     dtype = dtype or model_dtype
     if atol is None:
-        atol = DEFAULT_ATOL.get(dtype, 1e-4)
+        atol = DEFAULT_ATOL[dtype]
     graph = _DenoiserGraph(model, list(conds))
     names = [*RESERVED, *conds]
     batch = sample_shape[0]
@@ -349,7 +359,10 @@ def to_onnx(
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = CPU_THREADS
-        session = ort.InferenceSession(str(tmp), options, providers=_providers_for(device))
+        try:
+            session = ort.InferenceSession(str(tmp), options, providers=_providers_for(device))
+        except Exception as err:
+            raise FastdiffError(f"onnxruntime cannot load the exported graph: {_first_line(err)}") from err
         diff = 0.0
         for inputs, expected in checks:
             feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs, strict=True)}
@@ -550,8 +563,11 @@ class OnnxDenoiser:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception as err:
             raise CheckpointError(f"{self.path} is not a readable ONNX model: {_first_line(err)}") from err
-        self.inputs = ports_of(self.session.get_inputs())
-        self.outputs = ports_of(self.session.get_outputs())
+        try:
+            self.inputs = ports_of(self.session.get_inputs())
+            self.outputs = ports_of(self.session.get_outputs())
+        except ValueError as err:
+            raise CheckpointError(f"{self.path}: {err}") from err
         if [p.name for p in self.inputs[:2]] != list(RESERVED) or len(self.outputs) != 1:
             raise CheckpointError(
                 f"{self.path} is not a denoiser graph: expected inputs (sample, timestep, *cond) and one output, "

@@ -407,6 +407,10 @@ def test_export_fails_early_on_bad_paths_and_arguments(tmp_path):
         to_onnx(model, tmp_path / "m.onnx", sample_shape=(2, 1, 4, 4), cond_shapes={"timestep": (2,)})
     with pytest.raises(TypeError, match="model"):
         to_onnx(lambda x, t: x, tmp_path / "m.onnx", sample_shape=(2, 1, 4, 4))
+    with pytest.raises(ValueError, match="atol"):
+        to_onnx(model, tmp_path / "m.onnx", sample_shape=(2, 1, 4, 4), atol=-1.0)
+    with pytest.raises(TypeError, match="dtype"):
+        to_onnx(model, tmp_path / "m.onnx", sample_shape=(2, 1, 4, 4), dtype=torch.int64)
     assert model.calls == 0 and _files(tmp_path) == []
 
 

@@ -39,12 +39,15 @@ from fastdiff.kernels.sampler_step import sampler_step
 from fastdiff.samplers import (
     Generator,
     Sampler,
-    _check_x,
-    _infer_device,
-    _sampler_table,
     batch_conds,
+    callback_info,
+    check_model_output,
+    check_shape,
+    check_x,
     guidance_conds,
+    infer_device,
     randn,
+    sampler_table,
 )
 
 GRAPH_MODES = ("step", "loop")
@@ -139,21 +142,6 @@ class _Entry:
     runner: Any = field(default=None, repr=False)
 
 
-def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
-    # The same rule as fastdiff.sample (inline there).
-    shape = tuple(int(s) for s in shape)
-    if len(shape) < 2 or any(s < 1 for s in shape):
-        raise ValueError(f"shape must be (batch, *sample_shape) with positive sizes, got {shape}")
-    return shape
-
-
-def _check_output(out: Any, x: torch.Tensor) -> None:
-    # The same rule as fastdiff.samplers.run_table (inline there).
-    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"the denoiser returned {got}, expected a tensor of shape {tuple(x.shape)}")
-
-
 def _call_decomposed(fn: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
     # Inside decomposed() our fused ops trace as their plain-PyTorch references, which inductor fuses with their
     # neighbours; opaque custom ops it cannot. On CPU the custom ops run those same references, so only speed
@@ -221,7 +209,7 @@ class SamplingEngine:
             raise TypeError(
                 f"denoiser must be callable as denoiser(x, t, **cond), got {type(denoiser).__name__}"
             )
-        self.table = _sampler_table(sampler)
+        self.table = sampler_table(sampler)
         if cuda_graphs not in (True, False, "auto") or not isinstance(cuda_graphs, (bool, str)):
             raise ValueError(f"cuda_graphs must be True, False or 'auto', got {cuda_graphs!r}")
         if not isinstance(compile, bool):
@@ -273,10 +261,10 @@ class SamplingEngine:
 
         The result is a new tensor (the engine's buffers are reused by the next call).
         """
-        shape = _check_shape(shape)
-        dev = _infer_device(self.denoiser, x_T, device)
+        shape = check_shape(shape)
+        dev = infer_device(self.denoiser, x_T, device)
         if x_T is not None:
-            _check_x("x_T", x_T, shape)
+            check_x("x_T", x_T, shape)
             dtype = x_T.dtype
         cond, uncond = guidance_conds(self.denoiser, cond, uncond, guidance_scale)
         with torch.inference_mode():
@@ -307,8 +295,8 @@ class SamplingEngine:
         compile/capture cost a later `sample` with the same key no longer pays.
         """
         start = time.perf_counter()
-        shape = _check_shape(shape)
-        dev = _infer_device(self.denoiser, None, device)
+        shape = check_shape(shape)
+        dev = infer_device(self.denoiser, None, device)
         cond, uncond = guidance_conds(self.denoiser, cond, uncond, guidance_scale)
         with torch.inference_mode():
             entry = self._prepare(shape, dev, dtype, cond, uncond, guidance_scale, step_only=False)
@@ -489,7 +477,7 @@ class SamplingEngine:
             out, out_u = e.denoise(x, t, **e.kwargs), None
         else:
             out, out_u = e.denoise(torch.cat([x, x]), torch.cat([t, t]), **e.kwargs).chunk(2)
-        _check_output(out, x)
+        check_model_output(out, x)
         noise = None if e.noise is None else e.noise.index_select(0, e.noise_row.index_select(0, index))[0]
         sampler_step(
             x,
@@ -543,14 +531,10 @@ class SamplingEngine:
             before = e.x.clone() if callback is not None else None
             out, out_u = e.runner.replay()
             if callback is not None:
-                a, b = e.coeffs[i, 0], e.coeffs[i, 1]
-                m = out.clone() if out_u is None else out_u + guidance_scale * (out - out_u)
+                # Copies: the static buffers are overwritten by the next replay.
+                out_u = None if out_u is None else out_u.clone()
                 callback(
-                    {
-                        "i": i,
-                        "t": int(self.table.timesteps[i]),
-                        "x": e.x.clone(),
-                        "x0": a * before + b * m,
-                        "model_output": m,
-                    }
+                    callback_info(
+                        self.table, e.coeffs, i, before, e.x.clone(), out.clone(), out_u, guidance_scale
+                    )
                 )

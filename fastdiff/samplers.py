@@ -211,7 +211,8 @@ class DDIMSampler(Sampler):
         return StepTable(torch.from_numpy(coeffs), ts, None, "ddim-inverse")
 
 
-def _sampler_table(sampler: Sampler) -> StepTable:
+def sampler_table(sampler: Sampler) -> StepTable:
+    """The StepTable of a fastdiff sampler (TypeError for anything else)."""
     if not isinstance(getattr(sampler, "table", None), StepTable):
         raise TypeError(f"sampler must be a DDPMSampler or DDIMSampler, got {type(sampler).__name__}")
     return sampler.table
@@ -230,7 +231,8 @@ def randn(
     return torch.cat([randn((1, *shape[1:]), g, device, dtype) for g in gens])
 
 
-def _infer_device(denoiser: Any, x_T: torch.Tensor | None, device: torch.device | str | None) -> torch.device:
+def infer_device(denoiser: Any, x_T: torch.Tensor | None, device: torch.device | str | None) -> torch.device:
+    """Where sampling runs: x_T's device, else `device`, else the denoiser's parameters, else the CPU."""
     if x_T is not None:
         return x_T.device
     if device is not None:
@@ -280,13 +282,45 @@ def batch_conds(cond: Mapping[str, Any], uncond: Mapping[str, Any]) -> dict[str,
     return out
 
 
-def _check_x(name: str, x: torch.Tensor, shape: Sequence[int] | None = None) -> None:
+def check_x(name: str, x: torch.Tensor, shape: Sequence[int] | None = None) -> None:
+    """A user-given sample tensor: floating point, of `shape` if given, and finite."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor")
     if shape is not None and tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(shape)}")
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def check_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """A batch shape (batch, *sample_shape) of positive ints."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2 or any(s < 1 for s in shape):
+        raise ValueError(f"shape must be (batch, *sample_shape) with positive sizes, got {shape}")
+    return shape
+
+
+def check_model_output(out: Any, x: torch.Tensor) -> None:
+    """The denoiser must return a tensor shaped like its input."""
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"the denoiser returned {got}, expected a tensor of shape {tuple(x.shape)}")
+
+
+def callback_info(
+    table: StepTable,
+    coeffs: torch.Tensor,
+    i: int,
+    x: torch.Tensor,
+    x_next: torch.Tensor,
+    out: torch.Tensor,
+    out_u: torch.Tensor | None,
+    guidance_scale: float,
+) -> dict[str, Any]:
+    """What a per-step callback receives: step i, its timestep, x after the step, the x0 estimate, the model output."""
+    m = out if out_u is None else out_u + guidance_scale * (out - out_u)
+    x0 = coeffs[i, 0] * x + coeffs[i, 1] * m
+    return {"i": i, "t": int(table.timesteps[i]), "x": x_next, "x0": x0, "model_output": m}
 
 
 def run_table(
@@ -322,9 +356,7 @@ def run_table(
             out, out_u = denoiser(x, t, **kwargs), None
         else:
             out, out_u = denoiser(torch.cat([x, x]), torch.cat([t, t]), **kwargs).chunk(2)
-        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"the denoiser returned {got}, expected a tensor of shape {tuple(x.shape)}")
+        check_model_output(out, x)
         noise = randn(x.shape, generator, x.device, x.dtype) if s_col[i] != 0 else None
         x_next = sampler_step(
             x,
@@ -367,15 +399,13 @@ def sample(
     `denoiser(x, t, **cond)` returns the model output; with `guidance_scale != 1`, classifier-free guidance
     runs cond and uncond (default: the denoiser's `null_cond(cond)`) as one batched call per step.
     """
-    table = _sampler_table(sampler)
-    shape = tuple(int(s) for s in shape)
-    if len(shape) < 2 or any(s < 1 for s in shape):
-        raise ValueError(f"shape must be (batch, *sample_shape) with positive sizes, got {shape}")
-    dev = _infer_device(denoiser, x_T, device)
+    table = sampler_table(sampler)
+    shape = check_shape(shape)
+    dev = infer_device(denoiser, x_T, device)
     if x_T is None:
         x = randn(shape, generator, dev, dtype)
     else:
-        _check_x("x_T", x_T, shape)
+        check_x("x_T", x_T, shape)
         x = x_T.clone()
     with torch.inference_mode():
         return run_table(
@@ -406,7 +436,7 @@ def ddim_invert(
         raise TypeError(f"sampler must be a DDIMSampler, got {type(sampler).__name__}")
     if sampler.eta != 0:
         raise ValueError(f"ddim_invert needs a deterministic sampler (eta=0), got eta={sampler.eta}")
-    _check_x("x0", x0)
+    check_x("x0", x0)
     with torch.inference_mode():
         return run_table(
             denoiser,
@@ -439,8 +469,8 @@ def sdedit(
     callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> torch.Tensor:
     """SDEdit (Meng et al. 2022): noise x0 to the level of the last `strength` fraction of steps, then denoise."""
-    table = _sampler_table(sampler)
-    _check_x("x0", x0)
+    table = sampler_table(sampler)
+    check_x("x0", x0)
     start = _start_step(table, strength)
     noise = randn(x0.shape, generator, x0.device, x0.dtype)
     x = sampler.schedule.q_sample(x0, int(table.timesteps[start]), noise)
@@ -477,8 +507,8 @@ def inpaint(
     After every step the known region is replaced by x0 noised to the level the step landed on (q_sample with
     fresh noise), and by x0 itself after the last step.
     """
-    table = _sampler_table(sampler)
-    _check_x("x0", x0)
+    table = sampler_table(sampler)
+    check_x("x0", x0)
     if not isinstance(mask, torch.Tensor):
         raise TypeError("mask must be a tensor")
     try:

@@ -14,7 +14,7 @@ same command again only makes the shards that are missing or fail their checksum
 from __future__ import annotations
 
 import argparse
-import contextlib
+import atexit
 import hashlib
 import io
 import json
@@ -52,6 +52,11 @@ class ShardError(FastdiffError):
 def shard_name(k: int) -> str:
     """File name of shard `k`."""
     return f"shard-{k:05d}.npz"
+
+
+def shard_range(k: int, shard_size: int, num_samples: int) -> range:
+    """The sample indices of shard `k`: [k * shard_size, (k + 1) * shard_size), cut at num_samples."""
+    return range(k * shard_size, min((k + 1) * shard_size, num_samples))
 
 
 def sample_generator(seed: int, index: int) -> torch.Generator:
@@ -97,29 +102,30 @@ def _local_device(device: torch.device) -> torch.device:
     return device
 
 
-@contextlib.contextmanager
-def process_group(device: torch.device | str) -> Iterator[_Group]:
-    """This process's (rank, world): an existing group, one made from torchrun's environment, or a single process.
+def _destroy_at_exit() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
-    A group made here (NCCL for a CUDA device, gloo otherwise) is destroyed on exit; an existing one is left alone.
+
+def init_distributed(device: torch.device | str) -> _Group:
+    """This process's (rank, world): an existing process group, one made from torchrun's environment, or one process.
+
+    A group made here (NCCL for a CUDA device, gloo otherwise) is kept for later calls and destroyed at exit:
+    destroying and re-making a group on the same store can hang in PyTorch (pytorch/pytorch#55967, #114585), so
+    a script that samples several folders in a row must reuse it.
     """
     device = _local_device(torch.device(device))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if dist.is_available() and dist.is_initialized():
-        yield _Group(dist.get_rank(), dist.get_world_size())
-        return
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1 or "RANK" not in os.environ:
-        yield _Group(0, 1)
-        return
+        return _Group(dist.get_rank(), dist.get_world_size())
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1 or "RANK" not in os.environ:
+        return _Group(0, 1)
     if not dist.is_available():
         raise FastdiffError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
-    try:
-        yield _Group(dist.get_rank(), dist.get_world_size())
-    finally:
-        dist.destroy_process_group()
+    atexit.register(_destroy_at_exit)
+    return _Group(dist.get_rank(), dist.get_world_size())
 
 
 def _rank0(group: _Group, fn: Callable[[], Any]) -> Any:
@@ -359,13 +365,64 @@ def _cond_spec(cond: Mapping[str, Any] | None, num_samples: int) -> dict[str, An
     return spec
 
 
-def _shard_bytes(images: np.ndarray, labels: np.ndarray | None, indices: np.ndarray) -> bytes:
-    arrays = {"images": images, "indices": indices}
-    if labels is not None:
-        arrays["labels"] = labels
+def _generate(
+    resolved: _Model,
+    sampler: Sampler,
+    indices: Sequence[int],
+    *,
+    batch_size: int,
+    seed: int,
+    labels_of: Callable[[Sequence[int]], torch.Tensor] | None,
+    cond: Mapping[str, torch.Tensor] | None,
+    guidance_scale: float,
+    device: torch.device,
+    engine: Any,
+) -> np.ndarray:
+    """uint8 images (N, H, W, C) of the samples `indices`, in batches of `batch_size`."""
+    from fastdiff.samplers import sample
+
+    images = []
+    for lo in range(0, len(indices), batch_size):
+        idx = list(indices[lo : lo + batch_size])
+        kwargs = {key: value[idx].to(device) for key, value in (cond or {}).items()}
+        if labels_of is not None:
+            kwargs["class_labels"] = labels_of(idx).to(device)
+        shape = (len(idx), *resolved.sample_shape)
+        gens = [sample_generator(seed, i) for i in idx]
+        if engine is not None:
+            x = engine.sample(shape, generator=gens, cond=kwargs or None, guidance_scale=guidance_scale)
+        else:
+            x = sample(
+                resolved.denoiser,
+                sampler,
+                shape,
+                generator=gens,
+                cond=kwargs or None,
+                guidance_scale=guidance_scale,
+                device=device,
+            )
+        images.append(to_uint8(x))
+    return np.concatenate(images)
+
+
+def _write_shard(
+    out_dir: Path, k: int, samples: range, images: np.ndarray, labels: torch.Tensor | None
+) -> dict[str, Any]:
+    """Write shard k atomically and return its manifest record."""
     buf = io.BytesIO()
+    arrays = {"images": images, "indices": np.asarray(samples, dtype=np.int64)}
+    if labels is not None:
+        arrays["labels"] = labels.numpy().astype(np.int64)
     np.savez(buf, **arrays)
-    return buf.getvalue()
+    data = buf.getvalue()
+    write_bytes_atomic(out_dir / shard_name(k), data)
+    return {
+        "file": shard_name(k),
+        "index": k,
+        "start": samples.start,
+        "stop": samples.stop,
+        "sha256": _sha256_bytes(data),
+    }
 
 
 def sample_to_dir(
@@ -405,7 +462,6 @@ def sample_to_dir(
     shard made in this call (by any rank), at the end of the round that made it. Returns `out_dir`.
     """
     from fastdiff import __version__
-    from fastdiff.samplers import sample
 
     _check_int("num_samples", num_samples, 1)
     _check_int("batch_size", batch_size, 1)
@@ -420,113 +476,85 @@ def sample_to_dir(
     else:
         device = _model_device(model.model if isinstance(model, Pretrained) else model, device)
 
-    with process_group(device) as group:
-        resolved = _resolve_model(model, device, sample_shape)
-        sampler = _resolve_sampler(sampler, resolved.schedule, steps, eta)
-        if len(resolved.sample_shape) != 3:
-            raise ValueError(
-                f"sample_to_dir writes images (C, H, W); this model makes {resolved.sample_shape}"
-            )
-        labels_of, labels_desc = _label_spec(class_labels, resolved.num_classes, num_samples)
-        if guidance_scale != 1.0 and labels_of is None and not cond:
-            raise ValueError("guidance_scale != 1 needs a conditional model (class labels or cond=)")
-        c, h, w = resolved.sample_shape
-        settings = {
-            "format": FORMAT,
-            "fastdiff_version": __version__,
-            "model": model_id or resolved.name,
-            "model_sha256": _model_sha256(resolved.denoiser),
-            "sampler": _sampler_settings(sampler),
-            "seed": seed,
-            "guidance_scale": float(guidance_scale),
-            "class_labels": labels_desc,
-            "cond": _cond_spec(cond, num_samples),
-            "num_samples": num_samples,
-            "shard_size": shard_size,
-            "image_shape": [h, w, c],
-        }
-        records = _rank0(group, lambda: _open_out_dir(out_dir, settings))
+    group = init_distributed(device)
+    resolved = _resolve_model(model, device, sample_shape)
+    sampler = _resolve_sampler(sampler, resolved.schedule, steps, eta)
+    if len(resolved.sample_shape) != 3:
+        raise ValueError(f"sample_to_dir writes images (C, H, W); this model makes {resolved.sample_shape}")
+    labels_of, labels_desc = _label_spec(class_labels, resolved.num_classes, num_samples)
+    if guidance_scale != 1.0 and labels_of is None and not cond:
+        raise ValueError("guidance_scale != 1 needs a conditional model (class labels or cond=)")
+    c, h, w = resolved.sample_shape
+    settings = {
+        "format": FORMAT,
+        "fastdiff_version": __version__,
+        "model": model_id or resolved.name,
+        "model_sha256": _model_sha256(resolved.denoiser),
+        "sampler": _sampler_settings(sampler),
+        "seed": seed,
+        "guidance_scale": float(guidance_scale),
+        "class_labels": labels_desc,
+        "cond": _cond_spec(cond, num_samples),
+        "num_samples": num_samples,
+        "shard_size": shard_size,
+        "image_shape": [h, w, c],
+    }
+    records = _rank0(group, lambda: _open_out_dir(out_dir, settings))
 
-        # Checksums are verified in parallel, each rank a slice; everyone then agrees on what is missing.
-        checked = group.all_gather(
-            [r["index"] for r in records[group.rank :: group.world] if _valid(out_dir, r)]
-        )
-        valid_ids = {k for part in checked for k in part}
-        manifest = {**settings, "shards": [r for r in records if r["index"] in valid_ids]}
-        if group.rank == 0:
-            _write_manifest(out_dir, manifest)
-        num_shards = math.ceil(num_samples / shard_size)
-        pending = [k for k in range(num_shards) if k not in valid_ids]
-        mine = pending[group.rank :: group.world]
-        per_round = math.ceil(batch_size / shard_size)  # shards per round, so that batches can be full
-        rounds = math.ceil(math.ceil(len(pending) / group.world) / per_round)
-        bar = tqdm(
-            total=num_samples,
-            initial=num_samples - sum(min(shard_size, num_samples - k * shard_size) for k in pending),
-            unit="img",
-            desc=f"{len(pending)} shards on {group.world} rank(s)",
-            disable=not progress or group.rank != 0,
-        )
-        for r in range(rounds):
-            chunk = mine[r * per_round : (r + 1) * per_round]
-            indices = [
-                i for k in chunk for i in range(k * shard_size, min((k + 1) * shard_size, num_samples))
-            ]
-            images = []
-            for lo in range(0, len(indices), batch_size):
-                idx = indices[lo : lo + batch_size]
-                kwargs = {key: value[idx].to(device) for key, value in (cond or {}).items()}
-                if labels_of is not None:
-                    kwargs["class_labels"] = labels_of(idx).to(device)
-                shape = (len(idx), *resolved.sample_shape)
-                gens = [sample_generator(seed, i) for i in idx]
-                if engine is not None:
-                    x = engine.sample(
-                        shape, generator=gens, cond=kwargs or None, guidance_scale=guidance_scale
-                    )
-                else:
-                    x = sample(
-                        resolved.denoiser,
-                        sampler,
-                        shape,
-                        generator=gens,
-                        cond=kwargs or None,
-                        guidance_scale=guidance_scale,
-                        device=device,
-                    )
-                images.append(to_uint8(x))
-            written = []
-            made = np.concatenate(images) if images else None
-            for k in chunk:
-                lo, hi = k * shard_size, min((k + 1) * shard_size, num_samples)
-                at = indices.index(lo)
-                idx = list(range(lo, hi))
-                labels = None if labels_of is None else labels_of(idx).numpy().astype(np.int64)
-                data = _shard_bytes(made[at : at + hi - lo], labels, np.arange(lo, hi, dtype=np.int64))
-                write_bytes_atomic(out_dir / shard_name(k), data)
-                written.append(
-                    {
-                        "file": shard_name(k),
-                        "index": k,
-                        "start": lo,
-                        "stop": hi,
-                        "sha256": _sha256_bytes(data),
-                    }
-                )
-            new = sorted(
-                (rec for part in group.all_gather(written) for rec in part), key=lambda rec: rec["index"]
+    # Checksums are verified in parallel, each rank a slice; everyone then agrees on what is missing.
+    checked = group.all_gather([r["index"] for r in records[group.rank :: group.world] if _valid(out_dir, r)])
+    valid_ids = {k for part in checked for k in part}
+    manifest = {**settings, "shards": [r for r in records if r["index"] in valid_ids]}
+    if group.rank == 0:
+        _write_manifest(out_dir, manifest)
+    num_shards = math.ceil(num_samples / shard_size)
+    pending = [k for k in range(num_shards) if k not in valid_ids]
+    mine = pending[group.rank :: group.world]
+    per_round = math.ceil(batch_size / shard_size)  # shards per round, so that batches can be full
+    rounds = math.ceil(math.ceil(len(pending) / group.world) / per_round)
+    bar = tqdm(
+        total=num_samples,
+        initial=num_samples - sum(len(shard_range(k, shard_size, num_samples)) for k in pending),
+        unit="img",
+        desc=f"{len(pending)} shards on {group.world} rank(s)",
+        disable=not progress or group.rank != 0,
+    )
+    for r in range(rounds):
+        chunk = mine[r * per_round : (r + 1) * per_round]
+        indices = [i for k in chunk for i in shard_range(k, shard_size, num_samples)]
+        written = []
+        if chunk:
+            images = _generate(
+                resolved,
+                sampler,
+                indices,
+                batch_size=batch_size,
+                seed=seed,
+                labels_of=labels_of,
+                cond=cond,
+                guidance_scale=guidance_scale,
+                device=device,
+                engine=engine,
             )
-            if group.rank == 0:
-                manifest["shards"].extend(new)
-                _write_manifest(out_dir, manifest)
-            bar.update(sum(rec["stop"] - rec["start"] for rec in new))
-            if on_shard is not None:
-                for rec in new:
-                    on_shard(rec["index"], out_dir / rec["file"])
-        bar.close()
-        if merge_path is not None:
-            _rank0(group, lambda: merge(out_dir, merge_path))
-        group.barrier()
+            for k in chunk:
+                samples = shard_range(k, shard_size, num_samples)
+                at = indices.index(samples.start)
+                labels = None if labels_of is None else labels_of(list(samples))
+                written.append(_write_shard(out_dir, k, samples, images[at : at + len(samples)], labels))
+        new = sorted(
+            (rec for part in group.all_gather(written) for rec in part), key=lambda rec: rec["index"]
+        )
+        if group.rank == 0:
+            manifest["shards"].extend(new)
+            _write_manifest(out_dir, manifest)
+        bar.update(sum(rec["stop"] - rec["start"] for rec in new))
+        if on_shard is not None:
+            for rec in new:
+                on_shard(rec["index"], out_dir / rec["file"])
+    bar.close()
+    if merge_path is not None:
+        _rank0(group, lambda: merge(out_dir, merge_path))
+    group.barrier()
     return out_dir
 
 
@@ -535,10 +563,10 @@ def sample_to_dir(
 
 
 def _load_shard(
-    out_dir: Path, record: Mapping[str, Any], image_shape: Sequence[int]
+    out_dir: Path, record: Mapping[str, Any], image_shape: Sequence[int], *, verify: bool
 ) -> dict[str, np.ndarray]:
     path = out_dir / record["file"]
-    if not _valid(out_dir, record):
+    if verify and not _valid(out_dir, record):
         raise ShardError(f"shard {path} is missing or fails its checksum; run the same sample command again")
     with np.load(path, allow_pickle=False) as data:
         arrays = {key: data[key] for key in data.files}
@@ -583,11 +611,12 @@ def merge(out_dir: str | os.PathLike, out_path: str | os.PathLike) -> Path:
         )
     order = [records[k] for k in sorted(records)]
     shape = tuple(manifest["image_shape"])
-    labels = [_load_shard(out_dir, r, shape).get("labels") for r in order]  # also checks every shard first
+    # Every checksum is checked before anything is written; the images are then read again, shard by shard.
+    labels = [_load_shard(out_dir, r, shape, verify=True).get("labels") for r in order]
 
     def images() -> Iterator[np.ndarray]:
         for r in order:
-            yield _load_shard(out_dir, r, shape)["images"]
+            yield _load_shard(out_dir, r, shape, verify=False)["images"]
 
     with atomic_path(out_path) as tmp, zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
         for key in ("images", "arr_0"):
@@ -606,7 +635,7 @@ def _counter(shard_size: int, num_samples: int) -> tuple[list[int], Callable[[in
     made = [0]
 
     def on_shard(k: int, path: Path) -> None:
-        made[0] += min(shard_size, num_samples - k * shard_size)
+        made[0] += len(shard_range(k, shard_size, num_samples))
 
     return made, on_shard
 
@@ -626,28 +655,28 @@ def cmd_sample_to_dir(args: argparse.Namespace) -> int:
     made, on_shard = _counter(shard_size, args.num_samples)
     device = _local_device(torch.device(args.device))
     start = time.perf_counter()
-    with process_group(device) as group:
-        pre = load_model(args.model, str(device))
-        sampler = build_sampler(args.sampler, pre.schedule, args.steps, args.eta)
-        guidance = args.guidance_scale
-        if guidance is None:  # the same default as `fastdiff sample --out FILE`
-            guidance = 2.0 if pre.num_classes is not None else 1.0
-        sample_to_dir(
-            pre,
-            sampler,
-            args.num_samples,
-            out_dir,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            class_labels=args.class_label,
-            guidance_scale=guidance,
-            shard_size=shard_size,
-            model_id=args.model,
-            device=device,
-            merge_to=getattr(args, "merge_to", None),
-            on_shard=on_shard,
-            progress=not args.quiet,
-        )
+    group = init_distributed(device)
+    pre = load_model(args.model, str(device))
+    sampler = build_sampler(args.sampler, pre.schedule, args.steps, args.eta)
+    guidance = args.guidance_scale
+    if guidance is None:  # the same default as `fastdiff sample --out FILE`
+        guidance = 2.0 if pre.num_classes is not None else 1.0
+    sample_to_dir(
+        pre,
+        sampler,
+        args.num_samples,
+        out_dir,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        class_labels=args.class_label,
+        guidance_scale=guidance,
+        shard_size=shard_size,
+        model_id=args.model,
+        device=device,
+        merge_to=getattr(args, "merge_to", None),
+        on_shard=on_shard,
+        progress=not args.quiet,
+    )
     seconds = time.perf_counter() - start
     if group.rank == 0:
         print(
@@ -699,15 +728,15 @@ def _throughput_worker(rank: int, world: int, port: int, threads: int, tmp: str,
     local_rank_env(rank, world, port)
     torch.set_num_threads(threads)
     model, n, batch = job.pop("model"), job.pop("num_samples"), job["batch_size"]
-    with process_group("cpu") as group:
-        pre = load_model(model, "cpu") if isinstance(model, str) else model
-        # One batch per rank first, so that start-up costs (allocator, first calls) stay out of the figure.
-        sample_to_dir(pre, num_samples=batch * world, out_dir=Path(tmp) / "warm", **job)
-        made, on_shard = _counter(job["shard_size"], n)
-        group.barrier()
-        start = time.perf_counter()
-        sample_to_dir(pre, num_samples=n, out_dir=Path(tmp) / "run", on_shard=on_shard, **job)
-        seconds = time.perf_counter() - start
+    group = init_distributed("cpu")
+    pre = load_model(model, "cpu") if isinstance(model, str) else model
+    # One batch per rank first, so that start-up costs (allocator, first calls) stay out of the figure.
+    sample_to_dir(pre, num_samples=batch * world, out_dir=Path(tmp) / "warm", **job)
+    made, on_shard = _counter(job["shard_size"], n)
+    group.barrier()
+    start = time.perf_counter()
+    sample_to_dir(pre, num_samples=n, out_dir=Path(tmp) / "run", on_shard=on_shard, **job)
+    seconds = time.perf_counter() - start
     if rank == 0:
         write_bytes_atomic(
             Path(tmp) / "result.json", json.dumps({"seconds": seconds, "images": made[0]}).encode()

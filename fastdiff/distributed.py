@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from fastdiff.errors import FastdiffError
 from fastdiff.output import atomic_path, check_output_path, to_uint8, write_bytes_atomic
 from fastdiff.pretrained import Pretrained
-from fastdiff.samplers import DDIMSampler, Sampler
+from fastdiff.samplers import DDIMSampler, Sampler, infer_device
 
 FORMAT = "fastdiff-shards-v1"
 MANIFEST = "manifest.json"
@@ -301,21 +301,15 @@ def _resolve_model(model: Any, device: torch.device, sample_shape: Sequence[int]
     return _Model(model, tuple(int(s) for s in sample_shape), getattr(model, "num_classes", None), None, name)
 
 
-def _model_device(denoiser: Any, device: torch.device | str | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    if isinstance(denoiser, torch.nn.Module):
-        param = next(iter(denoiser.parameters()), None)
-        if param is not None:
-            return param.device
-    return torch.device("cpu")
-
-
 def _resolve_sampler(sampler: Sampler | str, schedule: Any, steps: int, eta: float) -> Sampler:
     from fastdiff.cli import build_sampler
 
     if isinstance(sampler, Sampler):
         return sampler
+    if not isinstance(sampler, str):
+        raise TypeError(
+            f"sampler must be a DDIMSampler/DDPMSampler or 'ddim'/'ddpm', got {type(sampler).__name__}"
+        )
     if sampler not in ("ddim", "ddpm"):
         raise ValueError(f"sampler must be a DDIMSampler/DDPMSampler or 'ddim'/'ddpm', got {sampler!r}")
     if schedule is None:
@@ -390,7 +384,9 @@ def _generate(
         shape = (len(idx), *resolved.sample_shape)
         gens = [sample_generator(seed, i) for i in idx]
         if engine is not None:
-            x = engine.sample(shape, generator=gens, cond=kwargs or None, guidance_scale=guidance_scale)
+            x = engine.sample(
+                shape, generator=gens, cond=kwargs or None, guidance_scale=guidance_scale, device=device
+            )
         else:
             x = sample(
                 resolved.denoiser,
@@ -474,7 +470,7 @@ def sample_to_dir(
     if isinstance(model, str):
         device = _local_device(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
     else:
-        device = _model_device(model.model if isinstance(model, Pretrained) else model, device)
+        device = infer_device(model.model if isinstance(model, Pretrained) else model, None, device)
 
     group = init_distributed(device)
     resolved = _resolve_model(model, device, sample_shape)
@@ -643,6 +639,7 @@ def _counter(shard_size: int, num_samples: int) -> tuple[list[int], Callable[[in
 def cmd_sample_to_dir(args: argparse.Namespace) -> int:
     """`fastdiff sample ... --out DIR/`: sharded, resumable sampling on every rank of a torchrun job."""
     from fastdiff.cli import build_sampler, load_model
+    from fastdiff.engine import SamplingEngine
 
     if args.x_T:
         raise ValueError(
@@ -658,6 +655,8 @@ def cmd_sample_to_dir(args: argparse.Namespace) -> int:
     group = init_distributed(device)
     pre = load_model(args.model, str(device))
     sampler = build_sampler(args.sampler, pre.schedule, args.steps, args.eta)
+    # CUDA graphs on a GPU; on a CPU the engine would only repeat fastdiff.sample.
+    engine = SamplingEngine(pre.model, sampler) if device.type == "cuda" else None
     guidance = args.guidance_scale
     if guidance is None:  # the same default as `fastdiff sample --out FILE`
         guidance = 2.0 if pre.num_classes is not None else 1.0
@@ -673,6 +672,7 @@ def cmd_sample_to_dir(args: argparse.Namespace) -> int:
         shard_size=shard_size,
         model_id=args.model,
         device=device,
+        engine=engine,
         merge_to=getattr(args, "merge_to", None),
         on_shard=on_shard,
         progress=not args.quiet,

@@ -1,0 +1,156 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastdiff.cli import main
+
+
+def run(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_sample_png_grid(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    code, stdout, _ = run(
+        ["sample", "--steps", "5", "--num-samples", "20", "--batch-size", "8", "--out", str(out), "--quiet"],
+        capsys,
+    )
+    assert code == 0
+    assert "20 images" in stdout and "images/s" in stdout
+    picture = Image.open(out)
+    assert picture.mode == "L"
+    # 10 columns (one per class) x 2 rows of 8x8 digits enlarged 4x with 1-pixel padding
+    assert picture.size == (10 * 33 + 1, 2 * 33 + 1)
+
+
+def test_sample_npz_is_deterministic(tmp_path, capsys):
+    args = [
+        "sample",
+        "--sampler",
+        "ddpm",
+        "--steps",
+        "4",
+        "--num-samples",
+        "3",
+        "--class-label",
+        "7",
+        "--seed",
+        "1",
+        "--quiet",
+    ]
+    assert run([*args, "--out", str(tmp_path / "a.npz")], capsys)[0] == 0
+    assert run([*args, "--out", str(tmp_path / "b.npz")], capsys)[0] == 0
+    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+    assert a["images"].shape == (3, 8, 8, 1) and a["images"].dtype == np.uint8
+    assert a["labels"].tolist() == [7, 7, 7]
+    assert np.array_equal(a["images"], b["images"])
+
+
+def test_x_T_file(tmp_path, capsys):
+    x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    code, _, _ = run(
+        [
+            "sample",
+            "--steps",
+            "3",
+            "--num-samples",
+            "2",
+            "--x-T",
+            str(tmp_path / "x.npy"),
+            "--out",
+            str(tmp_path / "s.npz"),
+            "--quiet",
+        ],
+        capsys,
+    )
+    assert code == 0
+    x[0, 0, 0, 0] = np.nan
+    np.save(tmp_path / "nan.npy", x)
+    code, _, err = run(
+        [
+            "sample",
+            "--steps",
+            "3",
+            "--num-samples",
+            "2",
+            "--x-T",
+            str(tmp_path / "nan.npy"),
+            "--out",
+            str(tmp_path / "n.npz"),
+        ],
+        capsys,
+    )
+    assert code == 2 and "NaN" in err
+    assert not (tmp_path / "n.npz").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "cifar"], "--model"),
+        (["--steps", "1001"], "larger than the model's schedule"),
+        (["--class-label", "10"], "--class-label"),
+        (["--out", "{tmp}/missing/x.png"], "does not exist"),
+        (["--out", "{tmp}/x.jpg"], "--out"),
+        (["--model", "{tmp}/bad.safetensors"], "not a valid fastdiff checkpoint"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
+    (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    out = tmp_path / "x.png"
+    full = ["sample", "--steps", "2", "--num-samples", "2", "--out", str(out), *args]
+    code, _, err = run(full, capsys)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_guidance_on_unconditional_model_is_refused(tmp_path, capsys):
+    from fastdiff.models import MLPDenoiser
+    from fastdiff.pretrained import save_checkpoint
+
+    ckpt = save_checkpoint(
+        tmp_path / "mlp.safetensors", MLPDenoiser(hidden=8, num_layers=1), {"kind": "linear"}
+    )
+    code, _, err = run(
+        ["sample", "--model", str(ckpt), "--guidance-scale", "3", "--out", str(tmp_path / "o.npz")], capsys
+    )
+    assert code == 2 and "--guidance-scale" in err
+
+
+def test_steps_below_one_rejected_by_parser(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["sample", "--steps", "0"])
+    assert exc.value.code == 2
+
+
+def test_info(capsys):
+    code, stdout, _ = run(["info"], capsys)
+    assert code == 0
+    assert "torch" in stdout and "fast paths" in stdout
+
+
+def test_train_writes_a_loadable_checkpoint(tmp_path, capsys):
+    from fastdiff.pretrained import load_checkpoint
+
+    out = tmp_path / "swiss.safetensors"
+    code, stdout, _ = run(
+        ["train", "--dataset", "swissroll", "--steps", "20", "--out", str(out), "--quiet"], capsys
+    )
+    assert code == 0 and "final loss" in stdout
+    assert load_checkpoint(out).model.dim == 2
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastdiff", "sample", "--steps", "0"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "positive integer" in proc.stderr

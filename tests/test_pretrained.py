@@ -45,12 +45,12 @@ def test_load_errors(tmp_path):
         load_pretrained("cifar")
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00" * 100)
-    with pytest.raises(CheckpointError, match="garbage.safetensors"):
+    with pytest.raises(CheckpointError, match=r"garbage\.safetensors"):
         load_checkpoint(garbage)
     good = save_checkpoint(tmp_path / "good.safetensors", tiny_unet(), SCHEDULE)
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match="truncated.safetensors"):
+    with pytest.raises(CheckpointError, match=r"truncated\.safetensors"):
         load_checkpoint(truncated)
     assert issubclass(CheckpointError, fastdiff.FastdiffError)
 

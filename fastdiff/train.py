@@ -68,7 +68,7 @@ def train(
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout inside the model
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, foreach=True)
     # Linear warm-up then cosine decay: stable for the first steps, sharper samples at the end.
     warmup = max(1, steps // 50)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -122,7 +122,7 @@ def train_dataset(
         images, labels = datasets.load_digits(image_size=config.image_size)
         model = UNet(config)
         result = train(
-            model, images, DIGITS_SCHEDULE, labels=labels, steps=steps or 4000, seed=seed, progress=progress
+            model, images, DIGITS_SCHEDULE, labels=labels, steps=steps or 2500, seed=seed, progress=progress
         )
     else:
         points = datasets.swiss_roll(10_000, noise=0.02, generator=torch.Generator().manual_seed(seed))

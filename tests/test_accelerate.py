@@ -14,11 +14,11 @@ import textwrap
 
 import pytest
 import torch
-from fastdiff.kernels.backend import triton_runs_on
 from torch import nn
 
 from fastdiff.accelerate import DiffusersDenoiser, FastAttnProcessor, accelerate, as_denoiser, report
 from fastdiff.errors import BackendUnavailableError
+from fastdiff.kernels.backend import triton_runs_on
 from fastdiff.models import MLPDenoiser, UNet, UNetConfig
 from fastdiff.models.unet import AttentionBlock, GroupNormSiLU
 from fastdiff.samplers import DDIMSampler, sample

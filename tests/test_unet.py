@@ -1,11 +1,11 @@
 import json
 import math
 
-import fastdiff.kernels as kernels
 import pytest
 import torch
 import torch.nn.functional as F
 
+import fastdiff.kernels as kernels
 from fastdiff.models.unet import (
     PRESETS,
     AttentionBlock,

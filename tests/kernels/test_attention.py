@@ -21,10 +21,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from fastdiff.kernels.attention import _attention_triton, attention, attention_reference
-from fastdiff.kernels.backend import interpreter_enabled, triton_importable
 
 from fastdiff.errors import BackendUnavailableError
+from fastdiff.kernels.attention import _attention_triton, attention, attention_reference
+from fastdiff.kernels.backend import interpreter_enabled, triton_importable
 
 interpreted = pytest.mark.skipif(
     not (triton_importable() and interpreter_enabled()), reason="needs triton and TRITON_INTERPRET=1"

@@ -16,11 +16,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+
+from fastdiff.errors import BackendUnavailableError
 from fastdiff.kernels import group_norm as gn
 from fastdiff.kernels.backend import triton_importable, triton_runs_on
 from fastdiff.kernels.group_norm import group_norm_silu, group_norm_silu_reference
-
-from fastdiff.errors import BackendUnavailableError
 
 needs_triton = pytest.mark.skipif(not triton_importable(), reason="needs triton")
 needs_interpreter = pytest.mark.skipif(

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+
 from fastdiff.benchmarks import kernels as bench
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fastdiff.kernels.backend import triton_runs_on
-from fastdiff.kernels.sampler_step import TABLE_COLUMNS, sampler_step, sampler_step_reference
 
 from fastdiff.errors import BackendUnavailableError
+from fastdiff.kernels.backend import triton_runs_on
+from fastdiff.kernels.sampler_step import TABLE_COLUMNS, sampler_step, sampler_step_reference
 from fastdiff.samplers import DDIMSampler, DDPMSampler
 from fastdiff.schedule import NoiseSchedule
 

@@ -33,6 +33,7 @@ from torch import nn
 from fastdiff.errors import CheckpointError, FastdiffError, missing_extra
 from fastdiff.kernels.backend import decomposed
 from fastdiff.output import check_output_path
+from fastdiff.samplers import null_class_cond
 
 log = logging.getLogger("fastdiff.export")
 
@@ -593,12 +594,7 @@ class OnnxDenoiser:
         return self._null_cond
 
     def _null_cond(self, cond: Mapping[str, Any]) -> dict[str, Any]:
-        uncond = {}
-        for key, value in cond.items():
-            if key != "class_labels":
-                raise ValueError(f"no null condition for {key!r}: pass an explicit `uncond` for it")
-            uncond[key] = None if value is None else torch.full_like(value, self.null_label)
-        return uncond
+        return null_class_cond(cond, self.null_label)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor | float, **cond: Any) -> torch.Tensor:
         feeds = denoiser_feeds(x, t, cond, self.inputs, self.null_label)

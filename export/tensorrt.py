@@ -19,6 +19,7 @@ import torch
 from fastdiff.errors import CheckpointError, FastdiffError, missing_extra
 from fastdiff.export.onnx import Port, denoiser_feeds
 from fastdiff.output import atomic_path, check_output_path, write_bytes_atomic
+from fastdiff.samplers import null_class_cond
 
 # TensorRT DataType names -> torch dtypes (names, so this table needs no tensorrt import).
 _TRT_DTYPES = {
@@ -188,12 +189,7 @@ class TensorRTDenoiser:
         return self._null_cond
 
     def _null_cond(self, cond: Mapping[str, Any]) -> dict[str, Any]:
-        uncond = {}
-        for key, value in cond.items():
-            if key != "class_labels":
-                raise ValueError(f"no null condition for {key!r}: pass an explicit `uncond` for it")
-            uncond[key] = None if value is None else torch.full_like(value, self.null_label)
-        return uncond
+        return null_class_cond(cond, self.null_label)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor | float, **cond: Any) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_cuda:

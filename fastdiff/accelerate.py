@@ -35,6 +35,7 @@ from fastdiff.kernels.attention import MAX_HEAD_DIM
 from fastdiff.kernels.backend import BACKENDS, resolve_backend
 from fastdiff.models.mlp import MLPDenoiser
 from fastdiff.models.unet import AttentionBlock, GroupNormSiLU, UNet, broadcast_timesteps
+from fastdiff.samplers import null_class_cond
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KINDS = ("group_norm_silu", "group_norm", "attention")
@@ -506,14 +507,7 @@ class DiffusersDenoiser(nn.Module):
         return None if self.null_class_label is None else self._null_cond
 
     def _null_cond(self, cond: dict[str, Any]) -> dict[str, Any]:
-        uncond: dict[str, Any] = {}
-        for key, value in cond.items():
-            if key != "class_labels":
-                raise ValueError(
-                    f"no null condition for {key!r}: pass an explicit `uncond` for it to classifier-free guidance"
-                )
-            uncond[key] = None if value is None else torch.full_like(value, self.null_class_label)
-        return uncond
+        return null_class_cond(cond, self.null_class_label)
 
 
 def as_denoiser(module: nn.Module, *, null_class_label: int | None = None) -> nn.Module:

@@ -244,6 +244,21 @@ def infer_device(denoiser: Any, x_T: torch.Tensor | None, device: torch.device |
     return torch.device("cpu")
 
 
+def null_class_cond(cond: Mapping[str, Any], null_label: int) -> dict[str, Any]:
+    """The unconditional counterpart of `cond` for a model with a null class: every class label -> `null_label`.
+
+    Other conditioning (text states, low-res images) has no generic null: those need an explicit `uncond`.
+    """
+    uncond: dict[str, Any] = {}
+    for key, value in cond.items():
+        if key != "class_labels":
+            raise ValueError(
+                f"no null condition for {key!r}: pass an explicit `uncond` for it to classifier-free guidance"
+            )
+        uncond[key] = None if value is None else torch.full_like(value, null_label)
+    return uncond
+
+
 def guidance_conds(
     denoiser: Any, cond: Mapping[str, Any] | None, uncond: Mapping[str, Any] | None, guidance_scale: float
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:

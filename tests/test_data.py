@@ -7,7 +7,7 @@ from fastdiff.data import load_digits, swiss_roll
 
 
 def test_load_digits_shapes_and_ranges():
-    images, labels = load_digits()
+    images, labels = load_digits(16)
     assert images.shape == (1797, 1, 16, 16) and images.dtype == torch.float32
     assert labels.shape == (1797,) and labels.dtype == torch.int64
     assert images.min() == -1.0 and images.max() == 1.0
@@ -16,9 +16,9 @@ def test_load_digits_shapes_and_ranges():
     assert labels[0] == 0 and images[0, 0, 8, 7] < -0.9 and images[0, 0, 2, 7] > 0.5
 
 
-def test_load_digits_native_size_is_the_scaled_raw_pixels():
+def test_load_digits_default_is_the_native_size_with_the_scaled_raw_pixels():
     sklearn_datasets = pytest.importorskip("sklearn.datasets")
-    images, labels = load_digits(8)
+    images, labels = load_digits()
     raw = sklearn_datasets.load_digits()
     torch.testing.assert_close(images[:, 0], torch.as_tensor(raw.images, dtype=torch.float32) / 8 - 1)
     assert torch.equal(labels, torch.as_tensor(raw.target))

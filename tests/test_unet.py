@@ -23,8 +23,15 @@ ATOL = 1e-5  # float32 paths that compute the same sums in a different order
 
 
 def tiny_config(**overrides) -> UNetConfig:
-    """The digits preset shrunk to a few thousand parameters for fast CPU tests."""
-    return UNetConfig.preset("digits", **{"model_channels": 8, "num_groups": 4, **overrides})
+    """The digits preset shrunk to a few thousand parameters, at 16x16 with three levels, for fast CPU tests."""
+    base = {
+        "model_channels": 8,
+        "num_groups": 4,
+        "image_size": 16,
+        "channel_mult": (1, 2, 2),
+        "attention_resolutions": (8, 4),
+    }
+    return UNetConfig.preset("digits", **{**base, **overrides})
 
 
 def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

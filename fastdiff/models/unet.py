@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastdiff.kernels as kernels
+from fastdiff.samplers import null_class_cond
 
 
 @dataclass(frozen=True)
@@ -593,13 +594,6 @@ class UNet(nn.Module):
 
     def null_cond(self, cond: dict[str, Any]) -> dict[str, Any]:
         """The unconditional counterpart of `cond` for classifier-free guidance: null class labels, same shape."""
-        uncond: dict[str, Any] = {}
-        for key, value in cond.items():
-            if key != "class_labels":
-                raise ValueError(
-                    f"no null condition for {key!r}: pass an explicit `uncond` for it to classifier-free guidance"
-                )
-            if self.num_classes is None:
-                raise ValueError("class_labels given to an unconditional model (config.num_classes is None)")
-            uncond[key] = None if value is None else torch.full_like(value, self.num_classes)
-        return uncond
+        if self.num_classes is None:
+            raise ValueError("class_labels given to an unconditional model (config.num_classes is None)")
+        return null_class_cond(cond, self.num_classes)

@@ -161,9 +161,8 @@ def _sha256_file(path: Path) -> str:
 def _tensor_sha256(*tensors: torch.Tensor) -> str:
     h = hashlib.sha256()
     for t in tensors:
-        t = t.detach().cpu().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -220,6 +219,16 @@ def _read_manifest(out_dir: Path) -> dict[str, Any]:
         raise ShardError(f"{path} is not readable JSON: {err}") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ShardError(f"{path} is not a {FORMAT} manifest")
+    try:
+        size, n = manifest["shard_size"], manifest["num_samples"]
+        for r in manifest["shards"]:
+            samples = shard_range(r["index"], size, n)
+            if (r["file"], r["start"], r["stop"]) != (shard_name(r["index"]), samples.start, samples.stop):
+                raise ValueError(f"record {r} does not match shard {r['index']}")
+            if not isinstance(r["sha256"], str):
+                raise TypeError("sha256 must be a string")
+    except (KeyError, TypeError, ValueError) as err:
+        raise ShardError(f"{path} has a malformed shard list: {err}") from err
     return manifest
 
 

@@ -213,6 +213,21 @@ def test_bad_inputs_are_refused_and_nothing_is_overwritten(digits, reference, tm
         _run(pre, out, shard_size=4)
     assert _tree(out) == before
 
+    broken = tmp_path / "broken"
+    shutil.copytree(reference[0], broken)
+    (broken / MANIFEST).write_text("{not json")
+    before = _tree(broken)
+    with pytest.raises(ShardError, match="not readable JSON"):
+        _run(pre, broken)
+    with pytest.raises(ShardError, match="not readable JSON"):
+        merge(broken, tmp_path / "m.npz")
+    manifest = json.loads((reference[0] / MANIFEST).read_text())
+    manifest["shards"][0]["file"] = "../escape.npz"
+    (broken / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="malformed shard list"):
+        _run(pre, broken)
+    assert _tree(broken) == {**before, MANIFEST: json.dumps(manifest).encode()}
+
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / shard_name(0)).write_bytes(b"not ours")

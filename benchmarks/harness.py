@@ -18,6 +18,7 @@ A backend or workload that cannot run is recorded as `skipped` with the reason, 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import math
@@ -25,7 +26,7 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -267,11 +268,15 @@ def _release(device: torch.device) -> None:
 
 
 class _Progress:
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.bar = tqdm(total=total, disable=not enabled, desc="bench", unit="run")
+    """A bar over the measurements, showing the one running."""
 
-    def step(self, label: str) -> None:
-        self.bar.set_postfix_str(label, refresh=False)
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = tqdm(total=total, disable=not enabled, desc="bench", unit="case")
+
+    @contextlib.contextmanager
+    def case(self, label: str) -> Iterator[None]:
+        self.bar.set_postfix_str(label)
+        yield
         self.bar.update(1)
 
 
@@ -289,8 +294,8 @@ def _run_workload(
 
     def skip_all(reason: str) -> list[dict[str, Any]]:
         for dtype, backend, batch in grid:
-            rows.append(_row(name, backend, batch, dtype, "skipped", reason))
-            progress.step(f"{name} {backend} skipped")
+            with progress.case(f"{name} {backend} skipped"):
+                rows.append(_row(name, backend, batch, dtype, "skipped", reason))
         return rows
 
     spec = WORKLOADS[name]
@@ -326,36 +331,39 @@ def _run_workload(
             except Exception as err:  # a backend that fails to build is a result, not the end of the run
                 backend, status, reason = None, "error", _error_text(err)
             for batch in config.batch_sizes:
-                progress.step(f"{name} {backend_name} b{batch} {dtype_name}")
-                if backend is None:
-                    rows.append(_row(name, backend_name, batch, dtype_name, status, reason))
-                    continue
-                row = _row(name, backend_name, batch, dtype_name, "ok", None)
-                row.update(
-                    sampler=workload.sampler_kind,
-                    steps=workload.steps,
-                    setup_s=backend.setup_s,
-                    info=dict(backend.info),
-                )
-                case = make_case(workload, batch, dtype, config.seed)
-                row["guidance_scale"] = case.guidance_scale
-                try:
-                    fields, samples = measure(
-                        backend, case, repeats=config.repeats, warmup=config.warmup, profile=config.profile
+                with progress.case(f"{name} {backend_name} b{batch} {dtype_name}"):
+                    if backend is None:
+                        rows.append(_row(name, backend_name, batch, dtype_name, status, reason))
+                        continue
+                    row = _row(name, backend_name, batch, dtype_name, "ok", None)
+                    row.update(
+                        sampler=workload.sampler_kind,
+                        steps=workload.steps,
+                        setup_s=backend.setup_s,
+                        info=dict(backend.info),
                     )
-                except Exception as err:
-                    row.update(status="error", reason=_error_text(err))
                     rows.append(row)
-                    _release(device)
-                    continue
-                row.update(fields)
-                # other processes on the machine skew CPU timings: the load right after this measurement
-                row["info"]["load_average_1m"] = (load_average() or [None])[0]
-                if backend_name == "eager" and dtype_name == "float32":
-                    references[batch] = samples
-                if batch in references:
-                    row["numerics"] = compare_samples(samples, references[batch])
-                rows.append(row)
+                    case = make_case(workload, batch, dtype, config.seed)
+                    row["guidance_scale"] = case.guidance_scale
+                    try:
+                        fields, samples = measure(
+                            backend,
+                            case,
+                            repeats=config.repeats,
+                            warmup=config.warmup,
+                            profile=config.profile,
+                        )
+                    except Exception as err:
+                        row.update(status="error", reason=_error_text(err))
+                        _release(device)
+                        continue
+                    row.update(fields)
+                    # other processes on the machine skew CPU timings: the load right after this measurement
+                    row["info"]["load_average_1m"] = (load_average() or [None])[0]
+                    if backend_name == "eager" and dtype_name == "float32":
+                        references[batch] = samples
+                    if batch in references:
+                        row["numerics"] = compare_samples(samples, references[batch])
             del backend
             _release(device)
     return workload.describe(), rows

@@ -5,7 +5,7 @@ Optional dependencies (triton, diffusers, onnxruntime, tensorrt) are imported on
 
 from fastdiff.accelerate import AccelerationReport, as_denoiser, report
 from fastdiff.accelerate import accelerate as accelerate
-from fastdiff.distributed import merge, sample_to_dir
+from fastdiff.distributed import ShardError, merge, sample_to_dir
 from fastdiff.engine import SamplingEngine
 from fastdiff.errors import BackendUnavailableError, CheckpointError, FastdiffError
 from fastdiff.integrations.diffusers import accelerate_pipeline, from_diffusers_scheduler
@@ -27,6 +27,7 @@ __all__ = [
     "NoiseSchedule",
     "Pretrained",
     "SamplingEngine",
+    "ShardError",
     "StepTable",
     "UNet",
     "UNetConfig",

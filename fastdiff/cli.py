@@ -53,12 +53,19 @@ def build_sampler(kind: str, schedule, steps: int, eta: float):
     return DDIMSampler(schedule, steps, eta=eta)
 
 
+def guidance_scale_for(pre, requested: float | None) -> float:
+    """--guidance-scale: default 2 for class-conditional models, 1 (off) otherwise; refused without classes."""
+    if pre.num_classes is None:
+        if requested not in (None, 1.0):
+            raise ValueError("--guidance-scale needs a class-conditional model")
+        return 1.0
+    return 2.0 if requested is None else requested
+
+
 def _labels(pre, args) -> torch.Tensor | None:
     if pre.num_classes is None:
         if args.class_label is not None:
             raise ValueError("--class-label: this model is not class-conditional")
-        if args.guidance_scale not in (None, 1.0):
-            raise ValueError("--guidance-scale needs a class-conditional model")
         return None
     if args.class_label is None:
         return torch.arange(args.num_samples) % pre.num_classes
@@ -97,10 +104,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     check_output_path(args.out)
     pre = load_model(args.model, args.device)
     sampler = build_sampler(args.sampler, pre.schedule, args.steps, args.eta)
+    guidance = guidance_scale_for(pre, args.guidance_scale)
     labels = _labels(pre, args)
-    guidance = (
-        args.guidance_scale if args.guidance_scale is not None else (2.0 if labels is not None else 1.0)
-    )
     shape = (args.num_samples, *pre.sample_shape)
     x_T = _load_x_T(args.x_T, shape) if args.x_T else None
     gen = torch.Generator().manual_seed(args.seed)
@@ -193,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default=_default_device())
     p.add_argument("--x-T", dest="x_T", default=None, help=".npy file with the starting noise (N, C, H, W)")
     p.add_argument("--out", default="samples.png", help="file.png, file.npz, or DIR/ for resumable shards")
+    p.add_argument(
+        "--shard-size",
+        type=_positive_int,
+        default=None,
+        help="samples per shard file with --out DIR/ (default 1024)",
+    )
+    p.add_argument("--merge-to", default=None, help="with --out DIR/: also write the merged .npz here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
 
@@ -207,11 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="versions, device and available fast paths")
     p.set_defaults(func=cmd_info)
 
-    for module in ("fastdiff.export.cli", "fastdiff.benchmarks.cli", "fastdiff.distributed"):
-        try:
-            register = __import__(module, fromlist=["add_parser"]).add_parser
-        except (ImportError, AttributeError):
-            continue  # a subcommand whose module is not built yet
+    from fastdiff.benchmarks.cli import add_parser as add_bench
+    from fastdiff.distributed import add_parser as add_merge
+    from fastdiff.export.cli import add_parser as add_export
+
+    for register in (add_export, add_bench, add_merge):
         register(sub)
     return parser
 

@@ -647,7 +647,7 @@ def _counter(shard_size: int, num_samples: int) -> tuple[list[int], Callable[[in
 
 def cmd_sample_to_dir(args: argparse.Namespace) -> int:
     """`fastdiff sample ... --out DIR/`: sharded, resumable sampling on every rank of a torchrun job."""
-    from fastdiff.cli import build_sampler, load_model
+    from fastdiff.cli import build_sampler, guidance_scale_for, load_model
     from fastdiff.engine import SamplingEngine
 
     if args.x_T:
@@ -666,9 +666,7 @@ def cmd_sample_to_dir(args: argparse.Namespace) -> int:
     sampler = build_sampler(args.sampler, pre.schedule, args.steps, args.eta)
     # CUDA graphs on a GPU; on a CPU the engine would only repeat fastdiff.sample.
     engine = SamplingEngine(pre.model, sampler) if device.type == "cuda" else None
-    guidance = args.guidance_scale
-    if guidance is None:  # the same default as `fastdiff sample --out FILE`
-        guidance = 2.0 if pre.num_classes is not None else 1.0
+    guidance = guidance_scale_for(pre, args.guidance_scale)
     sample_to_dir(
         pre,
         sampler,

@@ -2,10 +2,11 @@
 
 Methodology, per measurement:
 - the same starting noise (seeded, drawn in float32 on the host) and the same step-noise seed for every backend;
-- the backend is prepared once per workload and dtype (accelerate, export, engine build: `setup_s`); the first
+- every backend is prepared once per workload and dtype (accelerate, export, engine build: `setup_s`); the first
   sampling run of each batch size (lazy compilation, graph capture) is timed on its own (`first_run_s`); then
   `warmup` more untimed runs; then `repeats` timed runs (CUDA events after a synchronize on GPU,
-  `time.perf_counter` on CPU), reported as median, min, max and quartiles;
+  `time.perf_counter` on CPU), reported as median, min, max and quartiles. The timed runs of all backends are
+  interleaved (round-robin, rotating order), so that other work on a shared machine skews them alike;
 - the eager backend is always measured, so every result has `speedup_vs_eager` = eager median / its median
   (same workload, batch size and dtype);
 - the final samples are compared with the eager float32 samples (max abs difference, PSNR over the
@@ -18,7 +19,6 @@ A backend or workload that cannot run is recorded as `skipped` with the reason, 
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import gc
 import math
@@ -26,7 +26,7 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,9 +42,8 @@ from .workloads import SAMPLERS, WORKLOADS, Workload, build_workload
 SCHEMA_VERSION = 1
 KIND = "fastdiff.benchmarks.sampling"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# The profile times PROFILE_REPEATS loops of (at most) PROFILE_CALLS model calls: every step's call costs the same,
-# so a few calls give the per-step model time without paying for a whole extra sampling run.
-PROFILE_REPEATS = 3
+# The profile times a few loops of (at most) PROFILE_CALLS model calls: every step's call costs the same, so a few
+# calls give the per-step model time without paying for a whole extra sampling run.
 PROFILE_CALLS = 10
 
 
@@ -173,52 +172,109 @@ def _peak_memory(device: torch.device) -> dict[str, Any]:
     }
 
 
-def measure(
-    backend: Backend, case: Case, *, repeats: int, warmup: int, profile: bool
-) -> tuple[dict[str, Any], torch.Tensor]:
-    """Time `backend` on `case` (first run, warm-up, repeats, model-only profile); returns (fields, samples)."""
+def _model_seconds_per_step(backend: Backend, case: Case, loops: int) -> float:
+    """Seconds of one denoiser call on the first step's inputs (median of `loops` loops of a few calls)."""
     device = case.x_T.device
-    steps = backend.workload.steps
-    with torch.inference_mode():
-        first_s, out = _timed(lambda: backend.sample(case), device)
-        for _ in range(warmup):
-            backend.sample(case)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for _ in range(repeats):
-            seconds, out = _timed(lambda: backend.sample(case), device)
-            times.append(seconds)
-        memory = _peak_memory(device)
-        stats = summarize(times)
-        fields: dict[str, Any] = {
-            "first_run_s": first_s,
-            "time_s": stats,
-            "samples_per_s": case.shape[0] / stats["median"],
-            "ms_per_step": 1e3 * stats["median"] / steps,
-            "memory": memory,
-            "profile": None,
-        }
-        if profile and backend.denoise is not None:
-            x, kwargs = case.model_inputs()
-            t = backend.model_timestep(x.shape[0])
-            denoise = backend.denoise
-            calls = min(steps, PROFILE_CALLS)
+    x, kwargs = case.model_inputs()
+    t = backend.model_timestep(x.shape[0])
+    denoise = backend.denoise
+    calls = min(backend.workload.steps, PROFILE_CALLS)
 
-            def model_only() -> None:
-                for _ in range(calls):
-                    denoise(x, t, **kwargs)
-
+    def model_only() -> None:
+        for _ in range(calls):
             denoise(x, t, **kwargs)
-            loops = [_timed(model_only, device)[0] for _ in range(min(repeats, PROFILE_REPEATS))]
-            model_s = float(np.median(loops)) / calls * steps
-            fields["profile"] = {
-                "model_s": model_s,
-                "model_ms_per_step": 1e3 * model_s / steps,
-                "overhead_ms_per_step": 1e3 * (stats["median"] - model_s) / steps,
-                "overhead_fraction": (stats["median"] - model_s) / stats["median"],
+
+    denoise(x, t, **kwargs)
+    return float(np.median([_timed(model_only, device)[0] for _ in range(loops)])) / calls
+
+
+def measure_all(
+    backends: dict[str, Backend],
+    case: Case,
+    *,
+    repeats: int,
+    warmup: int,
+    profile: bool,
+    status: Callable[[str], None] = lambda text: None,
+) -> dict[str, tuple[dict[str, Any], torch.Tensor] | Exception]:
+    """Time every backend on `case`; returns per backend (fields, samples) or the exception it raised.
+
+    Per backend, the first run is timed alone (it pays lazy compilation or graph capture), then `warmup` untimed
+    runs. The `repeats` timed runs are interleaved, one run of every backend per round in an order that rotates
+    from round to round, so that a change of load on a shared machine hits every backend alike. Then the
+    model-only profile of each backend. A backend that raises leaves the rotation; the others go on.
+    """
+    device = case.x_T.device
+    failed: dict[str, Exception] = {}
+    first: dict[str, float] = {}
+    samples: dict[str, torch.Tensor] = {}
+    times: dict[str, list[float]] = {name: [] for name in backends}
+    peak: dict[str, dict[str, Any]] = {}
+
+    def attempt(name: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as err:  # a backend failing on this case is a result, not the end of the run
+            failed[name] = err
+            _release(device)
+            return None
+
+    def run(name: str) -> tuple[float, torch.Tensor]:
+        return _timed(lambda: backends[name].sample(case), device)
+
+    with torch.inference_mode():
+        for name, backend in backends.items():
+            status(f"first run {name}")
+
+            def first_and_warmup(name: str = name, backend: Backend = backend) -> bool:
+                first[name], samples[name] = run(name)
+                for _ in range(warmup):
+                    backend.sample(case)
+                return True
+
+            attempt(name, first_and_warmup)
+        for r in range(repeats):
+            live = [name for name in backends if name not in failed]
+            for name in live[r % max(len(live), 1) :] + live[: r % max(len(live), 1)]:
+                status(f"run {r + 1}/{repeats} {name}")
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                done = attempt(name, lambda name=name: run(name))
+                if done is not None:
+                    times[name].append(done[0])
+                    samples[name] = done[1]
+                    memory = _peak_memory(device)
+                    if name not in peak or (memory["peak_mib"] or 0) > (peak[name]["peak_mib"] or 0):
+                        peak[name] = memory
+        results: dict[str, tuple[dict[str, Any], torch.Tensor] | Exception] = dict(failed)
+        for name, backend in backends.items():
+            if name in failed:
+                continue
+            stats = summarize(times[name])
+            steps = backend.workload.steps
+            fields: dict[str, Any] = {
+                "first_run_s": first[name],
+                "time_s": stats,
+                "samples_per_s": case.shape[0] / stats["median"],
+                "ms_per_step": 1e3 * stats["median"] / steps,
+                "memory": peak[name],
+                "profile": None,
             }
-    return fields, out
+            if profile and backend.denoise is not None:
+                status(f"profile {name}")
+                per_step = attempt(name, lambda b=backend: _model_seconds_per_step(b, case, min(repeats, 3)))
+                if per_step is None:
+                    results[name] = failed[name]
+                    continue
+                model_s = per_step * steps
+                fields["profile"] = {
+                    "model_s": model_s,
+                    "model_ms_per_step": 1e3 * per_step,
+                    "overhead_ms_per_step": 1e3 * (stats["median"] - model_s) / steps,
+                    "overhead_fraction": (stats["median"] - model_s) / stats["median"],
+                }
+            results[name] = (fields, samples[name])
+    return results
 
 
 def _error_text(err: BaseException) -> str:
@@ -268,16 +324,16 @@ def _release(device: torch.device) -> None:
 
 
 class _Progress:
-    """A bar over the measurements, showing the one running."""
+    """A bar over the results rows, showing what runs now."""
 
     def __init__(self, total: int, enabled: bool) -> None:
         self.bar = tqdm(total=total, disable=not enabled, desc="bench", unit="case")
 
-    @contextlib.contextmanager
-    def case(self, label: str) -> Iterator[None]:
-        self.bar.set_postfix_str(label)
-        yield
-        self.bar.update(1)
+    def status(self, text: str) -> None:
+        self.bar.set_postfix_str(text)
+
+    def advance(self, rows: int) -> None:
+        self.bar.update(rows)
 
 
 def _run_workload(
@@ -289,14 +345,11 @@ def _run_workload(
     progress: _Progress,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """All rows of one workload, and its description."""
-    rows: list[dict[str, Any]] = []
-    grid = [(d, b, n) for d in config.dtypes for b in backends for n in config.batch_sizes]
+    grid = [(d, b, n) for d in config.dtypes for n in config.batch_sizes for b in backends]
 
     def skip_all(reason: str) -> list[dict[str, Any]]:
-        for dtype, backend, batch in grid:
-            with progress.case(f"{name} {backend} skipped"):
-                rows.append(_row(name, backend, batch, dtype, "skipped", reason))
-        return rows
+        progress.advance(len(grid))
+        return [_row(name, backend, batch, dtype, "skipped", reason) for dtype, backend, batch in grid]
 
     spec = WORKLOADS[name]
     if spec.gpu_only and device.type != "cuda":
@@ -307,8 +360,10 @@ def _run_workload(
         reason = _error_text(err)
         return {"description": spec.description, "skipped": reason}, skip_all(reason)
 
+    rows: list[dict[str, Any]] = []
     references: dict[int, torch.Tensor] = {}
     if "float32" not in config.dtypes:
+        progress.status(f"{name}: eager float32 reference samples")
         reference = EagerBackend(workload, torch.float32)
         with torch.inference_mode():
             for batch in config.batch_sizes:
@@ -316,9 +371,12 @@ def _run_workload(
         del reference
     for dtype_name in config.dtypes:
         dtype = DTYPES[dtype_name]
+        prepared: dict[str, Backend] = {}
+        unavailable: dict[str, tuple[str, str]] = {}
         for backend_name in backends:
+            progress.status(f"{name} {dtype_name}: preparing {backend_name}")
             try:
-                backend = prepare(
+                prepared[backend_name] = prepare(
                     backend_name,
                     workload,
                     dtype,
@@ -327,45 +385,49 @@ def _run_workload(
                     graph_mode=config.graph_mode,
                 )
             except BackendSkipped as skip:
-                backend, status, reason = None, "skipped", str(skip)
+                unavailable[backend_name] = ("skipped", str(skip))
             except Exception as err:  # a backend that fails to build is a result, not the end of the run
-                backend, status, reason = None, "error", _error_text(err)
-            for batch in config.batch_sizes:
-                with progress.case(f"{name} {backend_name} b{batch} {dtype_name}"):
-                    if backend is None:
-                        rows.append(_row(name, backend_name, batch, dtype_name, status, reason))
-                        continue
-                    row = _row(name, backend_name, batch, dtype_name, "ok", None)
-                    row.update(
-                        sampler=workload.sampler_kind,
-                        steps=workload.steps,
-                        setup_s=backend.setup_s,
-                        info=dict(backend.info),
-                    )
-                    rows.append(row)
-                    case = make_case(workload, batch, dtype, config.seed)
-                    row["guidance_scale"] = case.guidance_scale
-                    try:
-                        fields, samples = measure(
-                            backend,
-                            case,
-                            repeats=config.repeats,
-                            warmup=config.warmup,
-                            profile=config.profile,
-                        )
-                    except Exception as err:
-                        row.update(status="error", reason=_error_text(err))
-                        _release(device)
-                        continue
-                    row.update(fields)
-                    # other processes on the machine skew CPU timings: the load right after this measurement
-                    row["info"]["load_average_1m"] = (load_average() or [None])[0]
-                    if backend_name == "eager" and dtype_name == "float32":
-                        references[batch] = samples
-                    if batch in references:
-                        row["numerics"] = compare_samples(samples, references[batch])
-            del backend
-            _release(device)
+                unavailable[backend_name] = ("error", _error_text(err))
+        for batch in config.batch_sizes:
+            case = make_case(workload, batch, dtype, config.seed)
+            label = f"{name} b{batch} {dtype_name}"
+            measured = measure_all(
+                prepared,
+                case,
+                repeats=config.repeats,
+                warmup=config.warmup,
+                profile=config.profile,
+                status=lambda text, label=label: progress.status(f"{label}: {text}"),
+            )
+            # other processes on the machine skew CPU timings: the load right after these measurements
+            load = (load_average() or [None])[0]
+            for backend_name in backends:
+                if backend_name in unavailable:
+                    rows.append(_row(name, backend_name, batch, dtype_name, *unavailable[backend_name]))
+                    continue
+                backend = prepared[backend_name]
+                row = _row(name, backend_name, batch, dtype_name, "ok", None)
+                row.update(
+                    sampler=workload.sampler_kind,
+                    steps=workload.steps,
+                    guidance_scale=case.guidance_scale,
+                    setup_s=backend.setup_s,
+                    info={**backend.info, "load_average_1m": load},
+                )
+                rows.append(row)
+                result = measured[backend_name]
+                if isinstance(result, Exception):
+                    row.update(status="error", reason=_error_text(result))
+                    continue
+                fields, samples = result
+                row.update(fields)
+                if backend_name == "eager" and dtype_name == "float32":
+                    references[batch] = samples
+                if batch in references:
+                    row["numerics"] = compare_samples(samples, references[batch])
+            progress.advance(len(backends))
+        prepared.clear()
+        _release(device)
     return workload.describe(), rows
 
 

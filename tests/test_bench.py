@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -412,3 +413,34 @@ def test_diffusers_unet_path_runs_on_a_tiny_sd_config():
         fast = FastdiffBackend(workload, torch.float32).sample(case)
     assert not torch.equal(eager, case.x_T)
     assert harness.compare_samples(fast, eager)["max_abs"] < SAME_MODEL_ATOL
+
+
+class _FakeBackend:
+    """Records the order of its runs; raises on its `fail_on`-th run."""
+
+    denoise = None
+
+    def __init__(self, name: str, log: list[str], fail_on: int | None = None) -> None:
+        self.name, self.log, self.fail_on = name, log, fail_on
+        self.workload = SimpleNamespace(steps=4)
+
+    def sample(self, case):
+        self.log.append(self.name)
+        if self.log.count(self.name) == self.fail_on:
+            raise RuntimeError("boom")
+        return case.x_T + 1
+
+
+def test_measure_all_interleaves_rounds_and_isolates_failures():
+    log: list[str] = []
+    case = harness.Case(torch.zeros(2, 3), None, None, 1.0, seed=0)
+    backends = {n: _FakeBackend(n, log, fail_on=3 if n == "b" else None) for n in "abc"}
+    results = harness.measure_all(backends, case, repeats=3, warmup=0, profile=True)
+    # first runs in order, then rounds in rotating order: a-b-c, b-c-a; b fails on its third run, so the last
+    # round rotates over the two left (offset 2 % 2 = 0)
+    assert log == ["a", "b", "c", "a", "b", "c", "b", "c", "a", "a", "c"]
+    assert isinstance(results["b"], RuntimeError)
+    for name in "ac":
+        fields, samples = results[name]
+        assert len(fields["time_s"]["runs"]) == 3 and fields["ms_per_step"] > 0
+        assert fields["profile"] is None and torch.equal(samples, case.x_T + 1)

@@ -12,6 +12,16 @@ from typing import Any
 import torch
 
 PACKAGES = ("fastdiff", "torch", "triton", "onnx", "onnxruntime", "tensorrt", "diffusers", "numpy")
+# Environment variables that change what is measured (threads, interpreter, compile caches).
+ENV_VARS = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "TRITON_INTERPRET",
+    "CUDA_VISIBLE_DEVICES",
+    "TORCHINDUCTOR_FORCE_DISABLE_CACHES",
+    "TORCHINDUCTOR_FX_GRAPH_CACHE",
+    "TORCHINDUCTOR_CACHE_DIR",
+)
 
 
 def versions() -> dict[str, str | None]:
@@ -58,7 +68,7 @@ def device_name(device: torch.device) -> str:
 
 
 def device_info(device: torch.device) -> dict[str, Any]:
-    """Type, name, driver and CUDA version of `device`, with the CPU threads torch uses."""
+    """Type, name, driver and CUDA version of `device`, the CPU threads torch uses and the settings in `ENV_VARS`."""
     info: dict[str, Any] = {
         "type": device.type,
         "name": device_name(device),
@@ -67,8 +77,7 @@ def device_info(device: torch.device) -> dict[str, Any]:
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+        "env": {name: os.environ[name] for name in ENV_VARS if name in os.environ},
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

@@ -42,9 +42,10 @@ from .workloads import SAMPLERS, WORKLOADS, Workload, build_workload
 SCHEMA_VERSION = 1
 KIND = "fastdiff.benchmarks.sampling"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# The profile times a few loops of (at most) PROFILE_CALLS model calls: every step's call costs the same, so a few
-# calls give the per-step model time without paying for a whole extra sampling run.
+# The profile times PROFILE_ROUNDS loops of (at most) PROFILE_CALLS model calls: every step's call costs the same,
+# so a few calls give the per-step model time without paying for a whole extra sampling run.
 PROFILE_CALLS = 10
+PROFILE_ROUNDS = 3
 
 
 def _check_names(option: str, values: Sequence[str], choices: Sequence[str]) -> list[str]:
@@ -172,20 +173,25 @@ def _peak_memory(device: torch.device) -> dict[str, Any]:
     }
 
 
-def _model_seconds_per_step(backend: Backend, case: Case, loops: int) -> float:
-    """Seconds of one denoiser call on the first step's inputs (median of `loops` loops of a few calls)."""
-    device = case.x_T.device
+def _model_loop(backend: Backend, case: Case) -> tuple[Callable[[], None], int]:
+    """(a loop of a few denoiser calls on the first step's inputs, the number of calls), after one warm call."""
     x, kwargs = case.model_inputs()
     t = backend.model_timestep(x.shape[0])
     denoise = backend.denoise
     calls = min(backend.workload.steps, PROFILE_CALLS)
 
-    def model_only() -> None:
+    def loop() -> None:
         for _ in range(calls):
             denoise(x, t, **kwargs)
 
     denoise(x, t, **kwargs)
-    return float(np.median([_timed(model_only, device)[0] for _ in range(loops)])) / calls
+    return loop, calls
+
+
+def _rotated(names: list[str], turn: int) -> list[str]:
+    """`names` starting at position `turn` (mod len), so no backend always runs first in a round."""
+    k = turn % len(names) if names else 0
+    return names[k:] + names[:k]
 
 
 def measure_all(
@@ -201,8 +207,8 @@ def measure_all(
 
     Per backend, the first run is timed alone (it pays lazy compilation or graph capture), then `warmup` untimed
     runs. The `repeats` timed runs are interleaved, one run of every backend per round in an order that rotates
-    from round to round, so that a change of load on a shared machine hits every backend alike. Then the
-    model-only profile of each backend. A backend that raises leaves the rotation; the others go on.
+    from round to round, so that a change of load on a shared machine hits every backend alike; so are the
+    loops of the model-only profile. A backend that raises leaves the rotation; the others go on.
     """
     device = case.x_T.device
     failed: dict[str, Exception] = {}
@@ -234,8 +240,7 @@ def measure_all(
 
             attempt(name, first_and_warmup)
         for r in range(repeats):
-            live = [name for name in backends if name not in failed]
-            for name in live[r % max(len(live), 1) :] + live[: r % max(len(live), 1)]:
+            for name in _rotated([n for n in backends if n not in failed], r):
                 status(f"run {r + 1}/{repeats} {name}")
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
@@ -246,6 +251,20 @@ def measure_all(
                     memory = _peak_memory(device)
                     if name not in peak or (memory["peak_mib"] or 0) > (peak[name]["peak_mib"] or 0):
                         peak[name] = memory
+        # the model-only profile, interleaved in the same way
+        loops: dict[str, tuple[Callable[[], None], int]] = {}
+        for name, backend in backends.items():
+            if profile and backend.denoise is not None and name not in failed:
+                status(f"profile {name}")
+                loop = attempt(name, lambda b=backend: _model_loop(b, case))
+                if loop is not None:
+                    loops[name] = loop
+        model_times: dict[str, list[float]] = {name: [] for name in loops}
+        for r in range(min(repeats, PROFILE_ROUNDS)):
+            for name in _rotated([n for n in loops if n not in failed], r):
+                done = attempt(name, lambda name=name: _timed(loops[name][0], device))
+                if done is not None:
+                    model_times[name].append(done[0] / loops[name][1])
         results: dict[str, tuple[dict[str, Any], torch.Tensor] | Exception] = dict(failed)
         for name, backend in backends.items():
             if name in failed:
@@ -260,16 +279,11 @@ def measure_all(
                 "memory": peak[name],
                 "profile": None,
             }
-            if profile and backend.denoise is not None:
-                status(f"profile {name}")
-                per_step = attempt(name, lambda b=backend: _model_seconds_per_step(b, case, min(repeats, 3)))
-                if per_step is None:
-                    results[name] = failed[name]
-                    continue
-                model_s = per_step * steps
+            if model_times.get(name):
+                model_s = float(np.median(model_times[name])) * steps
                 fields["profile"] = {
                     "model_s": model_s,
-                    "model_ms_per_step": 1e3 * per_step,
+                    "model_ms_per_step": 1e3 * model_s / steps,
                     "overhead_ms_per_step": 1e3 * (stats["median"] - model_s) / steps,
                     "overhead_fraction": (stats["median"] - model_s) / stats["median"],
                 }

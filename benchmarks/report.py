@@ -233,25 +233,29 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> Path:
     workloads = [w for w in report["workloads"] if any(r["workload"] == w for r in rows)]
     if not workloads:
         raise ValueError("no successful measurements to plot")
-    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    # one colour per backend in every panel; a panel shows only the backends measured on its workload
+    colours = {b: f"C{i}" for i, b in enumerate(dict.fromkeys(r["backend"] for r in rows))}
     fig, axes = plt.subplots(1, len(workloads), figsize=(4.5 * len(workloads) + 1, 4), squeeze=False)
     for ax, name in zip(axes[0], workloads, strict=True):
         mine = [r for r in rows if r["workload"] == name]
         groups = list(dict.fromkeys((r["batch_size"], r["dtype"]) for r in mine))
+        backends = list(dict.fromkeys(r["backend"] for r in mine))
         width = 0.8 / len(backends)
         for i, backend in enumerate(backends):
             values = {
                 (r["batch_size"], r["dtype"]): r["speedup_vs_eager"] for r in mine if r["backend"] == backend
             }
-            xs = [g + (i - (len(backends) - 1) / 2) * width for g in range(len(groups))]
-            bars = ax.bar(xs, [values.get(g, 0.0) for g in groups], width, label=backend)
+            present = [g for g in range(len(groups)) if groups[g] in values]
+            xs = [g + (i - (len(backends) - 1) / 2) * width for g in present]
+            heights = [values[groups[g]] for g in present]
+            bars = ax.bar(xs, heights, width, label=backend, color=colours[backend])
             ax.bar_label(bars, fmt="%.2g", fontsize="x-small")
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels([f"batch {b}\n{d}" for b, d in groups])
         ax.set_title(name)
         ax.set_ylabel("speedup vs eager (x)")
-    axes[0][-1].legend(fontsize="small", loc="best")
+        ax.legend(fontsize="x-small", loc="upper left")
     dev = report["environment"]["device"]
     fig.suptitle(
         f"fastdiff sampling speedup over eager PyTorch — {dev['name']} ({dev['type']})", fontsize="medium"

@@ -204,7 +204,9 @@ def sampler_step_reference(
     clip: float | None = None,
 ) -> torch.Tensor:
     """Plain-PyTorch twin of `sampler_step`: the same update, computed in float32, returned in x's dtype."""
-    a, b, p, q, c, d, e, s = table[step].unbind()
+    # A tensor step is gathered, not turned into a Python number: no host sync, and traceable by torch.compile.
+    row = table[step] if isinstance(step, int) else table.index_select(0, step.reshape(1).long())[0]
+    a, b, p, q, c, d, e, s = row.unbind()
     xf = x.float()
     m = eps.float()
     if eps_uncond is not None:

@@ -111,12 +111,25 @@ def train_dataset(
     dataset: str, out: str | os.PathLike, *, steps: int | None = None, seed: int = 0, progress: bool = True
 ) -> TrainResult:
     """`fastdiff train`: train the preset model of `dataset` and write its EMA checkpoint to `out`."""
-    from fastdiff import data as datasets
-
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
     check_output_path(out)
     torch.manual_seed(seed)
+    # These models are small enough that a second intra-op thread costs more than it gives (measured on a
+    # 2-core machine: 0.45 s per digits step with 2 threads, 0.28 s with 1), so the toy trainings use one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_and_save(dataset, out, steps, seed, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_and_save(
+    dataset: str, out: str | os.PathLike, steps: int | None, seed: int, progress: bool
+) -> TrainResult:
+    from fastdiff import data as datasets
+
     if dataset == "digits":
         config = UNetConfig.preset("digits")
         images, labels = datasets.load_digits(image_size=config.image_size)

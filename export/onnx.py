@@ -518,7 +518,30 @@ def denoiser_feeds(
     return feeds
 
 
-class OnnxDenoiser:
+class GraphDenoiser:
+    """What the ONNX and TensorRT denoisers share: ports (sample, timestep, *cond) and the null class label."""
+
+    inputs: list[Port]
+    null_label: int | None
+    _no_null_label = "this graph has no null class label (exported from a model without one)"
+
+    @property
+    def cond_names(self) -> list[str]:
+        """Names of the conditioning inputs, in graph order."""
+        return [p.name for p in self.inputs[2:]]
+
+    @property
+    def null_cond(self):
+        """`null_cond(cond)` for classifier-free guidance; only with a null class label."""
+        if self.null_label is None:
+            raise AttributeError(self._no_null_label)
+        return self._null_cond
+
+    def _null_cond(self, cond: Mapping[str, Any]) -> dict[str, Any]:
+        return null_class_cond(cond, self.null_label)
+
+
+class OnnxDenoiser(GraphDenoiser):
     """The denoiser protocol over an onnxruntime session: `denoiser(x, t, **cond) -> eps` on torch tensors.
 
     CUDA tensors run on the CUDA execution provider with IO binding (no host copies) when onnxruntime-gpu is
@@ -580,21 +603,6 @@ class OnnxDenoiser:
         n = self.metadata.get("fastdiff.num_classes")
         self.num_classes = int(n) if n is not None else None
         self.cuda = "CUDAExecutionProvider" in self.session.get_providers()
-
-    @property
-    def cond_names(self) -> list[str]:
-        """Names of the conditioning inputs, in graph order."""
-        return [p.name for p in self.inputs[2:]]
-
-    @property
-    def null_cond(self):
-        """`null_cond(cond)` for classifier-free guidance; only graphs with a null class label have it."""
-        if self.null_label is None:
-            raise AttributeError("this graph has no null class label (exported from a model without one)")
-        return self._null_cond
-
-    def _null_cond(self, cond: Mapping[str, Any]) -> dict[str, Any]:
-        return null_class_cond(cond, self.null_label)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor | float, **cond: Any) -> torch.Tensor:
         feeds = denoiser_feeds(x, t, cond, self.inputs, self.null_label)

@@ -10,16 +10,14 @@ imported; without tensorrt both raise ImportError naming the `tensorrt` extra.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fastdiff.errors import CheckpointError, FastdiffError, missing_extra
-from fastdiff.export.onnx import Port, denoiser_feeds
+from fastdiff.export.onnx import GraphDenoiser, Port, denoiser_feeds
 from fastdiff.output import atomic_path, check_output_path, write_bytes_atomic
-from fastdiff.samplers import null_class_cond
 
 # TensorRT DataType names -> torch dtypes (names, so this table needs no tensorrt import).
 _TRT_DTYPES = {
@@ -126,7 +124,7 @@ def build_tensorrt_engine(
     return engine_path
 
 
-class TensorRTDenoiser:
+class TensorRTDenoiser(GraphDenoiser):
     """The denoiser protocol over a TensorRT engine: `denoiser(x, t, **cond) -> eps` on CUDA torch tensors.
 
     Inputs and the output live in torch-allocated device memory and the engine runs on the current torch CUDA
@@ -134,6 +132,8 @@ class TensorRTDenoiser:
     The null class label stored by `to_onnx` is not carried into engines: pass it with `null_label=`
     (e.g. `OnnxDenoiser(onnx_path).null_label`) to get `null_cond` for classifier-free guidance.
     """
+
+    _no_null_label = "no null_label was given for this engine"
 
     def __init__(self, engine_path: str | os.PathLike, *, null_label: int | None = None) -> None:
         self.path = Path(engine_path)
@@ -175,21 +175,6 @@ class TensorRTDenoiser:
         self.null_label = null_label
         lo, _, hi = self.engine.get_tensor_profile_shape("sample", 0)
         self.batch_range = (lo[0], hi[0])
-
-    @property
-    def cond_names(self) -> list[str]:
-        """Names of the conditioning inputs, in engine order."""
-        return [p.name for p in self.inputs[2:]]
-
-    @property
-    def null_cond(self):
-        """`null_cond(cond)` for classifier-free guidance; only when built with `null_label=`."""
-        if self.null_label is None:
-            raise AttributeError("no null_label was given for this engine")
-        return self._null_cond
-
-    def _null_cond(self, cond: Mapping[str, Any]) -> dict[str, Any]:
-        return null_class_cond(cond, self.null_label)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor | float, **cond: Any) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_cuda:

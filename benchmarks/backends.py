@@ -276,7 +276,7 @@ class FastdiffGraphsBackend(Backend):
 
     name = "fastdiff-graphs"
 
-    def __init__(self, workload: Workload, dtype: torch.dtype, graph_mode: str = "step") -> None:
+    def __init__(self, workload: Workload, dtype: torch.dtype, graph_mode: str = "auto") -> None:
         super().__init__(workload, dtype)
         try:
             from fastdiff.engine import SamplingEngine
@@ -294,7 +294,7 @@ class FastdiffGraphsBackend(Backend):
             info,
             loop="fastdiff.engine.SamplingEngine",
             cuda_graphs=cuda,
-            graph_mode=graph_mode if cuda else None,
+            graph_mode=graph_mode,
             compile=not cuda,
             captured="lazily: first_run_s includes graph capture or compilation for each batch size",
         )
@@ -396,7 +396,7 @@ def prepare(
     *,
     workdir: Path,
     max_batch: int,
-    graph_mode: str = "step",
+    graph_mode: str = "auto",
 ) -> Backend:
     """Build backend `name` for `workload` in `dtype` (files such as ONNX exports go to `workdir`).
 

@@ -111,9 +111,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--graph-mode",
-        choices=("step", "loop"),
-        default="step",
-        help="fastdiff-graphs on GPU: capture one step (replayed per step) or the whole loop",
+        choices=("auto", "step", "loop"),
+        default="auto",
+        help="fastdiff-graphs: capture (GPU) or compile (CPU) one step replayed per step, or the whole loop; "
+        "auto: step graphs on GPU, the compiled loop on CPU",
     )
     p.add_argument(
         "--no-profile", action="store_true", help="skip the model-only timing of the per-step profile"

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fastdiff.engine import GRAPH_MODES
+
 from .backends import BACKENDS, Backend, BackendSkipped, Case, EagerBackend, prepare
 from .environment import device_info, git_revision, load_average, versions
 from .workloads import SAMPLERS, WORKLOADS, Workload, build_workload
@@ -71,7 +73,7 @@ class BenchConfig:
     warmup: int = 1
     seed: int = 0
     profile: bool = True
-    graph_mode: str = "step"
+    graph_mode: str = "auto"
 
     def __post_init__(self) -> None:
         self.workloads = _check_names("workloads", self.workloads, tuple(WORKLOADS))
@@ -84,8 +86,8 @@ class BenchConfig:
         self.batch_sizes = list(dict.fromkeys(sizes))
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
-        if self.graph_mode not in ("step", "loop"):
-            raise ValueError(f"graph_mode must be 'step' or 'loop', got {self.graph_mode!r}")
+        if self.graph_mode not in GRAPH_MODES:
+            raise ValueError(f"graph_mode must be one of {GRAPH_MODES}, got {self.graph_mode!r}")
         if self.sampler is not None and self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS} or None, got {self.sampler!r}")
         for name, low in (("repeats", 1), ("warmup", 0), ("steps", 1)):

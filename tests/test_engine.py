@@ -316,19 +316,89 @@ def test_argument_errors(unet):
         FakeEngine(toy, sampler, cuda_graphs=True).sample((2, 3), device="meta")
 
 
-def test_compile_matches_eager():
-    """The one inductor test: compile=True on a tiny model within 1e-4 of the eager engine."""
+@pytest.mark.parametrize("graph_mode", ["step", "loop"])
+def test_compile_matches_eager(graph_mode):
+    """compile=True on a tiny model, one compiled step or the whole loop as one while_loop, within 1e-4 of the
+    eager engine; the warm-up pays the compilation and the next call reuses it."""
     torch.manual_seed(0)
     model = MLPDenoiser(hidden=32, num_layers=1, time_embed_dim=16).eval()
     sampler = DDIMSampler(SCHEDULE, num_steps=4, eta=1.0)
     expected = SamplingEngine(model, sampler).sample((8, 2), generator=gen())
-    eng = SamplingEngine(model, sampler, compile=True)
+    eng = SamplingEngine(model, sampler, compile=True, graph_mode=graph_mode)
     start = time.perf_counter()
-    warm = eng.warmup((8, 2))
-    got = eng.sample((8, 2), generator=gen())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # neither mode may fall back
+        warm = eng.warmup((8, 2))
+        got = eng.sample((8, 2), generator=gen())
     assert time.perf_counter() - start >= warm
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
-    assert eng.stats.cache_hits == 1
+    assert eng.stats.cache_hits == 1 and eng.stats.eager_fallbacks == 0
+    assert [key[0] for key in eng._cache] == [graph_mode]
+
+
+@pytest.mark.parametrize("threshold, chosen", [(float("inf"), "loop"), (0.0, "step")])
+def test_auto_times_compiled_steps_then_picks_the_loop_or_steps(monkeypatch, threshold, chosen):
+    """graph_mode="auto" on the CPU compile times the first compiled steps and runs the rest as one while_loop
+    when a step is quicker than LOOP_BELOW_SECONDS (forced both ways here); a callback always steps."""
+    monkeypatch.setattr(engine_mod, "LOOP_BELOW_SECONDS", threshold)
+    torch.manual_seed(0)
+    model = MLPDenoiser(hidden=32, num_layers=1, time_embed_dim=16).eval()
+    sampler = DDPMSampler(SCHEDULE, num_steps=8)
+    expected = SamplingEngine(model, sampler).sample((8, 2), generator=gen())
+    eng = SamplingEngine(model, sampler, compile=True)
+    first = eng.sample((8, 2), generator=gen(), progress=True)
+    (entry,) = eng._cache.values()
+    assert entry.key[0] == "auto" and entry.mode == chosen
+    assert entry.loop_verified == (chosen == "loop")
+    second = eng.sample((8, 2), generator=gen())
+    for got in (first, second):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    assert eng.stats.cache_hits == 1 and eng.stats.eager_fallbacks == 0
+    seen = []
+    got = eng.sample((8, 2), generator=gen(), callback=lambda info: seen.append(info["i"]))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    assert seen == list(range(8))
+    assert sorted(key[0] for key in eng._cache) == ["auto", "step"]
+
+
+@pytest.mark.parametrize("graph_mode", ["loop", "auto"])
+def test_compiled_loop_that_cannot_trace_falls_back_to_steps(monkeypatch, graph_mode):
+    """A denoiser with data-dependent Python cannot be a while_loop body: one warning, then per-step compiles
+    (which graph-break around the host read) give the eager engine's result, from the step the loop was to
+    start at (0 for "loop", after the timed steps for "auto")."""
+    monkeypatch.setattr(engine_mod, "LOOP_BELOW_SECONDS", float("inf"))
+    torch.manual_seed(0)
+    model = MLPDenoiser(hidden=32, num_layers=1, time_embed_dim=16).eval()
+    sampler = DDIMSampler(SCHEDULE, num_steps=6, eta=1.0)
+
+    def host_read(x, t):
+        return model(x, t) * (2.0 if int(t[0]) > 500 else 1.0)
+
+    expected = SamplingEngine(host_read, sampler).sample((8, 2), generator=gen())
+    eng = SamplingEngine(host_read, sampler, compile=True, graph_mode=graph_mode)
+    with pytest.warns(RuntimeWarning, match="could not be compiled as one torch.while_loop"):
+        got = eng.sample((8, 2), generator=gen())
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    assert eng.stats.eager_fallbacks == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        again = eng.sample((8, 2), generator=gen())
+    torch.testing.assert_close(again, expected, rtol=0, atol=1e-4)
+    assert [key[0] for key in eng._cache] == ["step"]
+    assert eng.stats.eager_fallbacks == 1 and eng.stats.cache_hits == 1
+
+
+def test_warmup_compiles_what_sample_runs(monkeypatch):
+    """After warmup (on zeros, no generator drawn) the auto engine has chosen and compiled the loop."""
+    monkeypatch.setattr(engine_mod, "LOOP_BELOW_SECONDS", float("inf"))
+    model = MLPDenoiser(hidden=32, num_layers=1, time_embed_dim=16).eval()
+    sampler = DDIMSampler(SCHEDULE, num_steps=6)
+    eng = SamplingEngine(model, sampler, compile=True)
+    eng.warmup((4, 2))
+    (entry,) = eng._cache.values()
+    assert entry.mode == "loop" and entry.loop_verified
+    expected = SamplingEngine(model, sampler).sample((4, 2), generator=gen())
+    torch.testing.assert_close(eng.sample((4, 2), generator=gen()), expected, rtol=0, atol=1e-4)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -407,7 +407,7 @@ def accelerate(
     up to floating-point rounding.
 
     `dtype` (float32, float16, bfloat16) casts the model; None keeps its dtype (keep float32 on CPUs without bf16
-    hardware). `channels_last` converts it to channels-last memory (None: on CUDA only). `kernels` is the backend
+    hardware). `channels_last` converts it to channels-last memory (None: when it has 2-D convolutions). `kernels` is the backend
     of every swapped op: "auto" (Triton where it runs, else the PyTorch reference), "triton" or "torch".
     Returns a deep copy unless `inplace=True`; `report(model)` tells what was done.
     """
@@ -430,7 +430,9 @@ def accelerate(
     if dtype is not None:
         model.to(dtype=dtype)
     if channels_last is None:
-        channels_last = device.type == "cuda"
+        # oneDNN convolutions skip their layout reorders on channels-last tensors: the compiled digits U-Net
+        # (batch 128, 2 CPU cores) took 34.6 ms a call against 41.7-45.5 ms, and 49 ms against 55 ms eagerly.
+        channels_last = any(isinstance(m, nn.Conv2d) for m in model.modules())
     if channels_last:
         model.to(memory_format=torch.channels_last)
     param = next(iter(model.parameters()), None)

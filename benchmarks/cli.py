@@ -48,7 +48,7 @@ def _names(option: str, choices: Sequence[str]) -> Callable[[str], list[str]]:
     return parse
 
 
-def _batch_sizes(text: str) -> list[int]:
+def _positive_ints(text: str) -> list[int]:
     try:
         sizes = [int(v) for v in text.split(",")]
     except ValueError:
@@ -86,7 +86,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         default=list(BACKENDS),
         help=f"comma list of {', '.join(BACKENDS)} or all (default all; eager is always measured)",
     )
-    p.add_argument("--batch-sizes", type=_batch_sizes, default=[1, 64], help="comma list (default 1,64)")
+    p.add_argument("--batch-sizes", type=_positive_ints, default=[1, 64], help="comma list (default 1,64)")
     p.add_argument(
         "--dtype",
         dest="dtypes",
@@ -119,6 +119,22 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-profile", action="store_true", help="skip the model-only timing of the per-step profile"
     )
+    p.add_argument(
+        "--processes",
+        type=_positive_ints,
+        default=None,
+        help="also measure data-parallel sampling (digits, sample_to_dir) with these process counts, e.g. 1,2 "
+        "(gloo ranks on CPU, one GPU per rank with NCCL on CUDA); must include 1",
+    )
+    p.add_argument(
+        "--threads-per-process",
+        type=_count(1),
+        default=1,
+        help="intra-op threads of each scaling process on CPU (default 1)",
+    )
+    p.add_argument(
+        "--scaling-samples", type=_count(1), default=256, help="images per timed scaling run (default 256)"
+    )
     p.add_argument("--out", help="results JSON (validated against schema.json, written atomically)")
     p.add_argument("--markdown", help="markdown report")
     p.add_argument("--plot", help="PNG of the speedups over eager (needs matplotlib, the `plot` extra)")
@@ -140,6 +156,9 @@ def command_line(args: argparse.Namespace) -> str:
         ("--warmup", args.warmup),
         ("--seed", args.seed),
         ("--graph-mode", args.graph_mode),
+        ("--processes", ",".join(map(str, args.processes)) if args.processes else None),
+        ("--threads-per-process", args.threads_per_process if args.processes else None),
+        ("--scaling-samples", args.scaling_samples if args.processes else None),
         ("--out", args.out),
         ("--markdown", args.markdown),
         ("--plot", args.plot),
@@ -171,6 +190,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         seed=args.seed,
         profile=not args.no_profile,
         graph_mode=args.graph_mode,
+        processes=args.processes or (),
+        threads_per_process=args.threads_per_process,
+        scaling_samples=args.scaling_samples,
     )
     report = run_benchmark(config, command=command_line(args), progress=not args.quiet)
     text = markdown(report)

@@ -39,6 +39,7 @@ from fastdiff.engine import GRAPH_MODES
 
 from .backends import BACKENDS, Backend, BackendSkipped, Case, EagerBackend, prepare
 from .environment import device_info, git_revision, load_average, versions
+from .scaling import plan, run_scaling
 from .workloads import SAMPLERS, WORKLOADS, Workload, build_workload
 
 SCHEMA_VERSION = 1
@@ -74,6 +75,11 @@ class BenchConfig:
     seed: int = 0
     profile: bool = True
     graph_mode: str = "auto"
+    # Data-parallel scaling section (benchmarks/scaling.py): process counts (empty: none), threads per process
+    # (CPU) and images per timed run; it samples digits with the digits workload's guidance, at the largest batch.
+    processes: Sequence[int] = ()
+    threads_per_process: int = 1
+    scaling_samples: int = 256
 
     def __post_init__(self) -> None:
         self.workloads = _check_names("workloads", self.workloads, tuple(WORKLOADS))
@@ -90,7 +96,19 @@ class BenchConfig:
             raise ValueError(f"graph_mode must be one of {GRAPH_MODES}, got {self.graph_mode!r}")
         if self.sampler is not None and self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS} or None, got {self.sampler!r}")
-        for name, low in (("repeats", 1), ("warmup", 0), ("steps", 1)):
+        procs = list(self.processes)
+        if procs and (
+            any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in procs) or 1 not in procs
+        ):
+            raise ValueError(f"processes: expected positive integers including 1, got {procs!r}")
+        self.processes = list(dict.fromkeys(procs))
+        for name, low in (
+            ("repeats", 1),
+            ("warmup", 0),
+            ("steps", 1),
+            ("threads_per_process", 1),
+            ("scaling_samples", 1),
+        ):
             value = getattr(self, name)
             if name == "steps" and value is None:
                 continue
@@ -470,8 +488,12 @@ def run_benchmark(
     backends = ["eager", *(b for b in config.backends if b != "eager")]
     load_start = load_average()
     started = datetime.datetime.now(datetime.timezone.utc)
+    scaling_rows = (
+        len(plan(config.processes, config.threads_per_process, config.device)) if config.processes else 0
+    )
     bar = _Progress(
-        len(config.workloads) * len(config.dtypes) * len(backends) * len(config.batch_sizes), progress
+        len(config.workloads) * len(config.dtypes) * len(backends) * len(config.batch_sizes) + scaling_rows,
+        progress,
     )
     workloads: dict[str, Any] = {}
     results: list[dict[str, Any]] = []
@@ -480,6 +502,20 @@ def run_benchmark(
             for name in config.workloads:
                 workloads[name], rows = _run_workload(name, config, backends, device, Path(tmp), bar)
                 results += rows
+        scaling = None
+        if config.processes:
+            scaling = run_scaling(
+                config.processes,
+                threads=config.threads_per_process,
+                device=config.device,
+                num_samples=config.scaling_samples,
+                steps=config.steps or WORKLOADS["digits"].steps,
+                batch_size=max(config.batch_sizes),
+                guidance_scale=WORKLOADS["digits"].guidance_scale,
+                repeats=config.repeats,
+                seed=config.seed,
+                on_row=lambda: bar.advance(1),
+            )
     finally:
         bar.bar.close()
     _add_speedups(results)
@@ -501,4 +537,5 @@ def run_benchmark(
         "settings": settings,
         "workloads": workloads,
         "results": results,
+        **({"scaling": scaling} if scaling is not None else {}),
     }

@@ -14,6 +14,8 @@ from typing import Any
 from fastdiff.errors import FastdiffError
 from fastdiff.output import write_bytes_atomic
 
+from .scaling import markdown_lines as scaling_lines
+
 SCHEMA_PATH = Path(__file__).with_name("schema.json")
 METRICS = {"throughput": "samples_per_s", "speedup": "speedup_vs_eager"}
 
@@ -197,6 +199,8 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{_num(r['memory']['peak_mib'], '.4g')} | {_num(num.get('max_abs'), '.2g')} | "
                 f"{_num(num.get('psnr_db'), '.1f')} |"
             )
+    if report.get("scaling"):
+        lines += scaling_lines(report["scaling"])
     not_run: dict[tuple[str, str, str, str], list[str]] = {}
     for r in rows:
         if r["status"] != "ok":

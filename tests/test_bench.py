@@ -10,10 +10,11 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
-from fastdiff.benchmarks import harness, readme_table, report
+from fastdiff.benchmarks import harness, readme_table, report, scaling
 from fastdiff.benchmarks.backends import BackendSkipped, EagerBackend, EagerSdpaBackend, FastdiffBackend
 from fastdiff.benchmarks.harness import BenchConfig, make_case, run_benchmark
 from fastdiff.benchmarks.workloads import build_workload
@@ -59,6 +60,10 @@ def smoke(tmp_path_factory):
                 "--dtype",
                 "float32",
                 "--quiet",
+                "--processes",
+                "1,2",
+                "--scaling-samples",
+                "8",
                 "--out",
                 str(paths["results.json"]),
                 "--markdown",
@@ -337,6 +342,62 @@ def test_summarize():
     assert (s["median"], s["min"], s["max"], s["q1"], s["q3"]) == (3.0, 1.0, 5.0, 2.0, 4.0)
 
 
+def test_smoke_run_measures_data_parallel_scaling(smoke):
+    """Digits through sample_to_dir with 1 and 2 gloo processes, and 1 process with both threads, in one run."""
+    _, paths, doc = smoke
+    assert "--processes 1,2 --threads-per-process 1 --scaling-samples 8" in doc["command"]
+    sec = doc["scaling"]
+    assert (
+        sec["model"],
+        sec["device"],
+        sec["backend"],
+        sec["batch_size"],
+        sec["num_samples"],
+        sec["steps"],
+    ) == (
+        "digits",
+        "cpu",
+        "gloo",
+        2,
+        8,
+        3,
+    )
+    assert [(r["processes"], r["threads_per_process"]) for r in sec["rows"]] == [(1, 1), (2, 1), (1, 2)]
+    for row in sec["rows"]:
+        assert row["status"] == "ok" and len(row["seconds"]) == 2
+        assert row["images_per_s"] == pytest.approx(8 / np.median(row["seconds"]))
+    base, two, threads = sec["rows"]
+    assert base["speedup_vs_1"] == 1.0 and base["efficiency"] == 1.0
+    assert two["speedup_vs_1"] == pytest.approx(two["images_per_s"] / base["images_per_s"])
+    for row in (two, threads):
+        assert row["efficiency"] == pytest.approx(row["speedup_vs_1"] / 2)
+    text = paths["report.md"].read_text()
+    assert "### data-parallel scaling" in text and "| 2 | 1 |" in text
+
+
+def test_scaling_plan_and_gpu_rows_without_enough_gpus(monkeypatch):
+    assert scaling.plan([1, 2], 1, "cpu") == [(1, 1), (2, 1), (1, 2)]
+    assert scaling.plan([1, 2, 4], 2, "cpu") == [(1, 2), (2, 2), (4, 2), (1, 8)]
+    assert scaling.plan([1, 2], 2, "cuda") == [(1, 2), (2, 2)]
+    monkeypatch.setattr(scaling.torch.cuda, "device_count", lambda: 1)
+    calls = []
+
+    def fake_measure(model, *, nprocs, device, **kwargs):
+        calls.append((nprocs, device))
+        return {"seconds": [2.0, 2.0], "images_per_s": 4.0}
+
+    monkeypatch.setattr(scaling, "measure_throughput", fake_measure)
+    kw = dict(threads=1, num_samples=8, steps=2, batch_size=4, guidance_scale=2.0, repeats=2, seed=0)
+    sec = scaling.run_scaling([1, 2], device="cuda", **kw)
+    assert calls == [(1, "cuda")] and sec["backend"] == "nccl"
+    one, two = sec["rows"]
+    assert one["speedup_vs_1"] == 1.0
+    assert two["status"] == "skipped" and "needs 2 GPUs" in two["reason"] and two["efficiency"] is None
+    assert "skipped: needs 2 GPUs" in "\n".join(scaling.markdown_lines(sec))
+    with pytest.raises(ValueError, match="processes must include 1"):
+        scaling.run_scaling([2], device="cpu", **kw)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [
@@ -348,6 +409,9 @@ def test_summarize():
         ({"steps": 0}, "steps"),
         ({"sampler": "euler"}, "sampler"),
         ({"device": "tpu"}, "device"),
+        ({"processes": [2]}, "processes"),
+        ({"processes": [0, 1]}, "processes"),
+        ({"threads_per_process": 0}, "threads_per_process"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, name):

@@ -21,6 +21,7 @@ from fastdiff.distributed import (
     ShardError,
     free_port,
     local_rank_env,
+    measure_throughput,
     merge,
     sample_to_dir,
     shard_name,
@@ -311,3 +312,12 @@ def test_two_ranks_killed_then_resumed_on_one(digits, reference, tmp_path):
     assert _manifest_ids(out) == [0, 1, 2]
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
     np.testing.assert_array_equal(_merged(out)["images"], reference[1]["images"])
+
+
+def test_measure_throughput_rejects_bad_arguments_before_spawning():
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'"):
+        measure_throughput(device="tpu")
+    with pytest.raises(ValueError, match="nprocs=99 needs 99 CUDA GPUs"):
+        measure_throughput(device="cuda", nprocs=99)
+    with pytest.raises(ValueError, match="repeats"):
+        measure_throughput(repeats=0)

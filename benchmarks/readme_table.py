@@ -18,7 +18,7 @@ from typing import Any
 
 from fastdiff.errors import FastdiffError
 
-from .report import header, load_results, write_text
+from .report import header, load_results, scaling_lines, write_text
 
 START = "<!-- bench:start -->"
 END = "<!-- bench:end -->"
@@ -75,7 +75,12 @@ def readme_table(report: dict[str, Any], source: str) -> str:
     if skipped:
         notes.append(f"Not measured on this machine: {', '.join(skipped)} (reasons in the results file).")
     notes += [f"Results: `{source}`.", *header(report)]
-    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes if n) + "\n"
+    text = "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes if n) + "\n"
+    if report.get("scaling"):
+        text += (
+            "\n".join(scaling_lines(report["scaling"], heading="Data-parallel sampling, same run:")) + "\n"
+        )
+    return text
 
 
 def replace_between_markers(text: str, body: str, start: str = START, end: str = END) -> str:

@@ -99,12 +99,12 @@ def run_scaling(
     }
 
 
-def markdown_lines(section: dict[str, Any]) -> list[str]:
-    """The scaling section as a markdown table."""
+def markdown_lines(section: dict[str, Any], heading: str = "### data-parallel scaling") -> list[str]:
+    """The scaling section as a markdown table under `heading`."""
     s = section
     lines = [
         "",
-        "### data-parallel scaling",
+        heading,
         "",
         f"`sample_to_dir` on {s['model']}, {s['sampler'].upper()} {s['steps']} steps, guidance "
         f"{s['guidance_scale']:g}, batch (= shard) {s['batch_size']}, {s['num_samples']} images per run, "

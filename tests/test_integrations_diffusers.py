@@ -21,11 +21,14 @@ import torch
 from fastdiff.accelerate import report
 
 diffusers = pytest.importorskip("diffusers")
+from fastdiff.engine import _CaptureError  # noqa: E402
 from fastdiff.integrations.diffusers import (  # noqa: E402
     FastDDIMScheduler,
     FastDDPMScheduler,
+    GraphedForward,
     accelerate_pipeline,
     from_diffusers_scheduler,
+    graph_unet,
 )
 
 ATOL = 1e-5  # images from a full pipeline loop, max abs
@@ -325,7 +328,8 @@ def test_accelerate_pipeline_matches_the_original(name):
         fast_cls = FastDDPMScheduler if name == "ddpm" else FastDDIMScheduler
     ref = images(build(), **call)
     pipe = build()
-    assert accelerate_pipeline(pipe, kernels="torch", cuda_graphs=True) is pipe  # cuda_graphs: no-op on CPU
+    assert accelerate_pipeline(pipe, kernels="torch") is pipe  # cuda_graphs="auto": no graphs on CPU
+    assert "forward" not in vars(pipe.unet)
     assert type(pipe.scheduler) is fast_cls
     rep = report(pipe.unet)
     assert rep.complete and rep.coverage["attention"].fused > 0, str(rep)
@@ -363,8 +367,97 @@ def test_accelerate_pipeline_dtype_and_bad_arguments():
         accelerate_pipeline(object())
     with pytest.raises(ValueError, match="cuda_graphs must be"):
         accelerate_pipeline(pipe, cuda_graphs="always")
+    with pytest.raises(ValueError, match=r"cuda_graphs=True needs pipe\.unet on a cuda device"):
+        accelerate_pipeline(pipe, cuda_graphs=True)
     with pytest.raises(ValueError, match="dtype must be None or one of"):
         accelerate_pipeline(pipe, dtype=torch.float64)
+
+
+class FakeGraphRunner:
+    """A CPU stand-in for the engine's CUDA graph runner with its contract: warm `step` up, 'capture' `body`
+    (refused while `refuse` is set), then replay it; `captured` counts captures across instances."""
+
+    captures = True
+    refuse = False
+    captured = 0
+
+    def __init__(self, step, body, reset):
+        reset()
+        step()
+        if FakeGraphRunner.refuse:
+            raise _CaptureError("refused by the test")
+        self._outputs = body
+        FakeGraphRunner.captured += 1
+
+    def replay(self):
+        return self._outputs()
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    monkeypatch.setattr(GraphedForward, "_graph_runner", FakeGraphRunner)
+    monkeypatch.setattr(GraphedForward, "_graph_device", "cpu")
+    monkeypatch.setattr(FakeGraphRunner, "refuse", False)
+    monkeypatch.setattr(FakeGraphRunner, "captured", 0)
+
+
+def test_graphed_unet_replays_one_graph_per_signature(fake_graphs):
+    """Through accelerate_pipeline(cuda_graphs=True) with the capture faked on CPU: a Stable Diffusion pipeline's
+    U-Net calls (CFG batch, text states) replay one graph per input signature and give the eager images."""
+    call = dict(prompt="a red cat", num_inference_steps=4, guidance_scale=4.0)
+    ref = images(tiny_stable_diffusion(diffusers.DDIMScheduler(**SD_SCHEDULER)), **call)
+    pipe = tiny_stable_diffusion(diffusers.DDIMScheduler(**SD_SCHEDULER))
+    accelerate_pipeline(pipe, kernels="torch", cuda_graphs=True)
+    graphed = vars(pipe.unet)["forward"]
+    assert isinstance(graphed, GraphedForward) and graph_unet(pipe.unet) is graphed
+    assert np.abs(images(pipe, **call) - ref).max() <= ATOL_ACCELERATED
+    assert (graphed.captures, graphed.replays) == (1, 4)
+    images(pipe, **call)  # same signature: replays only
+    assert (graphed.captures, graphed.replays) == (1, 8)
+    images(pipe, num_images_per_prompt=2, **call)  # a new batch size captures a new graph
+    assert (graphed.captures, graphed.replays) == (2, 12)
+    # return_dict=True gives diffusers' output type, with a fresh tensor each call
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor(5)
+    states = torch.randn(2, 8, 16)
+    with torch.no_grad():
+        first = pipe.unet(x, t, encoder_hidden_states=states)
+        second = pipe.unet(x + 1, t, encoder_hidden_states=states)
+        expected = type(pipe.unet).forward(pipe.unet, x, t, encoder_hidden_states=states).sample
+    assert type(first).__name__ == "UNet2DConditionOutput" and first.sample is not second.sample
+    torch.testing.assert_close(first.sample, expected, rtol=0, atol=0)
+    # with autograd on, the original forward runs
+    replays = graphed.replays
+    pipe.unet(x, t, encoder_hidden_states=states)
+    assert graphed.replays == replays
+    # moving or casting the weights captures anew; accelerate_pipeline again starts from the plain forward
+    pipe.unet.to(torch.bfloat16)
+    with torch.no_grad():
+        pipe.unet(x.bfloat16(), t, encoder_hidden_states=states.bfloat16())
+    assert graphed.captures == 4
+    pipe.unet.to(torch.float32)
+    accelerate_pipeline(pipe, kernels="torch", cuda_graphs=True)
+    assert vars(pipe.unet)["forward"] is not graphed
+
+
+def test_graphed_unet_lru_bound_and_capture_failure(fake_graphs):
+    unet = tiny_unet()
+    expected = {b: unet(torch.ones(b, 3, 8, 8), 7).sample for b in (1, 2, 3)}
+    graphed = graph_unet(unet, max_graphs=2)
+    with torch.no_grad():
+        for b in (1, 2, 3, 1):
+            torch.testing.assert_close(unet(torch.ones(b, 3, 8, 8), 7).sample, expected[b], rtol=0, atol=0)
+    assert graphed.captures == 4 and len(graphed._cache) == 2  # batch 1 was evicted by 3, then captured again
+    other = tiny_unet()
+    FakeGraphRunner.refuse = True
+    graphed = graph_unet(other)
+    with pytest.warns(RuntimeWarning, match="could not be captured as a CUDA graph"), torch.no_grad():
+        out = other(torch.ones(2, 3, 8, 8), 7, return_dict=False)[0]
+    torch.testing.assert_close(out, expected[2], rtol=0, atol=0)
+    assert graphed.failed and graphed.captures == 0
+    with pytest.raises(ValueError, match="max_graphs"):
+        graph_unet(tiny_unet(), max_graphs=0)
+    with pytest.raises(TypeError, match=r"unet must be a torch\.nn\.Module"):
+        graph_unet(object())
 
 
 # ---- GPU ----------------------------------------------------------------------------------------------------------
@@ -377,8 +470,10 @@ def test_cuda_fast_scheduler_pipeline_matches_diffusers():
     ref = images(pipe, batch_size=2, eta=1.0, num_inference_steps=10)
     pipe.scheduler = FastDDIMScheduler.from_config(pipe.scheduler.config)
     assert np.abs(images(pipe, batch_size=2, eta=1.0, num_inference_steps=10) - ref).max() <= 1e-4
-    with pytest.raises(NotImplementedError, match="cuda_graphs=True"):
-        accelerate_pipeline(pipe, cuda_graphs=True)
+    accelerate_pipeline(pipe, cuda_graphs=True)  # float32, U-Net forward replayed from a CUDA graph
+    graphed = vars(pipe.unet)["forward"]
+    assert np.abs(images(pipe, batch_size=2, eta=1.0, num_inference_steps=10) - ref).max() <= 1e-3
+    assert (graphed.captures, graphed.replays) == (1, 10)
     accelerate_pipeline(pipe, dtype=torch.float16)
     out = images(pipe, batch_size=2, eta=1.0, num_inference_steps=10)
     assert np.abs(out - ref).max() < 5e-2

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any
+from collections import OrderedDict
+from typing import Any, ClassVar
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from fastdiff.engine import _CaptureError, _CudaGraphRunner, _leaf_key
 from fastdiff.errors import FastdiffError, missing_extra
 from fastdiff.kernels.sampler_step import sampler_step
 from fastdiff.samplers import DDIMSampler, DDPMSampler, Sampler, StepTable
@@ -249,6 +252,108 @@ def _fast_scheduler(scheduler: Any) -> Any:
     return fast.from_config(scheduler.config), None
 
 
+class GraphedForward:
+    """The forward of a diffusers U-Net, replayed from CUDA graphs: one per input signature, LRU-bounded.
+
+    A diffusers pipeline calls `unet(sample, t, encoder_hidden_states=..., return_dict=False)` once per step with
+    new tensors of the same shapes; each call here copies them into static buffers and replays the graph captured
+    for their signature (shapes, dtypes and devices of the tensors, values of the other arguments, and the
+    weights' storage, so that moving or casting the model captures anew). The result is a fresh tensor. Calls
+    the graph cannot serve run the original forward: tensors off CUDA, autograd on, unhashable arguments, or any
+    call after a capture failed (one warning).
+    """
+
+    # The capture backend and the device it captures on; tests substitute a CPU fake.
+    _graph_runner: ClassVar[type] = _CudaGraphRunner
+    _graph_device: ClassVar[str] = "cuda"
+
+    def __init__(self, unet: torch.nn.Module, max_graphs: int = 8) -> None:
+        self.unet = unet
+        self.original = unet.forward
+        self.max_graphs = max_graphs
+        self.captures = 0
+        self.replays = 0
+        self.failed = False
+        self._cache: OrderedDict[tuple, tuple[list[Any], Any]] = OrderedDict()
+
+    def _key(self, leaves: list[Any], spec: Any) -> tuple | None:
+        try:
+            leaf_keys = tuple(_leaf_key("argument", leaf) for leaf in leaves)
+        except TypeError:
+            return None
+        param = next(self.unet.parameters(), None)
+        weights = None if param is None else (param.data_ptr(), param.dtype, param.device)
+        return (spec, leaf_keys, weights)
+
+    def __call__(self, sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
+        return_dict = kwargs.pop("return_dict", True)
+        usable = (
+            not self.failed
+            and isinstance(sample, torch.Tensor)
+            and sample.device.type == self._graph_device
+            and not (torch.is_grad_enabled() and any(p.requires_grad for p in self.unet.parameters()))
+        )
+        key = None
+        if usable:
+            timestep = torch.as_tensor(timestep, device=sample.device)
+            leaves, spec = tree_flatten((sample, timestep, args, kwargs))
+            key = self._key(leaves, spec)
+        if key is None:
+            return self.original(sample, timestep, *args, return_dict=return_dict, **kwargs)
+        entry = self._cache.get(key)
+        if entry is None:
+            entry = self._capture(leaves, spec)
+            if entry is None:
+                return self.original(sample, timestep, *args, return_dict=return_dict, **kwargs)
+            self._cache[key] = entry
+            if len(self._cache) > self.max_graphs:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+            for buf, leaf in zip(entry[0], leaves, strict=True):
+                if isinstance(buf, torch.Tensor):
+                    buf.copy_(leaf)
+        output = entry[1].replay()
+        self.replays += 1
+        fresh = output.sample.clone()
+        return type(output)(sample=fresh) if return_dict else (fresh,)
+
+    def _capture(self, leaves: list[Any], spec: Any) -> tuple[list[Any], Any] | None:
+        static = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+
+        def call() -> Any:
+            sample, timestep, args, kwargs = tree_unflatten(static, spec)
+            return self.original(sample, timestep, *args, return_dict=True, **kwargs)
+
+        try:
+            runner = self._graph_runner(call, call, lambda: None)
+        except _CaptureError as err:
+            self.failed = True
+            warnings.warn(
+                f"the U-Net could not be captured as a CUDA graph ({err}); running it eagerly from now on",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return None
+        self.captures += 1
+        return static, runner
+
+
+def graph_unet(unet: torch.nn.Module, *, max_graphs: int = 8) -> GraphedForward:
+    """Make `unet` (a diffusers U-Net) replay its forward from CUDA graphs, in place; returns the replayer (its
+    `captures` / `replays` counters). `del unet.forward` restores the original. See `GraphedForward`."""
+    if not isinstance(unet, torch.nn.Module):
+        raise TypeError(f"unet must be a torch.nn.Module, got {type(unet).__name__}")
+    if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
+        raise ValueError(f"max_graphs must be a positive int, got {max_graphs!r}")
+    current = unet.__dict__.get("forward")
+    if isinstance(current, GraphedForward):
+        return current
+    graphed = GraphedForward(unet, max_graphs)
+    unet.forward = graphed
+    return graphed
+
+
 def accelerate_pipeline(
     pipe: Any, *, dtype: torch.dtype | None = None, kernels: str = "auto", cuda_graphs: bool | str = "auto"
 ) -> Any:
@@ -256,10 +361,11 @@ def accelerate_pipeline(
     (`kernels` as there), and a DDIMScheduler / DDPMScheduler swapped for FastDDIMScheduler / FastDDPMScheduler
     (other schedulers are kept, with a warning). Same seed, same images, up to floating-point rounding.
 
-    `dtype` casts the whole pipeline (`pipe.to(dtype=...)`) so the U-Net's inputs match it. `cuda_graphs` ("auto",
-    True, False) concerns CUDA only and is a no-op on CPU; capturing the U-Net call of a diffusers pipeline in a
-    CUDA graph is not implemented: "auto" runs without graphs and True on CUDA raises NotImplementedError (for
-    graph-captured sampling, use `fastdiff.SamplingEngine` with `fastdiff.as_denoiser(pipe.unet)`).
+    `dtype` casts the whole pipeline (`pipe.to(dtype=...)`) so the U-Net's inputs match it. `cuda_graphs`: "auto"
+    or True replay the U-Net's forward from CUDA graphs (`graph_unet`) when the U-Net is on a CUDA device; on
+    other devices "auto" runs without graphs and True raises ValueError; False never captures. The pipeline's
+    own loop (scheduler step, CFG arithmetic) still runs per step in Python; for a loop with no per-step host
+    work, use `fastdiff.SamplingEngine(fastdiff.as_denoiser(pipe.unet), sampler)`.
     """
     from fastdiff.accelerate import DTYPES, accelerate
 
@@ -272,16 +378,20 @@ def accelerate_pipeline(
         raise ValueError(f"cuda_graphs must be 'auto', True or False, got {cuda_graphs!r}")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be None or one of {DTYPES}, got {dtype!r}")
-    on_cuda = next(unet.parameters()).device.type == "cuda"
-    if cuda_graphs is True and on_cuda:
-        raise NotImplementedError(
-            "cuda_graphs=True: CUDA-graph capture of a diffusers pipeline's U-Net call is not implemented; use "
-            "cuda_graphs='auto' (no graphs), or fastdiff.SamplingEngine(fastdiff.as_denoiser(pipe.unet), ...)"
+    on_graph_device = next(unet.parameters()).device.type == GraphedForward._graph_device
+    if cuda_graphs is True and not on_graph_device:
+        raise ValueError(
+            f"cuda_graphs=True needs pipe.unet on a {GraphedForward._graph_device} device, it is on "
+            f"{next(unet.parameters()).device}"
         )
     scheduler, why = _fast_scheduler(pipe.scheduler)
+    # Graphs captured by an earlier call replay the modules accelerate() is about to replace.
+    unet.__dict__.pop("forward", None)
     if dtype is not None:
         pipe.to(dtype=dtype)
     accelerate(unet, kernels=kernels, inplace=True)
+    if cuda_graphs is not False and on_graph_device:
+        graph_unet(unet)
     if scheduler is None:
         warnings.warn(f"accelerate_pipeline kept {type(pipe.scheduler).__name__}: {why}", stacklevel=2)
     else:

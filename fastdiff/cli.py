@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -90,6 +92,17 @@ def _load_x_T(path: str, shape: tuple[int, ...]) -> torch.Tensor:
     return x
 
 
+def engine_for(model: torch.nn.Module, sampler: Any, args: argparse.Namespace) -> Any:
+    """The SamplingEngine of `fastdiff sample`: CUDA graphs on a GPU; `--compile` accelerates the model and
+    compiles (on a CPU the whole step or loop, see SamplingEngine)."""
+    from fastdiff.accelerate import accelerate
+    from fastdiff.engine import SamplingEngine
+
+    if args.compile:
+        return SamplingEngine(accelerate(model), sampler, compile=True)
+    return SamplingEngine(model, sampler)
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     """Generate images with a shipped or trained model and write a PNG grid, an .npz or a shard folder."""
     from fastdiff.output import check_output_path, save_npz, save_png_grid
@@ -112,14 +125,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if x_T is None:
         x_T = torch.randn(shape, generator=gen)
     start = time.perf_counter()
+    run = (
+        engine_for(pre.model, sampler, args).sample
+        if args.compile
+        else functools.partial(sample, pre.model, sampler)
+    )
     chunks = []
     for lo in range(0, args.num_samples, args.batch_size):
         hi = min(lo + args.batch_size, args.num_samples)
         cond = {"class_labels": labels[lo:hi].to(args.device)} if labels is not None else None
         chunks.append(
-            sample(
-                pre.model,
-                sampler,
+            run(
                 (hi - lo, *pre.sample_shape),
                 x_T=x_T[lo:hi].to(args.device),
                 generator=gen,
@@ -205,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="samples per shard file with --out DIR/ (default 1024)",
     )
     p.add_argument("--merge-to", default=None, help="with --out DIR/: also write the merged .npz here")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="sample through fastdiff.SamplingEngine(accelerate(model), compile=True): a one-time compile per "
+        "batch shape (10-30 s on a small CPU), then the fastest CPU path; pays off over many batches",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
 

@@ -647,8 +647,7 @@ def _counter(shard_size: int, num_samples: int) -> tuple[list[int], Callable[[in
 
 def cmd_sample_to_dir(args: argparse.Namespace) -> int:
     """`fastdiff sample ... --out DIR/`: sharded, resumable sampling on every rank of a torchrun job."""
-    from fastdiff.cli import build_sampler, guidance_scale_for, load_model
-    from fastdiff.engine import SamplingEngine
+    from fastdiff.cli import build_sampler, engine_for, guidance_scale_for, load_model
 
     if args.x_T:
         raise ValueError(
@@ -664,8 +663,8 @@ def cmd_sample_to_dir(args: argparse.Namespace) -> int:
     group = init_distributed(device)
     pre = load_model(args.model, str(device))
     sampler = build_sampler(args.sampler, pre.schedule, args.steps, args.eta)
-    # CUDA graphs on a GPU; on a CPU the engine would only repeat fastdiff.sample.
-    engine = SamplingEngine(pre.model, sampler) if device.type == "cuda" else None
+    # CUDA graphs on a GPU; on a CPU without --compile the engine would only repeat fastdiff.sample.
+    engine = engine_for(pre.model, sampler, args) if device.type == "cuda" or args.compile else None
     guidance = guidance_scale_for(pre, args.guidance_scale)
     sample_to_dir(
         pre,

@@ -447,6 +447,12 @@ def test_graphed_unet_lru_bound_and_capture_failure(fake_graphs):
         for b in (1, 2, 3, 1):
             torch.testing.assert_close(unet(torch.ones(b, 3, 8, 8), 7).sample, expected[b], rtol=0, atol=0)
     assert graphed.captures == 4 and len(graphed._cache) == 2  # batch 1 was evicted by 3, then captured again
+    twin = copy.deepcopy(unet)  # a copy gets its own, empty replayer bound to the copy
+    twin_graphed = vars(twin)["forward"]
+    assert twin_graphed is not graphed and twin_graphed.unet is twin and not twin_graphed._cache
+    with torch.no_grad():
+        torch.testing.assert_close(twin(torch.ones(2, 3, 8, 8), 7).sample, expected[2], rtol=0, atol=0)
+    assert twin_graphed.captures == 1 and graphed.captures == 4
     other = tiny_unet()
     FakeGraphRunner.refuse = True
     graphed = graph_unet(other)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import warnings
 from collections import OrderedDict
@@ -275,6 +276,11 @@ class GraphedForward:
         self.replays = 0
         self.failed = False
         self._cache: OrderedDict[tuple, tuple[list[Any], Any]] = OrderedDict()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> GraphedForward:
+        # A copy of the U-Net (accelerate() copies, for one) captures its own graphs: graphs cannot be copied, and
+        # the originals replay the original's memory.
+        return GraphedForward(copy.deepcopy(self.unet, memo), self.max_graphs)
 
     def _key(self, leaves: list[Any], spec: Any) -> tuple | None:
         try:

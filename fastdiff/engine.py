@@ -15,9 +15,10 @@ ops run in the same order on the same values), within kernel tolerance on CUDA (
 PyTorch reference there). Noise is pre-drawn into the buffer in chunks of at most `NOISE_BUFFER_BYTES`; with more noise
 than that, `graph_mode="loop"` falls back to step graphs (the buffer is refilled between chunks on the host).
 
-Off CUDA, `compile=True` compiles the whole loop as one `torch.while_loop` (`graph_mode="loop"`, the default there):
-all steps run in one call of inductor's C++ code, which removes the per-step dispatch a small model is bound by
-(swiss-roll MLP, batch 1, DDPM 1000 on 2 cores: 0.055 ms a step against 0.14 ms compiling one step and replaying it).
+Off CUDA, `compile=True` compiles one step (`graph_mode="step"`) or the whole loop as one `torch.while_loop`
+(`graph_mode="loop"`): all steps in one call of inductor's C++ code, which removes the per-call cost a small model is
+bound by (swiss-roll MLP, batch 1, DDPM 1000 on 2 cores: 0.055 ms a step against 0.14 ms replaying a compiled step).
+The default, `graph_mode="auto"`, times the first compiled steps and switches to the loop when they are quick.
 
 The capture itself sits behind a small runner interface (`_CudaGraphRunner`, `_EagerRunner`) so the cache, buffers and
 fallback logic run, and are tested, on CPU.

@@ -220,7 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="samples per shard file with --out DIR/ (default 1024)",
     )
-    p.add_argument("--merge-to", default=None, help="with --out DIR/: also write the merged .npz here")
+    p.add_argument(
+        "--merge-to",
+        default=None,
+        help="with --out DIR/: the merged .npz rank 0 writes at the end (default DIR/samples.npz)",
+    )
+    p.add_argument("--no-merge", action="store_true", help="with --out DIR/: leave the shards unmerged")
     p.add_argument(
         "--compile",
         action="store_true",

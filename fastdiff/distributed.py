@@ -40,6 +40,8 @@ from fastdiff.samplers import DDIMSampler, Sampler, infer_device
 
 FORMAT = "fastdiff-shards-v1"
 MANIFEST = "manifest.json"
+# The merged file `fastdiff sample --out DIR/` writes at the end unless told otherwise.
+MERGED = "samples.npz"
 DEFAULT_SHARD_SIZE = 1024
 # Manifest keys that describe the run but do not change the samples, so they may differ on a resume.
 INFO_KEYS = ("fastdiff_version",)
@@ -264,7 +266,7 @@ def _open_out_dir(out_dir: Path, settings: dict[str, Any]) -> list[dict[str, Any
     if not os.access(out_dir, os.W_OK):
         raise PermissionError(f"out_dir {str(out_dir)!r} is not writable")
     # Temp files of a run that was killed mid-write; the shards they were for are redone.
-    for stale in [*out_dir.glob(".shard-*.tmp"), *out_dir.glob(f".{MANIFEST}.*.tmp")]:
+    for stale in out_dir.glob(".*.tmp"):
         stale.unlink(missing_ok=True)
     return records
 
@@ -475,7 +477,9 @@ def sample_to_dir(
     if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
     out_dir = Path(out_dir)
-    merge_path = None if merge_to is None else check_output_path(merge_to)
+    merge_path = None if merge_to is None else Path(merge_to)
+    if merge_path is not None and merge_path.parent.resolve() != Path(out_dir).resolve():
+        check_output_path(merge_path)  # inside out_dir it is checked once rank 0 has made the folder
     if isinstance(model, str):
         device = _local_device(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
     else:
@@ -657,6 +661,7 @@ def cmd_sample_to_dir(args: argparse.Namespace) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {args.out!r} is a file, expected a folder")
     shard_size = getattr(args, "shard_size", None) or DEFAULT_SHARD_SIZE
+    merge_to = None if args.no_merge else (args.merge_to or out_dir / MERGED)
     made, on_shard = _counter(shard_size, args.num_samples)
     device = _local_device(torch.device(args.device))
     start = time.perf_counter()
@@ -679,7 +684,7 @@ def cmd_sample_to_dir(args: argparse.Namespace) -> int:
         model_id=args.model,
         device=device,
         engine=engine,
-        merge_to=getattr(args, "merge_to", None),
+        merge_to=merge_to,
         on_shard=on_shard,
         progress=not args.quiet,
     )
@@ -689,6 +694,7 @@ def cmd_sample_to_dir(args: argparse.Namespace) -> int:
             f"{made[0]} new images ({args.num_samples} in all) in {seconds:.2f} s "
             f"({made[0] / seconds:.1f} images/s) on {group.world} rank(s), {args.sampler} {args.steps} steps, "
             f"guidance {guidance:g} -> {out_dir}{os.sep}"
+            + ("" if merge_to is None else f", merged: {merge_to}")
         )
     return 0
 

@@ -248,11 +248,19 @@ def test_cli_sample_merge_and_errors(digits, reference, tmp_path, capsys):
     common = ["--model", model, "--steps", str(STEPS), "--num-samples", str(N), "--batch-size", "8"]
     common += ["--guidance-scale", "1", "--device", "cpu", "--quiet", "--out", f"{out}/"]
     assert main(["sample", *common, "--seed", "0"]) == 0
-    assert "24 new images" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "24 new images" in printed and f"merged: {out / 'samples.npz'}" in printed
     assert main(["merge", str(out), "--out", str(tmp_path / "cli.npz")]) == 0
-    with np.load(tmp_path / "cli.npz") as data:  # one shard of 1024 here, three of 8 in the reference
-        np.testing.assert_array_equal(data["images"], reference[1]["images"])
-        np.testing.assert_array_equal(data["arr_0"], reference[1]["images"])
+    # one shard of 1024 here, three of 8 in the reference; rank 0 merged into the folder by itself
+    for merged in (tmp_path / "cli.npz", out / "samples.npz"):
+        with np.load(merged) as data:
+            np.testing.assert_array_equal(data["images"], reference[1]["images"])
+            np.testing.assert_array_equal(data["arr_0"], reference[1]["images"])
+    capsys.readouterr()
+    unmerged = tmp_path / "unmerged"
+    assert main(["sample", *common[:-1], f"{unmerged}/", "--seed", "0", "--no-merge"]) == 0
+    assert "merged:" not in capsys.readouterr().out
+    assert sorted(p.name for p in unmerged.iterdir()) == [MANIFEST, shard_name(0)]
     assert main(["sample", *common, "--seed", "0"]) == 0
     assert "0 new images" in capsys.readouterr().out
 

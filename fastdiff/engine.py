@@ -1,7 +1,7 @@
 """SamplingEngine: `fastdiff.sample` with static buffers, CUDA-graph replay and a graph cache (gpt-fast style).
 
-Per call key (mode, device, dtype, batch and sample shape, CFG on/off, conditioning structure and shapes) the engine
-allocates once: the sample buffer `x` (updated in place by `fastdiff.kernels.sampler_step(..., out=x)`), the
+Per call key (mode, device, dtype, batch and sample shape, CFG on/off, conditioning structure and shapes, and where
+the denoiser's weights live: see `weights_key`) the engine allocates once: the sample buffer `x` (updated in place by `fastdiff.kernels.sampler_step(..., out=x)`), the
 conditioning, the guidance scale (a 0-d device tensor, so changing it needs no new graph), a device-side step counter
 and a noise buffer (rows of pre-drawn noise plus a zero row, and the row each step reads). One step reads everything
 it needs from device memory through the counter: the timestep (gathered from the timesteps on the device), the table
@@ -166,6 +166,17 @@ def _call_decomposed(fn: Callable[..., torch.Tensor], *args: Any, **kwargs: Any)
     # the compiled code, so it is left off.
     with decomposed():
         return fn(*args, **kwargs)
+
+
+def weights_key(model: Any) -> tuple | None:
+    """Where a module's weights live (its first parameter's storage, dtype and device), None for other callables.
+
+    A CUDA graph replays the addresses it captured, so weights that were moved or cast (new storage) need a new
+    graph; weights loaded in place (`load_state_dict`) keep their storage, and the graph reads the new values.
+    """
+    params = getattr(model, "parameters", None)
+    param = next(iter(params()), None) if callable(params) else None
+    return None if param is None else (param.data_ptr(), param.dtype, param.device)
 
 
 def _leaf_key(name: str, leaf: Any) -> Any:
@@ -391,7 +402,7 @@ class SamplingEngine:
         graphs = self._uses_graphs(device)
         rows = self._noise_rows(shape, dtype)
         mode = self._mode(device, graphs, rows, step_only)
-        key = (mode, device, dtype, shape, uncond is not None, spec, leaf_keys)
+        key = (mode, device, dtype, shape, uncond is not None, spec, leaf_keys, weights_key(self.denoiser))
         entry = self._cache.get(key)
         if entry is None:
             self.stats.cache_misses += 1

@@ -207,6 +207,26 @@ def test_cache_lru_over_1000_alternating_calls():
     assert eng.stats.evictions == 998 and eng.stats.captures == 1000
 
 
+def test_moved_weights_capture_anew(unet):
+    """A graph replays the weights' addresses: new storage (a cast or a move and back) is a new key; weights
+    loaded in place keep the graph, which then reads them."""
+    model = copy.deepcopy(unet)
+    sampler = SAMPLERS["ddim-eta1"]()
+    eng = FakeEngine(model, sampler)
+    eng.sample(SHAPE, generator=gen())
+    for p in model.parameters():
+        p.data = p.data.clone()
+    got = eng.sample(SHAPE, generator=gen())
+    assert (eng.stats.captures, eng.stats.cache_misses) == (2, 2)
+    torch.testing.assert_close(got, fastdiff.sample(model, sampler, SHAPE, generator=gen()), rtol=0, atol=0)
+    with torch.no_grad():
+        model.load_state_dict({k: v * 0.5 for k, v in model.state_dict().items()})
+    got = eng.sample(SHAPE, generator=gen())
+    assert eng.stats.captures == 2 and eng.stats.cache_hits == 1
+    torch.testing.assert_close(got, fastdiff.sample(model, sampler, SHAPE, generator=gen()), rtol=0, atol=0)
+    assert engine_mod.weights_key(toy) is None
+
+
 def test_returning_to_a_shape_reuses_its_graph():
     eng = FakeEngine(toy, SAMPLERS["ddpm"](), max_graphs=3)
     for shape in [(1, 2), (4, 2), (1, 2), (2, 2), (4, 2), (1, 2)]:

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from fastdiff.engine import _CaptureError, _CudaGraphRunner, _leaf_key
+from fastdiff.engine import _CaptureError, _CudaGraphRunner, _leaf_key, weights_key
 from fastdiff.errors import FastdiffError, missing_extra
 from fastdiff.kernels.sampler_step import sampler_step
 from fastdiff.samplers import DDIMSampler, DDPMSampler, Sampler, StepTable
@@ -287,9 +287,7 @@ class GraphedForward:
             leaf_keys = tuple(_leaf_key("argument", leaf) for leaf in leaves)
         except TypeError:
             return None
-        param = next(self.unet.parameters(), None)
-        weights = None if param is None else (param.data_ptr(), param.dtype, param.device)
-        return (spec, leaf_keys, weights)
+        return (spec, leaf_keys, weights_key(self.unet))
 
     def __call__(self, sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
         return_dict = kwargs.pop("return_dict", True)

@@ -407,8 +407,9 @@ def accelerate(
     up to floating-point rounding.
 
     `dtype` (float32, float16, bfloat16) casts the model; None keeps its dtype (keep float32 on CPUs without bf16
-    hardware). `channels_last` converts it to channels-last memory (None: when it has 2-D convolutions). `kernels` is the backend
-    of every swapped op: "auto" (Triton where it runs, else the PyTorch reference), "triton" or "torch".
+    hardware). `channels_last` converts it to channels-last memory (None: when it has 2-D convolutions).
+    `kernels` is the backend of every swapped op: "auto" (Triton where it runs, else the PyTorch reference),
+    "triton" or "torch".
     Returns a deep copy unless `inplace=True`; `report(model)` tells what was done.
     """
     if not isinstance(model, nn.Module):

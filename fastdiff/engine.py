@@ -1,8 +1,8 @@
 """SamplingEngine: `fastdiff.sample` with static buffers, CUDA-graph replay and a graph cache (gpt-fast style).
 
 Per call key (mode, device, dtype, batch and sample shape, CFG on/off, conditioning structure and shapes, and where
-the denoiser's weights live: see `weights_key`) the engine allocates once: the sample buffer `x` (updated in place by `fastdiff.kernels.sampler_step(..., out=x)`), the
-conditioning, the guidance scale (a 0-d device tensor, so changing it needs no new graph), a device-side step counter
+the denoiser's weights live: see `weights_key`) the engine allocates once: the sample buffer `x` (updated in place
+by `fastdiff.kernels.sampler_step(..., out=x)`), the conditioning, the guidance scale (a 0-d device tensor, so changing it needs no new graph), a device-side step counter
 and a noise buffer (rows of pre-drawn noise plus a zero row, and the row each step reads). One step reads everything
 it needs from device memory through the counter: the timestep (gathered from the timesteps on the device), the table
 row (read by the kernel) and the noise row; it then increments the counter. On CUDA that step is captured as a graph
@@ -203,12 +203,13 @@ class SamplingEngine:
       steps as one CUDA graph replayed once (no per-step launch overhead, but num_steps times the capture time and
       graph size), or off CUDA with `compile=True` compiles them as one `torch.while_loop`. "loop" needs all the
       call's noise pre-drawn: with more than `NOISE_BUFFER_BYTES` of it, it falls back to "step" with a warning.
-      "auto" (default) is "step" for CUDA graphs and "loop" for the CPU compile. Which is faster with CUDA graphs
+      "auto" (default) is "step" for CUDA graphs; for the CPU compile it times the first compiled steps and runs
+      the rest as the loop when a step takes under `LOOP_BELOW_SECONDS`. Which is faster with CUDA graphs
       depends on the model and step count: benchmark both (`SamplingEngine(..., cuda_graphs=True, graph_mode=...)`).
       Ignored when nothing is captured or compiled.
     - `compile`: on CUDA, wraps the denoiser with `torch.compile(dynamic=False)`, mode "max-autotune-no-cudagraphs"
-      when the engine captures graphs itself, else "reduce-overhead"; off CUDA, compiles the whole loop (or with
-      `graph_mode="step"` one step: denoiser, CFG, sampler update, step counter) with the inductor default mode and
+      when the engine captures graphs itself, else "reduce-overhead"; off CUDA, compiles one step (denoiser, CFG,
+      sampler update, step counter) or the whole loop (see `graph_mode`) with the inductor default mode and
       its C++ wrapper, traced inside `fastdiff.kernels.backend.decomposed()` so that inductor fuses our ops'
       reference twins (no global config is changed). A loop that cannot be compiled as a `while_loop` (a denoiser
       with data-dependent Python, say) falls back to compiling one step, with one warning per engine. Each new
@@ -340,7 +341,9 @@ class SamplingEngine:
                 if entry.mode != "loop":
                     entry.runner.replay()
                 if entry.mode == "auto" and len(self.table) > AUTO_TIMED_STEPS + 1:
-                    self._choose(entry, [self._timed(entry.runner.replay) for _ in range(AUTO_TIMED_STEPS)])
+                    self._choose(
+                        entry, [self._timed(entry.runner.replay)[0] for _ in range(AUTO_TIMED_STEPS)]
+                    )
                 if entry.mode == "loop":
                     entry.counter.fill_(len(self.table) - 1)
                     if not self._run_compiled_loop(entry):
@@ -521,10 +524,11 @@ class SamplingEngine:
         self._cache.setdefault(entry.key, entry)
 
     @staticmethod
-    def _timed(fn: Callable[[], Any]) -> float:
+    def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+        """(seconds, result) of `fn()`: host time, which is the step's time on the CPU the auto mode serves."""
         start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
+        result = fn()
+        return time.perf_counter() - start, result
 
     def _choose(self, entry: _Entry, seconds: list[float]) -> None:
         """graph_mode="auto" on the CPU compile: the compiled loop when a compiled step is this quick."""
@@ -537,12 +541,11 @@ class SamplingEngine:
         both as they were: the caller goes on step by step from the same state, and the engine stays on steps
         from then on (one warning). A genuine error of the denoiser is raised again by that step.
         """
-        if entry.loop_verified:
-            entry.compiled_loop()
-            return True
         try:
             entry.compiled_loop()
         except Exception as err:  # any failure to compile the loop; the step path re-raises genuine errors
+            if entry.loop_verified:
+                raise
             self._loop_failed = True
             self.stats.eager_fallbacks += 1
             first_line = str(err).splitlines()[0] if str(err) else ""
@@ -653,10 +656,9 @@ class SamplingEngine:
                 if i in refill:
                     self._fill_noise(e, refill[i], generator)
                 before = e.x.clone() if callback is not None else None
-                start = time.perf_counter()
-                out, out_u = e.runner.replay()
+                seconds, (out, out_u) = self._timed(e.runner.replay)
                 if e.mode == "auto" and i > 0:  # the first step compiles
-                    timed.append(time.perf_counter() - start)
+                    timed.append(seconds)
                 bar.update(1)
                 if callback is not None:
                     # Copies: the static buffers are overwritten by the next replay.

@@ -179,6 +179,13 @@ def weights_key(model: Any) -> tuple | None:
     return None if param is None else (param.data_ptr(), param.dtype, param.device)
 
 
+def _copy_leaves(buffers: list[Any], leaves: list[Any]) -> None:
+    """Copy a call's flattened inputs into the static buffers of its key (constants are part of the key)."""
+    for buf, leaf in zip(buffers, leaves, strict=True):
+        if isinstance(buf, torch.Tensor):
+            buf.copy_(leaf)
+
+
 def _leaf_key(name: str, leaf: Any) -> Any:
     if isinstance(leaf, torch.Tensor):
         return ("tensor", tuple(leaf.shape), leaf.dtype, leaf.device)
@@ -421,9 +428,7 @@ class SamplingEngine:
         else:
             self.stats.cache_hits += 1
             self._cache.move_to_end(key)
-        for buf, leaf in zip(entry.leaves, leaves, strict=True):
-            if isinstance(buf, torch.Tensor):
-                buf.copy_(leaf)
+        _copy_leaves(entry.leaves, leaves)
         if entry.guidance is not None:
             entry.guidance.fill_(guidance_scale)
         return entry

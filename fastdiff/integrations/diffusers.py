@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from fastdiff.engine import _CaptureError, _CudaGraphRunner, _leaf_key, weights_key
+from fastdiff.engine import _CaptureError, _copy_leaves, _CudaGraphRunner, _leaf_key, weights_key
 from fastdiff.errors import FastdiffError, missing_extra
 from fastdiff.kernels.sampler_step import sampler_step
 from fastdiff.samplers import DDIMSampler, DDPMSampler, Sampler, StepTable
@@ -282,45 +282,43 @@ class GraphedForward:
         # the originals replay the original's memory.
         return GraphedForward(copy.deepcopy(self.unet, memo), self.max_graphs)
 
-    def _key(self, leaves: list[Any], spec: Any) -> tuple | None:
-        try:
-            leaf_keys = tuple(_leaf_key("argument", leaf) for leaf in leaves)
-        except TypeError:
-            return None
-        return (spec, leaf_keys, weights_key(self.unet))
-
     def __call__(self, sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
         return_dict = kwargs.pop("return_dict", True)
-        usable = (
-            not self.failed
-            and isinstance(sample, torch.Tensor)
-            and sample.device.type == self._graph_device
-            and not (torch.is_grad_enabled() and any(p.requires_grad for p in self.unet.parameters()))
-        )
-        key = None
-        if usable:
-            timestep = torch.as_tensor(timestep, device=sample.device)
-            leaves, spec = tree_flatten((sample, timestep, args, kwargs))
-            key = self._key(leaves, spec)
-        if key is None:
+        runner = self._runner_for(sample, timestep, args, kwargs)
+        if runner is None:
             return self.original(sample, timestep, *args, return_dict=return_dict, **kwargs)
+        output = runner.replay()
+        self.replays += 1
+        fresh = output.sample.clone()
+        return type(output)(sample=fresh) if return_dict else (fresh,)
+
+    def _runner_for(self, sample: Any, timestep: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """The graph runner of these inputs, with them copied into its static buffers (captured on a miss); None
+        when no graph can serve the call."""
+        if (
+            self.failed
+            or not isinstance(sample, torch.Tensor)
+            or sample.device.type != self._graph_device
+            or (torch.is_grad_enabled() and any(p.requires_grad for p in self.unet.parameters()))
+        ):
+            return None
+        leaves, spec = tree_flatten((sample, torch.as_tensor(timestep, device=sample.device), args, kwargs))
+        try:
+            key = (spec, tuple(_leaf_key("argument", leaf) for leaf in leaves), weights_key(self.unet))
+        except TypeError:  # an unhashable argument
+            return None
         entry = self._cache.get(key)
         if entry is None:
             entry = self._capture(leaves, spec)
             if entry is None:
-                return self.original(sample, timestep, *args, return_dict=return_dict, **kwargs)
+                return None
             self._cache[key] = entry
             if len(self._cache) > self.max_graphs:
                 self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(key)
-            for buf, leaf in zip(entry[0], leaves, strict=True):
-                if isinstance(buf, torch.Tensor):
-                    buf.copy_(leaf)
-        output = entry[1].replay()
-        self.replays += 1
-        fresh = output.sample.clone()
-        return type(output)(sample=fresh) if return_dict else (fresh,)
+            return entry[1]
+        self._cache.move_to_end(key)
+        _copy_leaves(entry[0], leaves)
+        return entry[1]
 
     def _capture(self, leaves: list[Any], spec: Any) -> tuple[list[Any], Any] | None:
         static = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]

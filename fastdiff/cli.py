@@ -92,15 +92,16 @@ def _load_x_T(path: str, shape: tuple[int, ...]) -> torch.Tensor:
     return x
 
 
-def engine_for(model: torch.nn.Module, sampler: Any, args: argparse.Namespace) -> Any:
-    """The SamplingEngine of `fastdiff sample`: CUDA graphs on a GPU; `--compile` accelerates the model and
-    compiles (on a CPU the whole step or loop, see SamplingEngine)."""
+def engine_for(model: torch.nn.Module, sampler: Any, device: torch.device, *, compile: bool) -> Any:
+    """The SamplingEngine of `fastdiff sample`, or None for `fastdiff.sample`: with `compile`, the accelerated
+    model compiled (on a CPU the whole step or loop, see SamplingEngine); else CUDA graphs on a GPU, and None on
+    a CPU, where an engine without compile would only repeat fastdiff.sample."""
     from fastdiff.accelerate import accelerate
     from fastdiff.engine import SamplingEngine
 
-    if args.compile:
+    if compile:
         return SamplingEngine(accelerate(model), sampler, compile=True)
-    return SamplingEngine(model, sampler)
+    return SamplingEngine(model, sampler) if torch.device(device).type == "cuda" else None
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -126,7 +127,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         x_T = torch.randn(shape, generator=gen)
     start = time.perf_counter()
     run = (
-        engine_for(pre.model, sampler, args).sample
+        engine_for(pre.model, sampler, args.device, compile=True).sample
         if args.compile
         else functools.partial(sample, pre.model, sampler)
     )

@@ -668,8 +668,7 @@ def cmd_sample_to_dir(args: argparse.Namespace) -> int:
     group = init_distributed(device)
     pre = load_model(args.model, str(device))
     sampler = build_sampler(args.sampler, pre.schedule, args.steps, args.eta)
-    # CUDA graphs on a GPU; on a CPU without --compile the engine would only repeat fastdiff.sample.
-    engine = engine_for(pre.model, sampler, args) if device.type == "cuda" or args.compile else None
+    engine = engine_for(pre.model, sampler, device, compile=args.compile)
     guidance = guidance_scale_for(pre, args.guidance_scale)
     sample_to_dir(
         pre,
@@ -735,8 +734,7 @@ def local_rank_env(rank: int, world: int, port: int) -> None:
 
 
 def _throughput_worker(rank: int, world: int, port: int, threads: int, tmp: str, job: dict) -> None:
-    from fastdiff.cli import load_model
-    from fastdiff.engine import SamplingEngine
+    from fastdiff.cli import engine_for, load_model
 
     local_rank_env(rank, world, port)
     torch.set_num_threads(threads)
@@ -747,7 +745,7 @@ def _throughput_worker(rank: int, world: int, port: int, threads: int, tmp: str,
     pre = load_model(model, str(device)) if isinstance(model, str) else model
     sampler = _resolve_sampler("ddim", pre.schedule, steps, 0.0)
     # As `fastdiff sample --out DIR/` does: CUDA graphs on a GPU, fastdiff.sample on a CPU.
-    engine = SamplingEngine(pre.model, sampler) if device.type == "cuda" else None
+    engine = engine_for(pre.model, sampler, device, compile=False)
     job.update(sampler=sampler, engine=engine)
     # One batch per rank first, so that start-up costs (allocator, first calls, graph capture) stay out.
     sample_to_dir(pre, num_samples=batch * world, out_dir=Path(tmp) / "warm", **job)

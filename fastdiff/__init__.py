@@ -7,7 +7,7 @@ from fastdiff.accelerate import AccelerationReport, as_denoiser, report
 from fastdiff.accelerate import accelerate as accelerate
 from fastdiff.distributed import ShardError, merge, sample_to_dir
 from fastdiff.engine import SamplingEngine
-from fastdiff.errors import BackendUnavailableError, CheckpointError, FastdiffError
+from fastdiff.errors import BackendUnavailableError, CheckpointError, FastdiffError, NonFiniteError
 from fastdiff.integrations.diffusers import accelerate_pipeline, from_diffusers_scheduler
 from fastdiff.models import MLPDenoiser, UNet, UNetConfig
 from fastdiff.pretrained import Pretrained, load_checkpoint, load_pretrained
@@ -25,6 +25,7 @@ __all__ = [
     "FastdiffError",
     "MLPDenoiser",
     "NoiseSchedule",
+    "NonFiniteError",
     "Pretrained",
     "SamplingEngine",
     "ShardError",

@@ -39,6 +39,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from tqdm.auto import tqdm
 
+from fastdiff.checks import FiniteWatch, check_denoiser_matches, check_device, check_dtype
 from fastdiff.kernels.backend import decomposed
 from fastdiff.kernels.sampler_step import sampler_step
 from fastdiff.samplers import (
@@ -302,10 +303,12 @@ class SamplingEngine:
         The result is a new tensor (the engine's buffers are reused by the next call).
         """
         shape = check_shape(shape)
-        dev = infer_device(self.denoiser, x_T, device)
+        dev = check_device(infer_device(self.denoiser, x_T, device))
+        check_dtype(dtype)
         if x_T is not None:
             check_x("x_T", x_T, shape)
             dtype = x_T.dtype
+        check_denoiser_matches(self.denoiser, dev, dtype, "x" if x_T is None else "x_T")
         cond, uncond = guidance_conds(self.denoiser, cond, uncond, guidance_scale)
         with torch.inference_mode():
             x_init = randn(shape, generator, dev, dtype) if x_T is None else x_T
@@ -316,7 +319,11 @@ class SamplingEngine:
             self._ensure_runner(entry)
             entry.x.copy_(x_init)
             entry.counter.zero_()
-            self._drive(entry, generator, guidance_scale, progress, callback)
+            watch = FiniteWatch(self.table.timesteps)
+            self._drive(entry, generator, guidance_scale, progress, callback, watch)
+            # A loop run as one graph is only seen at its end: the step reported is then the last.
+            watch.update(len(self.table) - 1, entry.x)
+            watch.check(entry.x)
             return entry.x.clone()
 
     def warmup(
@@ -336,7 +343,8 @@ class SamplingEngine:
         """
         start = time.perf_counter()
         shape = check_shape(shape)
-        dev = infer_device(self.denoiser, None, device)
+        dev = check_device(infer_device(self.denoiser, None, device))
+        check_denoiser_matches(self.denoiser, dev, check_dtype(dtype))
         cond, uncond = guidance_conds(self.denoiser, cond, uncond, guidance_scale)
         with torch.inference_mode():
             entry = self._prepare(shape, dev, dtype, cond, uncond, guidance_scale, step_only=False)
@@ -641,6 +649,7 @@ class SamplingEngine:
         guidance_scale: float,
         progress: bool,
         callback: Callable[[dict[str, Any]], None] | None,
+        watch: FiniteWatch,
     ) -> None:
         n = len(self.table)
         with tqdm(total=n, disable=not progress, desc="sampling", leave=False) as bar:
@@ -662,6 +671,7 @@ class SamplingEngine:
                     self._fill_noise(e, refill[i], generator)
                 before = e.x.clone() if callback is not None else None
                 seconds, (out, out_u) = self._timed(e.runner.replay)
+                watch.update(i, e.x)
                 if e.mode == "auto" and i > 0:  # the first step compiles
                     timed.append(seconds)
                 bar.update(1)

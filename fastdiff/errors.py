@@ -13,6 +13,14 @@ class BackendUnavailableError(FastdiffError):
     """A backend was requested explicitly but cannot run on this machine."""
 
 
+class NonFiniteError(FastdiffError):
+    """Sampling produced NaN or inf; `step` is the first step after which it was seen."""
+
+    def __init__(self, message: str, *, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step
+
+
 def missing_extra(package: str, extra: str) -> ImportError:
     """The ImportError raised when an optional dependency is absent, naming the extra to install."""
     return ImportError(f'{package} is not installed; install it with: pip install "fastdiff[{extra}]"')

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fastdiff.checks import FiniteWatch, check_denoiser_matches, check_device, check_dtype
 from fastdiff.kernels.sampler_step import TABLE_COLUMNS, sampler_step
 from fastdiff.schedule import NoiseSchedule
 
@@ -186,6 +187,10 @@ class DDIMSampler(Sampler):
         a, b, p, q = _prediction_coeffs(abar, prediction_type)
         var = (1.0 - self._abar_prev) / (1.0 - abar) * (1.0 - abar / self._abar_prev)
         std = self.eta * np.sqrt(var)
+        if not np.abs(std).max() <= np.finfo(np.float32).max:
+            raise ValueError(
+                f"eta={eta!r} is too large: the noise scale overflows float32 (eta is normally in [0, 1])"
+            )
         c = np.sqrt(self._abar_prev)
         d = np.sqrt(np.maximum(1.0 - self._abar_prev - std**2, 0.0))
         e = np.zeros_like(abar)
@@ -265,6 +270,8 @@ def guidance_conds(
     """Validate the conditioning and return (cond, uncond); uncond is None when guidance is off."""
     if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+    if abs(guidance_scale) > torch.finfo(torch.float32).max:
+        raise ValueError(f"guidance_scale={guidance_scale!r} overflows float32")
     cond = dict(cond or {})
     if guidance_scale == 1.0:
         return cond, None
@@ -365,6 +372,7 @@ def run_table(
     ts = table.timesteps.to(x.device)
     s_col = table.column("s")
     batch = x.shape[0]
+    watch = FiniteWatch(table.timesteps)
     for i in tqdm(range(start, len(table)), disable=not progress, desc="sampling", leave=False):
         t = ts[i].expand(batch)
         if uncond is None:
@@ -391,6 +399,8 @@ def run_table(
                 {"i": i, "t": int(table.timesteps[i]), "x": x_next, "x0": a * x + b * m, "model_output": m}
             )
         x = x_next if after_step is None else after_step(i, x_next)
+        watch.update(i, x)
+    watch.check(x)
     return x
 
 
@@ -413,15 +423,20 @@ def sample(
 
     `denoiser(x, t, **cond)` returns the model output; with `guidance_scale != 1`, classifier-free guidance
     runs cond and uncond (default: the denoiser's `null_cond(cond)`) as one batched call per step.
+    Sampling runs in x_T's dtype when it is given, else in `dtype`. A run whose state becomes NaN or inf raises
+    `fastdiff.errors.NonFiniteError` naming the first step after which it was seen.
     """
     table = sampler_table(sampler)
     shape = check_shape(shape)
-    dev = infer_device(denoiser, x_T, device)
-    if x_T is None:
-        x = randn(shape, generator, dev, dtype)
-    else:
+    dev = check_device(infer_device(denoiser, x_T, device))
+    check_dtype(dtype)
+    if x_T is not None:
         check_x("x_T", x_T, shape)
+        check_denoiser_matches(denoiser, dev, x_T.dtype, "x_T")
         x = x_T.clone()
+    else:
+        check_denoiser_matches(denoiser, dev, dtype)
+        x = randn(shape, generator, dev, dtype)
     with torch.inference_mode():
         return run_table(
             denoiser,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -127,10 +128,15 @@ class NoiseSchedule:
         T = self.num_train_timesteps
         if spacing not in SPACINGS:
             raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
-        if not isinstance(num_steps, int) or isinstance(num_steps, bool) or not 1 <= num_steps <= T:
+        if (
+            not isinstance(num_steps, numbers.Integral)
+            or isinstance(num_steps, bool)
+            or not 1 <= num_steps <= T
+        ):
             raise ValueError(
                 f"num_steps must be an int in [1, {T}] (the schedule's length), got {num_steps!r}"
             )
+        num_steps = int(num_steps)
         if spacing == "linspace":
             ts = np.linspace(0, T - 1, num_steps).round()[::-1].astype(np.int64)
         elif spacing == "leading":

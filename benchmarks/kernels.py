@@ -14,6 +14,9 @@ large bf16 matmul for FLOP/s. The JSON goes to --out (written atomically), a mar
 Without a GPU it runs a smoke version in seconds: tiny shapes, Triton under the interpreter (TRITON_INTERPRET=1 is
 set before the kernels are defined), torch.compile with the aot_eager backend. Its numbers mean nothing; it
 exists so that this script cannot rot.
+
+`--static --arch sm_80,sm_90 [--json out.json]` instead compiles every kernel ahead of time for those GPUs, without
+one, and reports registers, spills, shared memory, occupancy and tensor-core use (benchmarks/kernels_static.py).
 """
 
 from __future__ import annotations
@@ -36,12 +39,15 @@ import torch
 # Triton reads TRITON_INTERPRET when a kernel is defined, i.e. when fastdiff.kernels is first imported. Run as
 # `python -m fastdiff.benchmarks.kernels`, `import fastdiff` has done that before this line: main() then starts
 # the process again with the variable set.
+# `--static` (the ahead-of-time compile report, benchmarks/kernels_static.py) needs compiled kernels instead.
+_STATIC = __name__ == "__main__" and "--static" in sys.argv[1:]
 _RESTART_FOR_INTERPRETER = (
-    not torch.cuda.is_available()
+    not _STATIC
+    and not torch.cuda.is_available()
     and "TRITON_INTERPRET" not in os.environ
     and "fastdiff.kernels" in sys.modules
 )
-if not torch.cuda.is_available():
+if not torch.cuda.is_available() and not _STATIC:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch.nn.functional as F  # noqa: E402
@@ -503,6 +509,10 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: run, print the markdown table, write the JSON to --out."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "--static" in argv:
+        from .kernels_static import main as static_main
+
+        return static_main([a for a in argv if a != "--static"])
     if _RESTART_FOR_INTERPRETER:
         os.execv(sys.executable, [sys.executable, "-m", "fastdiff.benchmarks.kernels", *argv])
     args = parse_args(argv)

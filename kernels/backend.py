@@ -15,6 +15,8 @@ BACKENDS = ("auto", "triton", "torch")
 
 # Process-wide rather than thread-local: torch.compile reads a module global with a guard, without a graph break.
 _decomposed = False
+# SM count that launches on the meta device plan for, inside `simulated_gpu` (the static compile report).
+_simulated_sm_count: int | None = None
 
 
 @functools.cache
@@ -99,6 +101,35 @@ def available() -> dict[str, object]:
     if cuda:
         info["auto_backend_cuda"] = resolve_backend("auto", torch.device("cuda"))
     return info
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def multiprocessor_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors that a launch on `device` spreads over: the GPU's count on CUDA, the simulated
+    count on the meta device inside `simulated_gpu`, None elsewhere (the CPU interpreter runs programs one by one)."""
+    if device.type == "cuda":
+        return _cuda_sm_count(torch.cuda.current_device() if device.index is None else device.index)
+    if device.type == "meta":
+        return _simulated_sm_count
+    return None
+
+
+@contextlib.contextmanager
+def simulated_gpu(sm_count: int) -> Iterator[None]:
+    """Within this block the kernel wrappers plan launches on meta tensors as for a GPU of `sm_count` SMs, so that
+    `fastdiff.benchmarks.kernels_static` can record the exact launch a real GPU would get, without one."""
+    if isinstance(sm_count, bool) or not isinstance(sm_count, int) or sm_count < 1:
+        raise ValueError(f"sm_count must be a positive int, got {sm_count!r}")
+    global _simulated_sm_count
+    previous, _simulated_sm_count = _simulated_sm_count, sm_count
+    try:
+        yield
+    finally:
+        _simulated_sm_count = previous
 
 
 def memory_format(x: torch.Tensor) -> torch.memory_format:

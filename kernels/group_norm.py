@@ -21,13 +21,18 @@ x's memory format.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
-from fastdiff.kernels.backend import check_backend, decomposing, memory_format, resolve_backend
+from fastdiff.kernels.backend import (
+    check_backend,
+    decomposing,
+    memory_format,
+    multiprocessor_count,
+    resolve_backend,
+)
 
 try:
     import triton
@@ -330,13 +335,11 @@ if triton is not None:
         )
 
 
-@functools.cache
 def _target_programs(device: torch.device) -> int:
     """How many programs a launch should reach before splitting groups stops paying: a few waves of SMs on a
     GPU; one under the CPU interpreter, which runs programs one after another."""
-    if device.type != "cuda":
-        return 1
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    sms = multiprocessor_count(device)
+    return 1 if sms is None else 4 * sms
 
 
 def _flat_view(t: torch.Tensor) -> torch.Tensor:

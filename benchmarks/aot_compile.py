@@ -74,16 +74,9 @@ class Launch:
 
 @contextlib.contextmanager
 def record_launches(kernels: Sequence[Any]) -> Iterator[list[Launch]]:
-    """Within this block, launches of `kernels` (JIT functions) are recorded into the yielded list instead of run."""
-    from triton.runtime.jit import JITFunction
-
+    """Within this block, launches of `kernels` (@triton.jit functions, interpreted ones too) are recorded into the
+    yielded list instead of run."""
     launches: list[Launch] = []
-    for kernel in kernels:
-        if not isinstance(kernel, JITFunction):
-            raise TypeError(
-                f"{getattr(kernel, '__name__', kernel)!r} is a {type(kernel).__name__}, not a compiled JITFunction: "
-                "the kernels were defined with TRITON_INTERPRET=1; run the static compile in a process without it"
-            )
 
     def recorder(kernel):
         def run(*args, grid, warmup, **kwargs):
@@ -108,8 +101,13 @@ def _bind(launch: Launch, target: Target):
     """Triton's own binding of the launch for `target`: (ASTSource, options)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
+    from triton.runtime.jit import JITFunction, create_function_from_signature
 
+    if not isinstance(launch.kernel, JITFunction):
+        raise TypeError(
+            f"{launch.name} is a {type(launch.kernel).__name__}, not a JITFunction: the kernels were defined with "
+            "TRITON_INTERPRET=1; compile in a process without it"
+        )
     gpu_target = GPUTarget("cuda", target.capability, 32)
     backend = make_backend(gpu_target)
     kernel = launch.kernel

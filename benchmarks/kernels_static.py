@@ -33,13 +33,21 @@ from .aot_compile import TARGETS, Target, compile_launch, ptxas_usable, record_l
 from .environment import versions
 
 SCHEMA = "fastdiff.benchmarks.kernels_static/1"
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# "float32+tf32": float32 tensors with TF32 products allowed (attention's allow_tf32=True)
+DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float32+tf32": torch.float32,
+}
 LOW_PRECISION = ("float16", "bfloat16")
+TENSOR_CORE_DTYPES = (*LOW_PRECISION, "float32+tf32")  # attention in these must use mma / wgmma
 GATED_WORKLOAD = "sd15-512"  # the grid-fill gate applies to these shapes
 GRID_FILL_GPU = "sm_80"  # ... and measures against half this target's SMs (A100: 108)
 
-# A case, as the builders yield it: (workload, label, shape description, call of the wrapper on meta tensors).
-CaseSpec = tuple[str, str, dict[str, Any], Callable[[torch.dtype], None]]
+# A case, as the builders yield it: (workload, label, shape description, call of the wrapper on meta tensors, given
+# a name from DTYPES).
+CaseSpec = tuple[str, str, dict[str, Any], Callable[[str], None]]
 
 # Batch 2: one image with classifier-free guidance (latent models); 16 for the pixel models, sampled in batches.
 SD_BATCH, PIXEL_BATCH = 2, 16
@@ -124,7 +132,8 @@ def _group_norm_cases(workloads: Sequence[str]) -> Iterator[CaseSpec]:
         batch = _batch(workload)
         for channels, size in shapes:
 
-            def launch(dtype, batch=batch, channels=channels, size=size, scale_shift=scale_shift):
+            def launch(dtype_name, batch=batch, channels=channels, size=size, scale_shift=scale_shift):
+                dtype = DTYPES[dtype_name]
                 x = _meta(batch, channels, size, size, dtype=dtype)
                 w, b = _meta(channels, dtype=dtype), _meta(channels, dtype=dtype)
                 # ADM's scale and shift are the halves of one (N, 2C) embedding
@@ -142,13 +151,14 @@ def _attention_cases(workloads: Sequence[str]) -> Iterator[CaseSpec]:
         batch = _batch(workload)
         for label, heads, seq_q, seq_k, head_dim in ATTENTION_SHAPES[workload]:
 
-            def launch(dtype, batch=batch, heads=heads, seq_q=seq_q, seq_k=seq_k, head_dim=head_dim):
+            def launch(dtype_name, batch=batch, heads=heads, seq_q=seq_q, seq_k=seq_k, head_dim=head_dim):
+                dtype = DTYPES[dtype_name]
                 # (batch, seq, heads * head_dim) projections viewed per head, as diffusers' attention does
                 q, k, v = (
                     _meta(batch, s, heads, head_dim, dtype=dtype).transpose(1, 2)
                     for s in (seq_q, seq_k, seq_k)
                 )
-                _attention_triton(q, k, v, head_dim**-0.5)
+                _attention_triton(q, k, v, head_dim**-0.5, allow_tf32=dtype_name == "float32+tf32")
 
             yield workload, label, {"q": [batch, heads, seq_q, head_dim], "seq_k": seq_k}, launch
 
@@ -160,7 +170,8 @@ def _sampler_cases(workloads: Sequence[str]) -> Iterator[CaseSpec]:
         batch = _batch(workload)
         for label, shape, cfg, noise in SAMPLER_SHAPES[workload]:
 
-            def launch(dtype, batch=batch, shape=shape, cfg=cfg, noise=noise):
+            def launch(dtype_name, batch=batch, shape=shape, cfg=cfg, noise=noise):
+                dtype = DTYPES[dtype_name]
                 x, m, u, z, out = (_meta(batch, *shape, dtype=dtype) for _ in range(5))
                 table = _meta(50, len(TABLE_COLUMNS), dtype=torch.float32)
                 _sampler_step_triton(
@@ -177,6 +188,7 @@ class KernelOp:
     module: str
     kernels: tuple[str, ...]
     cases: Callable[[Sequence[str]], Iterator[CaseSpec]]
+    dtypes: tuple[str, ...] = ("float16", "bfloat16", "float32")
 
     def jit_functions(self) -> list[Any]:
         mod = importlib.import_module(self.module)
@@ -190,7 +202,9 @@ OPS: dict[str, KernelOp] = {
         ("_group_norm_silu_fused_kernel", "_group_norm_stats_kernel", "_group_norm_apply_kernel"),
         _group_norm_cases,
     ),
-    "attention": KernelOp("fastdiff.kernels.attention", ("_attention_fwd_kernel",), _attention_cases),
+    "attention": KernelOp(
+        "fastdiff.kernels.attention", ("_attention_fwd_kernel",), _attention_cases, tuple(DTYPES)
+    ),
     "sampler_step": KernelOp("fastdiff.kernels.sampler_step", ("_sampler_step_kernel",), _sampler_cases),
 }
 WORKLOADS = tuple(GROUP_NORM_SHAPES)
@@ -200,7 +214,7 @@ CI_SUBSET = {
     "workloads": ("sd15-512",),
     "dtypes": {
         "group_norm_silu": LOW_PRECISION,
-        "attention": (*LOW_PRECISION, "float32"),
+        "attention": tuple(DTYPES),
         "sampler_step": ("float16",),
     },
 }
@@ -221,10 +235,10 @@ def run_static(
         op = OPS[op_name]
         kernels = op.jit_functions()
         for workload, label, shape, launch in op.cases(workloads):
-            for dtype_name in dtypes[op_name]:
+            for dtype_name in (d for d in dtypes[op_name] if d in op.dtypes):
                 for target in targets:
                     with simulated_gpu(target.sm_count), record_launches(kernels) as launches:
-                        launch(DTYPES[dtype_name])
+                        launch(dtype_name)
                     for rec in launches:
                         start = time.perf_counter()
                         row = {
@@ -264,7 +278,7 @@ def violations(rows: Sequence[dict[str, Any]]) -> list[str]:
             found.append(f"{where}: spills {r['spill_bytes']} bytes ({r['registers']} registers)")
         if r["smem"] > r["smem_limit"]:
             found.append(f"{where}: {r['smem']} bytes of shared memory, over the {r['smem_limit']} limit")
-        if r["op"] == "attention" and r["dtype"] in LOW_PRECISION and r["mma"] + r["wgmma"] == 0:
+        if r["op"] == "attention" and r["dtype"] in TENSOR_CORE_DTYPES and r["mma"] + r["wgmma"] == 0:
             found.append(f"{where}: no tensor-core instruction (mma / wgmma) in the PTX")
         if (
             r["workload"] == GATED_WORKLOAD
@@ -276,7 +290,7 @@ def violations(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def _cfg_text(config: dict[str, Any]) -> str:
-    keys = [k for k in config if k.startswith("BLOCK") or k in ("ALIGNED", "PRECISION", "EVEN_C")]
+    keys = [k for k in config if k.startswith("BLOCK") or k in ("ALIGN", "PRECISION", "EVEN_C")]
     return " ".join(f"{k.removeprefix('BLOCK_')}={config[k]}" for k in keys)
 
 
@@ -329,7 +343,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--dtypes",
         type=lambda v: _csv(v, list(DTYPES), "--dtypes"),
         default=list(DTYPES),
-        help="default: all three",
+        help="default: all (float32+tf32: attention only)",
     )
     p.add_argument(
         "--subset", choices=["ci"], help="the CI gate's cases (overrides --workloads and --dtypes)"

@@ -6,7 +6,13 @@ import math
 
 import torch
 
-from fastdiff.kernels.backend import check_backend, decomposing, interpreter_enabled, resolve_backend
+from fastdiff.kernels.backend import (
+    check_backend,
+    decomposing,
+    interpreter_enabled,
+    multiprocessor_count,
+    resolve_backend,
+)
 
 try:
     import triton
@@ -63,8 +69,27 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
+        ALIGN: tl.constexpr,
     ):
         # One program: BLOCK_M queries of one (batch, head) against all keys, BLOCK_N keys at a time.
+        if ALIGN > 1:
+            # The wrapper checked that every stride is a multiple of ALIGN elements (16 bytes) and every base
+            # pointer 16-byte aligned: rows of the q, k, v and output tiles can then move as 16-byte vectors
+            # (cp.async on sm_80+). Triton's own specialisation only marks strides divisible by 16 elements (head
+            # dim 40: no). `(s // ALIGN) * ALIGN` states it to the compiler (tl.multiple_of on a kernel argument
+            # is dropped); it is the identity on the checked strides.
+            stride_qb = (stride_qb // ALIGN) * ALIGN
+            stride_qh = (stride_qh // ALIGN) * ALIGN
+            stride_qm = (stride_qm // ALIGN) * ALIGN
+            stride_kb = (stride_kb // ALIGN) * ALIGN
+            stride_kh = (stride_kh // ALIGN) * ALIGN
+            stride_kn = (stride_kn // ALIGN) * ALIGN
+            stride_vb = (stride_vb // ALIGN) * ALIGN
+            stride_vh = (stride_vh // ALIGN) * ALIGN
+            stride_vn = (stride_vn // ALIGN) * ALIGN
+            stride_ob = (stride_ob // ALIGN) * ALIGN
+            stride_oh = (stride_oh // ALIGN) * ALIGN
+            stride_om = (stride_om // ALIGN) * ALIGN
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         batch = (pid_bh // num_heads).to(tl.int64)
@@ -121,20 +146,42 @@ if triton is not None:
 
 
 def _block_config(block_d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for an H100, by padded head dim and element size.
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) by padded head dim and element size.
 
-    Tiles shrink as the head dim grows so that the q tile, the pipelined k/v tiles (shared memory) and the
-    float32 accumulator (registers) still fit; float32 runs without tensor cores and gets smaller tiles.
+    Chosen from the static compile report (python -m fastdiff.benchmarks.kernels --static): with 16-byte aligned
+    rows, every float16/bfloat16 config stays at or under 168 registers on sm_80 and sm_90 (no spills, two blocks
+    per SM where shared memory allows; 4-warp tiles of 128 rows sat at 255 registers). float32 (exact or TF32)
+    tiles hold twice the bytes and get smaller tiles.
     """
     if dtype == torch.float32:
         if block_d <= 64:
             return 64, 32, 8, 2
         return (32, 32, 8, 2) if block_d <= 128 else (32, 16, 8, 2)
     if block_d <= 64:
-        return 128, 64, 4, 3
+        return 128, 32, 8, 3
     if block_d <= 128:
-        return 128, 64, 8, 3
-    return 64, 32, 4, 2
+        return 64, 32, 8, 3
+    return 64, 32, 8, 2
+
+
+def _vector_alignment(*tensors: torch.Tensor) -> int:
+    """Elements per 16 bytes when every tensor starts 16-byte aligned, has a unit last stride and all other strides
+    are multiples of 16 bytes (the kernel may then load 16-byte vectors); 1 otherwise."""
+    vec = 16 // tensors[0].element_size()
+    for t in tensors:
+        if t.data_ptr() % 16 or t.stride(-1) != 1 or any(s % vec for s in t.stride()[:-1]):
+            return 1
+    return vec
+
+
+def _block_m_for_grid(block_m: int, seq_q: int, heads: int, sms: int | None) -> int:
+    """Halve the query tile (down to 16 rows) while the launch would leave SMs without a program: short sequences
+    (SD's 16x16 and 8x8 levels) otherwise keep most of the GPU idle."""
+    if sms is None:
+        return block_m
+    while block_m > 16 and triton.cdiv(seq_q, block_m) * heads < sms:
+        block_m //= 2
+    return block_m
 
 
 def _attention_triton(
@@ -143,6 +190,7 @@ def _attention_triton(
     v: torch.Tensor,
     scale: float,
     *,
+    allow_tf32: bool = False,
     block_m: int | None = None,
     block_n: int | None = None,
 ) -> torch.Tensor:
@@ -155,8 +203,12 @@ def _attention_triton(
     block_dv = max(16, triton.next_power_of_2(head_dim_v))
     cfg_m, cfg_n, num_warps, num_stages = _block_config(max(block_d, block_dv), q.dtype)
     # short sequences (ADM attention at 8x8: 64 tokens) do not need full-size tiles
-    block_m = block_m or min(cfg_m, max(16, triton.next_power_of_2(seq_q)))
+    cfg_m = min(cfg_m, max(16, triton.next_power_of_2(seq_q)))
+    block_m = block_m or _block_m_for_grid(cfg_m, seq_q, batch * heads, multiprocessor_count(q.device))
     block_n = block_n or min(cfg_n, max(16, triton.next_power_of_2(seq_k)))
+    if block_m < cfg_m and block_m <= 32:
+        # 8 warps on a tile of 32 rows or fewer split it so thinly that ptxas caps registers at 128 and spills
+        num_warps = 4
     grid = (triton.cdiv(seq_q, block_m), batch * heads)
     _attention_fwd_kernel[grid](
         q,
@@ -179,8 +231,9 @@ def _attention_triton(
         BLOCK_N=block_n,
         # the interpreter's bfloat16 tl.dot is broken (see _dot)
         UPCAST=q.dtype == torch.bfloat16 and interpreter_enabled(),
-        # float32 inputs get full-precision products, not TF32
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        # float32 inputs get full-precision products unless TF32 is allowed (low-precision inputs ignore it)
+        PRECISION="ieee" if q.dtype == torch.float32 and not allow_tf32 else "tf32",
+        ALIGN=_vector_alignment(q, k, v, out),
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -199,23 +252,25 @@ def attention_reference(
 
 @torch.library.custom_op("fastdiff::attention", mutates_args=())
 def _attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str, allow_tf32: bool
 ) -> torch.Tensor:
     if resolve_backend(backend, q.device) == "triton":
         # an empty grid is not launchable
         if q.numel() == 0:
             return q.new_empty((*q.shape[:3], v.shape[3]))
-        return _attention_triton(q, k, v, scale)
+        return _attention_triton(q, k, v, scale, allow_tf32=allow_tf32)
     return attention_reference(q, k, v, scale=scale)
 
 
 @_attention_op.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str) -> torch.Tensor:
+def _(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str, allow_tf32: bool
+) -> torch.Tensor:
     return q.new_empty((*q.shape[:3], v.shape[3]))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, scale, _backend = inputs
+    q, k, v, scale, _backend, _allow_tf32 = inputs
     ctx.save_for_backward(q, k, v)
     ctx.scale = scale
 
@@ -228,7 +283,7 @@ def _backward(ctx, grad: torch.Tensor):
         out = attention_reference(*leaves, scale=ctx.scale)
         wanted = [t for t in leaves if t.requires_grad]
         grads = iter(torch.autograd.grad(out, wanted, grad))
-    return (*(next(grads) if t.requires_grad else None for t in leaves), None, None)
+    return (*(next(grads) if t.requires_grad else None for t in leaves), None, None, None)
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -275,17 +330,29 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, backend: str = "auto"
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    backend: str = "auto",
+    allow_tf32: bool | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention softmax(q k^T * scale) v on (batch, heads, seq, head_dim).
 
     k and v may hold a different number of keys than q has queries (cross-attention), v may have its own
     head_dim, and all three may be strided views (e.g. slices of a fused qkv projection). The output is
-    contiguous, in q's dtype; `scale` defaults to 1/sqrt(head_dim).
+    contiguous, in q's dtype; `scale` defaults to 1/sqrt(head_dim). `allow_tf32` lets the Triton kernel multiply
+    float32 inputs on tensor cores in TF32 (10-bit mantissa: relative error about 1e-3); None follows
+    `torch.backends.cuda.matmul.allow_tf32` (off by default), and float16 / bfloat16 inputs ignore it.
     """
     scale = _check_inputs(q, k, v, scale)
+    if allow_tf32 is None:
+        allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    elif not isinstance(allow_tf32, bool):
+        raise TypeError(f"allow_tf32 must be a bool or None, got {type(allow_tf32).__name__}")
     if decomposing():
         check_backend(backend)
         return attention_reference(q, k, v, scale=scale)
     # the backend is resolved inside the op, so a compiled graph keeps one opaque node
-    return _attention_op(q, k, v, scale, backend)
+    return _attention_op(q, k, v, scale, backend, allow_tf32)

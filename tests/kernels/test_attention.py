@@ -7,6 +7,10 @@ Tolerances, against `attention_reference` evaluated in float32 on the same (roun
 - float16 / bfloat16: max|out - ref| <= 2 * max|sdpa - ref| + u, where sdpa is eager
   `F.scaled_dot_product_attention` run in the same low precision and u = finfo(dtype).eps / 2 is the dtype's unit
   roundoff (float16 4.9e-4, bfloat16 3.9e-3), one rounding of an output of magnitude 1.
+- float32 with allow_tf32=True: max|out - ref| <= 5e-3 * max(1, max|ref|): TF32 rounds both operands of every
+  product to 10 mantissa bits (relative 4.9e-4 each), on logits and weights of magnitude a few units. The
+  interpreter multiplies in full float32 whatever the precision, so on CPU this checks the path, on a GPU the
+  rounding.
 
 bfloat16 under the interpreter: its `tl.dot` multiplies bfloat16 tiles as raw uint16 bits, so when the interpreter
 is on the kernel upcasts bfloat16 dot operands to float32 (exact: a bf16 x bf16 product fits in float32, as in a
@@ -16,6 +20,7 @@ probabilities to bf16, the masks and the stores; the bf16 `tl.dot` itself is che
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -23,12 +28,22 @@ import torch
 import torch.nn.functional as F
 
 from fastdiff.errors import BackendUnavailableError
-from fastdiff.kernels.attention import _attention_triton, attention, attention_reference
-from fastdiff.kernels.backend import interpreter_enabled, triton_importable
+from fastdiff.kernels.attention import (
+    _attention_triton,
+    _block_m_for_grid,
+    _vector_alignment,
+    attention,
+    attention_reference,
+)
+from fastdiff.kernels.backend import interpreter_enabled, simulated_gpu, triton_importable
+
+# the module (fastdiff.kernels.attention as an attribute is the function of that name)
+attention_module = importlib.import_module("fastdiff.kernels.attention")
 
 interpreted = pytest.mark.skipif(
     not (triton_importable() and interpreter_enabled()), reason="needs triton and TRITON_INTERPRET=1"
 )
+needs_triton_only = pytest.mark.skipif(not triton_importable(), reason="needs triton")
 
 
 def compiled_cuda(test):
@@ -64,6 +79,12 @@ def assert_close_float32(out, q, k, v, scale=None):
     assert out.dtype == torch.float32 and out.shape == ref.shape
     err = (out - ref).abs().max().item()
     assert err <= 1e-5 * max(1.0, ref.abs().max().item()), f"float32 error {err:.3g}"
+
+
+def assert_close_tf32(out, q, k, v, scale=None):
+    ref = _reference32(q, k, v, scale)
+    err = (out - ref).abs().max().item()
+    assert err <= 5e-3 * max(1.0, ref.abs().max().item()), f"tf32 error {err:.3g}"
 
 
 def assert_close_low_precision(out, q, k, v, scale=None):
@@ -169,7 +190,7 @@ def test_empty_inputs_give_empty_output(q_shape, kv_shape, backend):
 @interpreted
 def test_custom_op_registration_and_fake():
     q, k, v = _qkv((1, 2, 9, 11, 16))
-    torch.library.opcheck(torch.ops.fastdiff.attention.default, (q, k, v, 0.25, "triton"))
+    torch.library.opcheck(torch.ops.fastdiff.attention.default, (q, k, v, 0.25, "triton", False))
 
 
 @interpreted
@@ -306,3 +327,116 @@ def test_gradients_match_reference():
     want = torch.autograd.grad(attention_reference(q, k, v), (q, k, v), grad)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _recorded_launch(fn):
+    """The kwargs of the one attention kernel launch that `fn()` makes, recorded instead of run."""
+    from fastdiff.benchmarks.aot_compile import record_launches
+
+    with record_launches([attention_module._attention_fwd_kernel]) as launches:
+        fn()
+    assert len(launches) == 1
+    return launches[0]
+
+
+def _heads_view(batch, seq, heads, head_dim, dtype=torch.float16, device="cpu", offset=0):
+    """(batch, heads, seq, head_dim) view of a (batch, seq, heads * head_dim) projection, as diffusers makes it;
+    `offset` elements into its storage."""
+    flat = torch.randn(batch * seq * heads * head_dim + offset, dtype=torch.float32).to(dtype).to(device)
+    return flat[offset:].view(batch, seq, heads, head_dim).transpose(1, 2)
+
+
+@needs_triton_only
+def test_vector_alignment_needs_aligned_pointers_and_strides():
+    sd = _heads_view(1, 8, 8, 40)  # strides (2560, 40, 320, 1): multiples of 8 halves
+    assert _vector_alignment(sd, sd, sd) == 8
+    assert _vector_alignment(sd.float(), sd.float()) == 4
+    assert _vector_alignment(_heads_view(1, 8, 8, 40, offset=4)) == 1  # base pointer 8 bytes off
+    assert _vector_alignment(_heads_view(1, 8, 8, 36)) == 1  # head stride 36 halves = 72 bytes
+    assert _vector_alignment(torch.randn(1, 2, 8, 80, dtype=torch.float16)[..., ::2]) == 1  # last stride 2
+
+
+@needs_triton_only
+@pytest.mark.parametrize(("offset", "align"), [(0, 8), (4, 1)])
+def test_launch_passes_the_checked_alignment(offset, align):
+    q = _heads_view(1, 8, 8, 40, offset=offset)
+    launch = _recorded_launch(lambda: _attention_triton(q, q, q, 0.1))
+    assert launch.kwargs["ALIGN"] == align
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("offset", [0, 4], ids=["aligned", "misaligned"])
+def test_aligned_and_misaligned_views_match_reference(dtype, offset):
+    # head dim 40 views of (batch, seq, heads * 40) projections: ALIGN 8 (fp16) / 4 (fp32), or 1 off a 16-byte boundary
+    q, k, v = (_heads_view(1, 33, 2, 40, dtype, offset=offset) for _ in range(3))
+    out = attention(q, k, v, backend="triton")
+    check = assert_close_float32 if dtype == torch.float32 else assert_close_low_precision
+    check(out, q, k, v)
+
+
+def test_block_m_shrinks_until_every_sm_has_a_program():
+    assert _block_m_for_grid(64, 256, 16, None) == 64  # CPU interpreter: no SMs to fill
+    assert _block_m_for_grid(64, 256, 16, 108) == 32  # SD 1.5 16x16, batch 2 x 8 heads: 128 programs
+    assert _block_m_for_grid(64, 256, 16, 132) == 16  # H100: 256 programs
+    assert _block_m_for_grid(64, 64, 16, 108) == 16  # 8x8: 64 programs is all there is
+    assert _block_m_for_grid(128, 4096, 16, 132) == 128  # 512 programs already
+
+
+@needs_triton_only
+def test_short_sequences_get_small_tiles_on_a_gpu():
+    q = _heads_view(2, 64, 8, 160, device="meta")
+    with simulated_gpu(108):
+        launch = _recorded_launch(lambda: _attention_triton(q, q, q, 0.1))
+    assert launch.kwargs["BLOCK_M"] == 16 and launch.kwargs["num_warps"] == 4
+    assert launch.programs == 64
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_head_dim_160_in_16_row_tiles_with_4_warps(dtype):
+    # the configuration the grid rule picks for SD's 8x8 level: BLOCK_M 16, 4 warps, BLOCK_D 256
+    q, k, v = _qkv((1, 1, 40, 77, 160), dtype)
+    out = _attention_triton(q, k, v, 160**-0.5, block_m=16, block_n=32)
+    check = assert_close_float32 if dtype == torch.float32 else assert_close_low_precision
+    check(out, q, k, v)
+
+
+@needs_triton_only
+@pytest.mark.parametrize(
+    ("allow", "flag", "precision"),
+    [(True, False, "tf32"), (False, True, "ieee"), (None, True, "tf32"), (None, False, "ieee")],
+)
+def test_allow_tf32_picks_the_float32_precision(monkeypatch, allow, flag, precision):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", flag)
+    q, k, v = _qkv((1, 1, 16, 16, 32))
+    launch = _recorded_launch(lambda: attention(q, k, v, allow_tf32=allow, backend="triton"))
+    assert launch.kwargs["PRECISION"] == precision
+
+
+@needs_triton_only
+def test_allow_tf32_leaves_low_precision_alone():
+    q, k, v = _qkv((1, 1, 16, 16, 32), torch.float16)
+    for allow in (True, False):
+        launch = _recorded_launch(lambda allow=allow: attention(q, k, v, allow_tf32=allow, backend="triton"))
+        assert launch.kwargs["PRECISION"] == "tf32"  # the tensor-core path, whatever the flag
+
+
+@interpreted
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2]], ids=str)
+def test_tf32_matches_reference(shape):
+    q, k, v = _qkv(shape)
+    assert_close_tf32(attention(q, k, v, allow_tf32=True, backend="triton"), q, k, v)
+
+
+def test_allow_tf32_must_be_bool():
+    q, k, v = _qkv((1, 1, 4, 4, 16))
+    with pytest.raises(TypeError, match="allow_tf32 must be a bool or None"):
+        attention(q, k, v, allow_tf32=1)
+
+
+@compiled_cuda
+@pytest.mark.parametrize("shape", [GPU_SHAPES["sd-64x64-cross"], GPU_SHAPES["head-dim-160"]], ids=str)
+def test_cuda_tf32_matches_reference(shape):
+    q, k, v = _qkv(shape, device="cuda")
+    assert_close_tf32(attention(q, k, v, allow_tf32=True), q, k, v)

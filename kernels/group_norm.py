@@ -8,9 +8,12 @@ copy) and walks a group in (BLOCK_C, BLOCK_S) tiles, so a group of any size is n
   and tiles are merged with Chan's parallel formula. All values are taken relative to a pivot, the group's first
   element, so a large common offset (x = 1000 + noise) costs no precision: x - pivot is exact in float32.
 - normalise: per channel, (x - pivot) * A + B with A, B folding mean, rstd, weight, bias, scale and shift; then SiLU.
-- a small group (or a launch that already has enough groups to fill the GPU) runs both phases in one program per
-  group; a large group is split along S into K chunks: a stats kernel writes one (count, mean, m2) triple per chunk,
-  and each normalise program combines its group's K triples before normalising its chunk.
+- a launch that already has enough groups to fill the GPU (or a group too small to share) runs both phases in one
+  program per group; otherwise each group is split along S into K chunks: a stats kernel writes one
+  (count, mean, m2) triple per chunk, and each normalise program combines its group's K triples before normalising
+  its chunk.
+- tiles hold a power of two of channels that divides the group's channel count (NCHW) or all of them (channels-last,
+  where they are the contiguous axis), see _plan.
 - the group's channel count is a compile-time constant (one specialisation per group size, a handful per model):
   it lets the compiler prove the channel mask is constant over vectors, so channels-last loads vectorise too.
 
@@ -40,9 +43,11 @@ try:
 except ImportError:
     triton = None
 
-# Elements per (BLOCK_C, BLOCK_S) tile, and the smallest chunk (in tiles) worth a program of its own.
+# Elements per (BLOCK_C, BLOCK_S) tile; the smallest tile a split may shrink it to (8 elements per thread of 4
+# warps: 16-byte loads in half precision); the fewest elements of a group worth a program of their own.
 _TILE_ELEMS = 4096
-_MIN_CHUNK_TILES = 4
+_MIN_TILE_ELEMS = 1024
+_MIN_CHUNK_ELEMS = 2048
 
 if triton is not None:
 
@@ -53,6 +58,13 @@ if triton is not None:
         delta = mean_b - mean
         frac = count_b / total
         return total, mean + delta * frac, m2 + m2_b + delta * delta * count * frac
+
+    @triton.jit
+    def _channel_mask(cs, GROUP_C: tl.constexpr, BLOCK_C: tl.constexpr):
+        """cs < GROUP_C; constant true (no per-lane compare) when tiles divide the group's channels exactly."""
+        if GROUP_C % BLOCK_C == 0:
+            return tl.full((BLOCK_C,), 1, tl.int1)
+        return cs < GROUP_C
 
     @triton.jit
     def _chunk_stats(
@@ -72,7 +84,7 @@ if triton is not None:
         m2 = tl.zeros((), dtype=tl.float32)
         for c0 in range(0, GROUP_C, BLOCK_C):
             cs = c0 + tl.arange(0, BLOCK_C)
-            c_mask = cs < GROUP_C
+            c_mask = _channel_mask(cs, GROUP_C, BLOCK_C)
             n_c = tl.minimum(GROUP_C - c0, BLOCK_C)
             for s0 in range(s_lo, s_hi, BLOCK_S):
                 ss = s0 + tl.arange(0, BLOCK_S)
@@ -119,7 +131,7 @@ if triton is not None:
         """y = silu(((x - pivot - mean) * rstd * w + b) * (1 + scale) + shift) on one chunk of one group."""
         for c0 in range(0, GROUP_C, BLOCK_C):
             cs = c0 + tl.arange(0, BLOCK_C)
-            c_mask = cs < GROUP_C
+            c_mask = _channel_mask(cs, GROUP_C, BLOCK_C)
             # Per channel, y = (x - pivot) * a + b_: weight, bias, scale, shift and the statistics folded once.
             a = tl.full((BLOCK_C,), 1.0, tl.float32) * rstd
             b_ = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -347,19 +359,40 @@ def _flat_view(t: torch.Tensor) -> torch.Tensor:
     return t.view(t.shape[0], t.shape[1], -1)
 
 
-def _plan(group_c: int, S: int, groups: int, target_programs: int) -> tuple[int, int, int]:
+def _prev_power_of_2(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)
+
+
+def _plan(
+    group_c: int, S: int, groups: int, target_programs: int, channels_last: bool = False
+) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_S, chunk_s) for `groups` groups of group_c channels x S positions.
 
-    A tile holds up to _TILE_ELEMS elements, all of a group's channels when they fit. Groups are split along S
-    only while the launch has fewer than `target_programs` programs and every chunk keeps _MIN_CHUNK_TILES tiles,
-    so a small group always takes the one-program path (chunk_s >= S)."""
-    block_s = min(triton.next_power_of_2(S), max(_TILE_ELEMS // triton.next_power_of_2(group_c), 16))
-    block_c = min(triton.next_power_of_2(group_c), _TILE_ELEMS // block_s)
-    max_chunks = max(1, group_c * S // (_MIN_CHUNK_TILES * block_c * block_s))
-    chunks = min(max_chunks, triton.cdiv(target_programs, groups))
-    # Whole tiles per chunk, so only the group's last tile is ragged.
-    chunk_s = block_s * triton.cdiv(triton.cdiv(S, chunks), block_s)
-    return block_c, block_s, chunk_s
+    Channel tiles: in channels-last memory the channels are the contiguous axis, so a tile takes all of a group's
+    channels (padded to a power of two) for wide loads along them. Otherwise positions are contiguous and the
+    tile takes the largest power of two of channels that divides group_c (2 of SD's 10, 8 of 40), so no lane is
+    masked off (padding 10 channels to 16 left 37.5% of the lanes idle) and the channel loop runs whole tiles.
+
+    Splitting: while the launch has fewer than `target_programs` programs, a group is split along S into chunks of
+    whole tiles, each chunk at least _MIN_CHUNK_ELEMS elements; the tile may shrink along S to fit a chunk, down to
+    _MIN_TILE_ELEMS. So groups of SD's 32x32 and 16x16 levels spread over the GPU, and a group too small to split
+    that way runs in one program (chunk_s >= S).
+    """
+    # group_c & -group_c: the largest power of two dividing group_c
+    block_c = triton.next_power_of_2(group_c) if channels_last else group_c & -group_c
+    block_c = min(block_c, _TILE_ELEMS // 16)
+    block_s = min(triton.next_power_of_2(S), max(_TILE_ELEMS // block_c, 16))
+    chunks = min(triton.cdiv(target_programs, groups), group_c * S // _MIN_CHUNK_ELEMS)
+    if chunks <= 1:
+        return block_c, block_s, S
+    min_block_s = min(block_s, max(16, triton.next_power_of_2(triton.cdiv(_MIN_TILE_ELEMS, block_c))))
+    split_s = max(min_block_s, min(block_s, _prev_power_of_2(S // chunks)))
+    chunk_s = split_s * max(1, (S // chunks) // split_s)
+    # whole tiles per chunk (only the group's last tile is ragged), and no chunk under _MIN_CHUNK_ELEMS
+    chunk_s = max(chunk_s, split_s * triton.cdiv(triton.cdiv(_MIN_CHUNK_ELEMS, group_c), split_s))
+    if chunk_s >= S:
+        return block_c, block_s, S
+    return block_c, split_s, chunk_s
 
 
 def _group_norm_silu_triton(
@@ -396,7 +429,9 @@ def _group_norm_silu_triton(
             "kernels' 32-bit offsets; use backend='torch'"
         )
     group_c = C // num_groups
-    auto_c, auto_s, auto_chunk = _plan(group_c, S, N * num_groups, _target_programs(x.device))
+    auto_c, auto_s, auto_chunk = _plan(
+        group_c, S, N * num_groups, _target_programs(x.device), channels_last=xv.stride(1) == 1
+    )
     block_c = block_c or auto_c
     block_s = block_s or auto_s
     chunk_s = chunk_s or auto_chunk

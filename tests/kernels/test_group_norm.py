@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from fastdiff.errors import BackendUnavailableError
 from fastdiff.kernels import group_norm as gn
-from fastdiff.kernels.backend import triton_importable, triton_runs_on
+from fastdiff.kernels.backend import simulated_gpu, triton_importable, triton_runs_on
 from fastdiff.kernels.group_norm import group_norm_silu, group_norm_silu_reference
 
 needs_triton = pytest.mark.skipif(not triton_importable(), reason="needs triton")
@@ -317,23 +317,82 @@ def test_gradients_match_reference(backend):
 
 
 @needs_triton
-def test_plan_splits_only_large_groups():
+@pytest.mark.parametrize("group_c", [1, 3, 6, 10, 12, 18, 20, 24, 30, 40, 60, 80, 1280])
+def test_plan_tiles_mask_no_channel_lane_in_nchw(group_c):
+    # NCHW: positions are contiguous, so the tile takes a power of two of channels that divides the group's count
+    # (SD's 10 channels per group: 2, not 16 with 6 masked off)
+    block_c, block_s, _ = gn._plan(group_c, 4096, 64, 432)
+    assert group_c % block_c == 0 and block_c & (block_c - 1) == 0
+    assert block_c * block_s <= gn._TILE_ELEMS
+    assert block_c * block_s >= min(gn._TILE_ELEMS, group_c * 4096) // 4
+    # channels-last: channels are the contiguous axis, a tile takes them all (padded to a power of two)
+    block_c, block_s, _ = gn._plan(group_c, 4096, 64, 432, channels_last=True)
+    assert block_c == min(gn.triton.next_power_of_2(group_c), gn._TILE_ELEMS // 16)
+
+
+@needs_triton
+def test_plan_splits_only_while_the_gpu_has_room():
     # A small group: one program per group, whatever the target.
-    block_c, block_s, chunk_s = gn._plan(group_c=4, S=35, groups=4, target_programs=528)
-    assert chunk_s >= 35 and block_c == 4
-    # SD's 1280 channels at 64x64, 32 groups, batch 2 on a 132-SM GPU: 64 groups are too few, so split along S
-    # into whole-tile chunks.
+    assert gn._plan(group_c=4, S=35, groups=4, target_programs=528)[2] >= 35
+    # SD's 1280 channels at 64x64, batch 2 on a 132-SM GPU: 64 groups are too few, so split along S into chunks of
+    # whole tiles, none under _MIN_CHUNK_ELEMS elements, tiles not under _MIN_TILE_ELEMS.
     block_c, block_s, chunk_s = gn._plan(group_c=40, S=4096, groups=64, target_programs=528)
-    assert block_c >= 40 and block_c * block_s <= gn._TILE_ELEMS
     assert chunk_s < 4096 and chunk_s % block_s == 0
+    assert 40 * chunk_s >= gn._MIN_CHUNK_ELEMS and block_c * block_s >= gn._MIN_TILE_ELEMS
     assert 64 * -(-4096 // chunk_s) >= 528 // 2  # whole tiles per chunk may round the count down
     # Enough groups to fill the GPU already: no split.
     assert gn._plan(group_c=40, S=4096, groups=2048, target_programs=528)[2] >= 4096
-    # One group of 1280 channels: the tile still holds at most _TILE_ELEMS elements.
-    block_c, block_s, _ = gn._plan(group_c=1280, S=4096, groups=2, target_programs=528)
-    assert block_c * block_s <= gn._TILE_ELEMS
     # The interpreter runs programs one after another, so it never asks for a split.
     assert gn._target_programs(torch.device("cpu")) == 1
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    ("channels", "size", "programs"),
+    [(320, 32, 128), (640, 32, 256), (1280, 32, 512), (1280, 16, 128), (2560, 16, 256), (640, 16, 64)],
+)
+def test_sd15_levels_spread_over_an_a100(channels, size, programs):
+    """The launch an A100 (108 SMs) gets for SD 1.5's GroupNorms at batch 2, recorded on meta tensors: the 32x32 and
+    16x16 levels used to run 64 programs (one per group); groups of under 2 x _MIN_CHUNK_ELEMS stay whole."""
+    from fastdiff.benchmarks.aot_compile import record_launches
+
+    x = torch.empty(2, channels, size, size, device="meta", dtype=torch.float16)
+    w = torch.empty(channels, device="meta", dtype=torch.float16)
+    kernels = [gn._group_norm_silu_fused_kernel, gn._group_norm_stats_kernel, gn._group_norm_apply_kernel]
+    with simulated_gpu(108), record_launches(kernels) as launches:
+        gn._group_norm_silu_triton(x, 32, w, w, 1e-5, None, None, True)
+    assert [launch.programs for launch in launches] == [programs] * len(launches)
+    assert all((channels // 32) % launch.kwargs["BLOCK_C"] == 0 for launch in launches)
+
+
+# NCHW groups of 10 channels (SD's count) in tiles of 2 channels, so the channel mask is constant; channels-last the
+# same groups in 16-lane tiles with 6 lanes masked; forced chunks take the split path with each.
+EXACT_TILE_CASES = [
+    ("contiguous", None),
+    ("contiguous", (2, 16, 32)),
+    ("channels_last", None),
+    ("channels_last", (16, 16, 32)),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("layout", "tiles"), EXACT_TILE_CASES)
+def test_groups_of_ten_channels_match_reference(dtype, layout, tiles):
+    x, w, b, sc, sh = _inputs((2, 20, 8, 8), 2, dtype=dtype, layout=layout)
+    block_c, block_s, chunk_s = tiles or (None, None, None)
+    if tiles is None:
+        assert gn._plan(10, 64, 4, 1, channels_last=layout == "channels_last")[0] == (
+            16 if layout == "channels_last" else 2
+        )
+    out = gn._group_norm_silu_triton(
+        x, 2, w, b, 1e-5, sc, sh, True, block_c=block_c, block_s=block_s, chunk_s=chunk_s
+    )
+    assert out.is_contiguous(memory_format=_expected_format(x, layout))
+    if dtype == torch.float32:
+        _check_float32(out, group_norm_silu_reference(x, 2, w, b, scale=sc, shift=sh))
+    else:
+        _check_low_precision(out, x, 2, w, b, sc, sh, True)
 
 
 @needs_triton

@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from fastdiff.errors import CheckpointError, FastdiffError, missing_extra
+from fastdiff.guidance import null_class_cond
 from fastdiff.kernels.backend import decomposed
 from fastdiff.output import check_output_path
-from fastdiff.samplers import null_class_cond
 
 log = logging.getLogger("fastdiff.export")
 

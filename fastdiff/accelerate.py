@@ -31,11 +31,11 @@ import torch
 from torch import nn
 
 import fastdiff.kernels as kernels
+from fastdiff.guidance import null_class_cond
 from fastdiff.kernels.attention import MAX_HEAD_DIM
 from fastdiff.kernels.backend import BACKENDS, resolve_backend
 from fastdiff.models.mlp import MLPDenoiser
 from fastdiff.models.unet import AttentionBlock, GroupNormSiLU, UNet, broadcast_timesteps
-from fastdiff.samplers import null_class_cond
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KINDS = ("group_norm_silu", "group_norm", "attention")

@@ -40,21 +40,20 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from tqdm.auto import tqdm
 
 from fastdiff.checks import FiniteWatch, check_denoiser_matches, check_device, check_dtype
+from fastdiff.guidance import batch_conds, guidance_conds
 from fastdiff.kernels.backend import decomposed
 from fastdiff.kernels.sampler_step import sampler_step
-from fastdiff.samplers import (
+from fastdiff.loop import (
     Generator,
-    Sampler,
-    batch_conds,
     callback_info,
     check_model_output,
     check_shape,
     check_x,
-    guidance_conds,
     infer_device,
     randn,
-    sampler_table,
 )
+from fastdiff.samplers.base import Sampler
+from fastdiff.table import sampler_table
 
 GRAPH_MODES = ("auto", "step", "loop")
 # Largest pre-drawn noise buffer per cache entry; beyond it the noise is drawn in chunks between step replays.
@@ -250,6 +249,16 @@ class SamplingEngine:
                 f"denoiser must be callable as denoiser(x, t, **cond), got {type(denoiser).__name__}"
             )
         self.table = sampler_table(sampler)
+        if (
+            self.table.multistep
+            or self.table.scales_input
+            or self.table.learned_variance
+            or self.table.init_sigma != 1
+        ):
+            raise ValueError(
+                f"SamplingEngine does not run {self.table.kind} tables yet (history, xs, k_in, learned variance or "
+                "init_sigma); use fastdiff.sample"
+            )
         if cuda_graphs not in (True, False, "auto") or not isinstance(cuda_graphs, (bool, str)):
             raise ValueError(f"cuda_graphs must be True, False or 'auto', got {cuda_graphs!r}")
         if not isinstance(compile, bool):
@@ -602,6 +611,7 @@ class SamplingEngine:
             eps_uncond=model_out_u,
             guidance_scale=1.0 if e.guidance is None else e.guidance,
             clip=self.table.clip,
+            threshold=self.table.threshold,
             out=out,
             backend=e.backend,
         )

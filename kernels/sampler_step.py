@@ -1,13 +1,12 @@
-"""Fused per-step sampler update: CFG combine, x0 prediction, clipping, posterior / DDIM combination, noise.
+"""Fused per-step sampler update: one row of a StepTable (fastdiff.table) applied to the sample.
 
-One row of a StepTable (see fastdiff.samplers) holds the eight coefficients of step i; with m the model
-output (eps, x0 or v, after classifier-free guidance):
+The row math (TABLE_COLUMNS, `fastdiff.table.apply_row`): with m the model output after classifier-free guidance,
 
-    x0_hat = a * x + b * m          (clamped to [-clip, clip] when clip is given)
-    eps    = p * x + q * m
-    x_prev = c * x0_hat + d * eps + e * x + s * z
+    x0 = a*x + b*m (clipped or dynamically thresholded)      eps = p*x + q*m
+    xc = xc_x*x + xc_s*xs + xc_0*x0 + xc_1*h1 + xc_2*h2 + xc_3*h3          (x when there is no xs)
+    x_prev = c*x0 + d*eps + e*xc + f1*h1 + f2*h2 + f3*h3 + s*sigma_v*z
 
-DDPM (either variance), DDIM with any eta and DDIM inversion differ only in the numbers.
+then the history rotates (h3 <- h2 <- h1 <- x0 or eps) and xs <- xc. `sampler_step_reference` is that reference.
 
 The Triton kernel reads every input element once and writes x_prev once (float32 math whatever the storage dtype).
 It loads the step index and then the table row from device memory, and the guidance scale too when it is a tensor,
@@ -19,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from fastdiff.kernels.backend import check_backend, decomposing, memory_format, resolve_backend
+from fastdiff.table import COLUMN, HISTORY_KINDS, LEARNED_VARIANCES, TABLE_COLUMNS, apply_row, threshold_scale
 
 try:
     import triton
@@ -26,9 +26,11 @@ try:
 except ImportError:
     triton = None
 
-TABLE_COLUMNS = ("a", "b", "p", "q", "c", "d", "e", "s")
 
 if triton is not None:
+    # Column offsets of the row (the schema lives in fastdiff.table).
+    _A, _B, _P, _Q = (tl.constexpr(COLUMN[n]) for n in ("a", "b", "p", "q"))
+    _C, _D, _E, _S = (tl.constexpr(COLUMN[n]) for n in ("c", "d", "e", "s"))
 
     @triton.jit(do_not_specialize=["step", "guidance_scale", "clip"])
     def _sampler_step_kernel(
@@ -59,14 +61,14 @@ if triton is not None:
         # memory and poison c so that the whole output is NaN, which no caller can mistake for a result.
         in_range = (i >= 0) & (i < num_steps)
         row = table_ptr + tl.where(in_range, i, 0) * table_row_stride
-        a = tl.load(row)
-        b = tl.load(row + table_col_stride)
-        p = tl.load(row + 2 * table_col_stride)
-        q = tl.load(row + 3 * table_col_stride)
-        c = tl.where(in_range, tl.load(row + 4 * table_col_stride), float("nan"))
-        d = tl.load(row + 5 * table_col_stride)
-        e = tl.load(row + 6 * table_col_stride)
-        s = tl.load(row + 7 * table_col_stride)
+        a = tl.load(row + _A * table_col_stride)
+        b = tl.load(row + _B * table_col_stride)
+        p = tl.load(row + _P * table_col_stride)
+        q = tl.load(row + _Q * table_col_stride)
+        c = tl.where(in_range, tl.load(row + _C * table_col_stride), float("nan"))
+        d = tl.load(row + _D * table_col_stride)
+        e = tl.load(row + _E * table_col_stride)
+        s = tl.load(row + _S * table_col_stride)
 
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_elements
@@ -192,6 +194,52 @@ def _check_inputs(x, eps, table, step, noise, eps_uncond, clip, guidance_scale=1
         raise ValueError(f"clip must be None or a positive number, got {clip!r}")
 
 
+def _check_state(x, history, history_kind, xs, variance, learned_variance, threshold, clip) -> None:
+    """The v2 buffers: history (slots, *x.shape), xs and the variance channels like x."""
+    if history is not None:
+        if not isinstance(history, torch.Tensor):
+            raise TypeError(f"history must be a tensor, got {type(history).__name__}")
+        if (
+            history.dim() != x.dim() + 1
+            or tuple(history.shape[1:]) != tuple(x.shape)
+            or not 1 <= len(history) <= 3
+        ):
+            raise ValueError(
+                f"history must have shape (slots in 1..3, *x.shape) = (k, {', '.join(map(str, x.shape))}), "
+                f"got {tuple(history.shape)}"
+            )
+        if history_kind not in HISTORY_KINDS:
+            raise ValueError(
+                f"history_kind must be one of {HISTORY_KINDS} with history=, got {history_kind!r}"
+            )
+    for name, t in (("history", history), ("xs", xs), ("variance", variance)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if name != "history" and t.shape != x.shape:
+            raise ValueError(f"{name} must have the shape of x {tuple(x.shape)}, got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        if t.dtype != x.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but x has {x.dtype}")
+    if variance is not None and learned_variance not in LEARNED_VARIANCES:
+        raise ValueError(
+            f"learned_variance must be one of {LEARNED_VARIANCES} with variance=, got {learned_variance!r}"
+        )
+    if threshold is not None:
+        if clip is not None:
+            raise ValueError("pass clip= or threshold=, not both")
+        ratio, top = threshold
+        if not 0 < ratio <= 1 or not top > 0:
+            raise ValueError(f"threshold must be (ratio in (0, 1], max > 0), got {threshold!r}")
+
+
+def _row(table: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
+    # A tensor step is gathered, not turned into a Python number: no host sync, and traceable by torch.compile.
+    return table[step] if isinstance(step, int) else table.index_select(0, step.reshape(1).long())[0]
+
+
 def sampler_step_reference(
     x: torch.Tensor,
     eps: torch.Tensor,
@@ -202,28 +250,84 @@ def sampler_step_reference(
     eps_uncond: torch.Tensor | None = None,
     guidance_scale: float | torch.Tensor = 1.0,
     clip: float | None = None,
+    threshold: tuple[float, float] | None = None,
+    scale: torch.Tensor | None = None,
+    history: torch.Tensor | None = None,
+    history_kind: str | None = None,
+    xs: torch.Tensor | None = None,
+    variance: torch.Tensor | None = None,
+    learned_variance: str | None = None,
 ) -> torch.Tensor:
-    """Plain-PyTorch twin of `sampler_step`: the same update, computed in float32, returned in x's dtype."""
-    # A tensor step is gathered, not turned into a Python number: no host sync, and traceable by torch.compile.
-    row = table[step] if isinstance(step, int) else table.index_select(0, step.reshape(1).long())[0]
-    a, b, p, q, c, d, e, s = row.unbind()
-    xf = x.float()
-    m = eps.float()
-    if eps_uncond is not None:
-        u = eps_uncond.float()
-        m = u + guidance_scale * (m - u)
-    x0 = a * xf + b * m
-    if clip is not None:
-        x0 = x0.clamp(-clip, clip)
-    out = c * x0 + d * (p * xf + q * m) + e * xf
-    if noise is not None:
-        out = out + s * noise.float()
-    return out.to(x.dtype)
+    """Plain-PyTorch twin of `sampler_step` (`fastdiff.table.apply_row` on row `step`): returns x_prev in x's
+    dtype and, like the kernel, rotates `history` and writes `xs` in place."""
+    out, new_history, new_xs = apply_row(
+        _row(table, step),
+        x,
+        eps,
+        m_uncond=eps_uncond,
+        guidance_scale=guidance_scale,
+        noise=noise,
+        variance=variance,
+        learned_variance=learned_variance,
+        history=history,
+        history_kind=history_kind,
+        xs=xs,
+        clip=clip,
+        threshold=threshold,
+        scale=scale,
+    )
+    if history is not None:
+        history.copy_(new_history)
+    if xs is not None:
+        xs.copy_(new_xs)
+    return out
+
+
+def _uses_v2(history, xs, variance, scale) -> bool:
+    return history is not None or xs is not None or variance is not None or scale is not None
+
+
+def _reference_from_op(
+    x,
+    eps,
+    table,
+    step,
+    step_tensor,
+    noise,
+    eps_uncond,
+    guidance_scale,
+    guidance_tensor,
+    clip,
+    history,
+    xs,
+    variance,
+    scale,
+    history_kind,
+    learned_variance,
+):
+    return sampler_step_reference(
+        x,
+        eps,
+        table,
+        step if step_tensor is None else step_tensor,
+        noise,
+        eps_uncond=eps_uncond,
+        guidance_scale=guidance_scale if guidance_tensor is None else guidance_tensor,
+        clip=clip,
+        scale=scale,
+        history=history,
+        history_kind=history_kind or None,
+        xs=xs,
+        variance=variance,
+        learned_variance=learned_variance or None,
+    )
 
 
 # The custom ops take the step and the guidance scale twice, as a host number and as an optional device tensor,
-# because a schema argument has one type; the public function splits them.
-@torch.library.custom_op("fastdiff::sampler_step", mutates_args=())
+# because a schema argument has one type; the public function splits them. The v2 buffers come last, with
+# defaults, so that the v1 call (eleven arguments) keeps its meaning. `scale` is dynamic thresholding's per-sample
+# scale, computed by a torch reduction before the op.
+@torch.library.custom_op("fastdiff::sampler_step", mutates_args=("history", "xs"))
 def _sampler_step_op(
     x: torch.Tensor,
     eps: torch.Tensor,
@@ -236,33 +340,49 @@ def _sampler_step_op(
     guidance_tensor: torch.Tensor | None,
     clip: float | None,
     backend: str,
+    history: torch.Tensor | None = None,
+    xs: torch.Tensor | None = None,
+    variance: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    history_kind: str = "",
+    learned_variance: str = "",
 ) -> torch.Tensor:
     fmt = memory_format(x)
-    if resolve_backend(backend, x.device) == "triton":
+    if resolve_backend(backend, x.device) == "triton" and not _uses_v2(history, xs, variance, scale):
         out = torch.empty_like(x, memory_format=fmt)
         _sampler_step_triton(
             out, x, eps, table, step, step_tensor, noise, eps_uncond, guidance_scale, guidance_tensor, clip
         )
         return out
-    ref = sampler_step_reference(
+    ref = _reference_from_op(
         x,
         eps,
         table,
-        step if step_tensor is None else step_tensor,
+        step,
+        step_tensor,
         noise,
-        eps_uncond=eps_uncond,
-        guidance_scale=guidance_scale if guidance_tensor is None else guidance_tensor,
-        clip=clip,
+        eps_uncond,
+        guidance_scale,
+        guidance_tensor,
+        clip,
+        history,
+        xs,
+        variance,
+        scale,
+        history_kind,
+        learned_variance,
     )
     return ref.contiguous(memory_format=fmt)
 
 
 @_sampler_step_op.register_fake
-def _(x, eps, table, step, step_tensor, noise, eps_uncond, guidance_scale, guidance_tensor, clip, backend):
+def _(
+    x, eps, table, step, step_tensor, noise, eps_uncond, guidance_scale, guidance_tensor, clip, backend, *rest
+):
     return torch.empty_like(x, memory_format=memory_format(x))
 
 
-@torch.library.custom_op("fastdiff::sampler_step_out", mutates_args=("out",))
+@torch.library.custom_op("fastdiff::sampler_step_out", mutates_args=("out", "history", "xs"))
 def _sampler_step_out_op(
     out: torch.Tensor,
     x: torch.Tensor,
@@ -276,8 +396,14 @@ def _sampler_step_out_op(
     guidance_tensor: torch.Tensor | None,
     clip: float | None,
     backend: str,
+    history: torch.Tensor | None = None,
+    xs: torch.Tensor | None = None,
+    variance: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    history_kind: str = "",
+    learned_variance: str = "",
 ) -> None:
-    if resolve_backend(backend, x.device) == "triton":
+    if resolve_backend(backend, x.device) == "triton" and not _uses_v2(history, xs, variance, scale):
         fmt = memory_format(out)
         dense = out.is_contiguous(memory_format=fmt)
         target = out if dense else torch.empty_like(out, memory_format=fmt)
@@ -288,23 +414,29 @@ def _sampler_step_out_op(
             out.copy_(target)
         return
     out.copy_(
-        sampler_step_reference(
+        _reference_from_op(
             x,
             eps,
             table,
-            step if step_tensor is None else step_tensor,
+            step,
+            step_tensor,
             noise,
-            eps_uncond=eps_uncond,
-            guidance_scale=guidance_scale if guidance_tensor is None else guidance_tensor,
-            clip=clip,
+            eps_uncond,
+            guidance_scale,
+            guidance_tensor,
+            clip,
+            history,
+            xs,
+            variance,
+            scale,
+            history_kind,
+            learned_variance,
         )
     )
 
 
 @_sampler_step_out_op.register_fake
-def _(
-    out, x, eps, table, step, step_tensor, noise, eps_uncond, guidance_scale, guidance_tensor, clip, backend
-):
+def _(out, x, eps, table, step, step_tensor, noise, eps_uncond, guidance_scale, guidance_tensor, clip, *rest):
     return None
 
 
@@ -318,22 +450,59 @@ def sampler_step(
     eps_uncond: torch.Tensor | None = None,
     guidance_scale: float | torch.Tensor = 1.0,
     clip: float | None = None,
+    threshold: tuple[float, float] | None = None,
+    history: torch.Tensor | None = None,
+    history_kind: str | None = None,
+    xs: torch.Tensor | None = None,
+    variance: torch.Tensor | None = None,
+    learned_variance: str | None = None,
     out: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """One sampler step x_t -> x_prev reading row `step` of `table` (float32, on x's device).
+    """One sampler step x_t -> x_prev reading row `step` of `table` (float32, TABLE_COLUMNS, on x's device).
 
-    `eps` is the model output (eps, x0 or v: the table's coefficients convert it); with `eps_uncond`,
+    `eps` is the model output m (eps, x0, v or flow velocity: the row converts it); with `eps_uncond`,
     classifier-free guidance `u + w * (eps - u)` is applied first (`guidance_scale` is ignored without it).
-    `noise` is z of the step (None: no noise term). `step` and `guidance_scale` may be 0-d tensors on x's device,
-    read by the kernel without a host sync; a device-side step outside the table makes the Triton result all NaN.
+    `noise` is z of the step (None: no noise term). `clip` clamps x0; `threshold` = (ratio, max) thresholds it
+    dynamically per sample (diffusers' `_threshold_sample`; its per-sample quantile is a torch reduction run before
+    the fused update). `history` (slots, *x.shape), newest first, holding `history_kind` ("x0" or "eps"), is
+    rotated in place; `xs` (the corrector's state) is overwritten with xc; `variance` is the model's variance
+    channels (`learned_variance` "learned" or "learned_range"). Columns of buffers not given are not read.
+    `step` and `guidance_scale` may be 0-d tensors on x's device, read by the kernel without a host sync; a
+    device-side step outside the table makes the Triton result all NaN.
     Returns a new tensor in x's layout, or writes into `out` (which may be `x` itself) and returns it.
     """
     _check_inputs(x, eps, table, step, noise, eps_uncond, clip, guidance_scale, out)
+    _check_state(x, history, history_kind, xs, variance, learned_variance, threshold, clip)
+    if history is None:
+        history_kind = None
+    if variance is None:
+        learned_variance = None
+    scale = None
+    if threshold is not None:
+        # Dynamic thresholding needs each sample's quantile of |x0| before any x0 can be clamped: a small torch
+        # reduction here, the rest of the update stays one launch.
+        m = eps if eps_uncond is None else eps_uncond + guidance_scale * (eps - eps_uncond)
+        row = _row(table, step)
+        x0 = row[COLUMN["a"]] * x.float() + row[COLUMN["b"]] * m.float()
+        scale = threshold_scale(x0, *threshold)
     if decomposing():
         check_backend(backend)
         ref = sampler_step_reference(
-            x, eps, table, step, noise, eps_uncond=eps_uncond, guidance_scale=guidance_scale, clip=clip
+            x,
+            eps,
+            table,
+            step,
+            noise,
+            eps_uncond=eps_uncond,
+            guidance_scale=guidance_scale,
+            clip=clip,
+            scale=scale,
+            history=history,
+            history_kind=history_kind,
+            xs=xs,
+            variance=variance,
+            learned_variance=learned_variance,
         )
         return ref if out is None else out.copy_(ref)
     resolve_backend(backend, x.device)
@@ -352,7 +521,8 @@ def sampler_step(
     if x.numel() == 0:
         return torch.empty_like(x) if out is None else out
     args = (x, eps, table, step_index, step_tensor, noise, eps_uncond, w, w_tensor, clip, backend)
+    v2 = (history, xs, variance, scale, history_kind or "", learned_variance or "")
     if out is None:
-        return _sampler_step_op(*args)
-    _sampler_step_out_op(out, *args)
+        return _sampler_step_op(*args, *v2)
+    _sampler_step_out_op(out, *args, *v2)
     return out

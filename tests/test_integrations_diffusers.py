@@ -126,7 +126,7 @@ def test_every_step_matches_diffusers(case):
         a = ref.step(model_output, t, x, generator=torch.Generator().manual_seed(seed), **step_kwargs)
         b = fast.step(model_output, t, x, generator=torch.Generator().manual_seed(seed), **step_kwargs)
         # the exact step in float64 from the table (itself checked against diffusers in test_samplers.py)
-        ca, cb, cp, cq, cc, cd, ce, cs = table.coeffs[i].tolist()
+        ca, cb, cp, cq, cc, cd, ce, cs = (table.column(name)[i].item() for name in "abpqcdes")
         xd, md = x.double(), model_output.double()
         x0 = ca * xd + cb * md
         if table.clip is not None:

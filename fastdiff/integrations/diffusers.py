@@ -14,47 +14,25 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from fastdiff.engine import _CaptureError, _copy_leaves, _CudaGraphRunner, _leaf_key, weights_key
 from fastdiff.errors import FastdiffError, missing_extra
 from fastdiff.kernels.sampler_step import sampler_step
-from fastdiff.samplers import DDIMSampler, DDPMSampler, Sampler, StepTable
-from fastdiff.schedule import NoiseSchedule
+from fastdiff.samplers import DIFFUSERS_BUILDERS, Sampler, StepTable
+from fastdiff.table import COLUMN
 
 
-def _sampler_kwargs(config: Any) -> dict[str, Any]:
-    if config.get("thresholding", False):
-        raise ValueError(
-            "schedulers with thresholding=True are not supported (dynamic thresholding is not a table)"
-        )
-    return {
-        "prediction_type": config.get("prediction_type", "epsilon"),
-        "clip_sample": bool(config.get("clip_sample", True)),
-        "clip_sample_range": float(config.get("clip_sample_range", 1.0)),
-        "spacing": config.get("timestep_spacing", "leading"),
-        "steps_offset": int(config.get("steps_offset", 0)),
-    }
+def from_diffusers_scheduler(scheduler: Any, num_steps: int, **step_kwargs: Any) -> Sampler:
+    """The fastdiff sampler with the numbers of a diffusers scheduler at `num_steps` steps.
 
-
-def from_diffusers_scheduler(scheduler: Any, num_steps: int, *, eta: float = 0.0) -> Sampler:
-    """The fastdiff sampler with the numbers of a diffusers DDPMScheduler or DDIMScheduler at `num_steps` steps.
-
-    `eta` is DDIM's stochasticity (diffusers passes it to `step()`, so it is not part of the scheduler's config).
+    Dispatches on the first class in `type(scheduler).__mro__` with a builder in
+    `fastdiff.samplers.DIFFUSERS_BUILDERS` (so `Fast<Name>` drop-ins count as `<Name>`). `step_kwargs` are what
+    diffusers passes to `step()` rather than keeps in the config (DDIM's `eta`).
     """
-    # Subclasses count (FastDDIMScheduler / FastDDPMScheduler are DDIMScheduler / DDPMScheduler).
-    bases = {cls.__name__ for cls in type(scheduler).__mro__} & {"DDPMScheduler", "DDIMScheduler"}
     config = getattr(scheduler, "config", None)
-    if config is None or len(bases) != 1:
+    name = next((cls.__name__ for cls in type(scheduler).__mro__ if cls.__name__ in DIFFUSERS_BUILDERS), None)
+    if config is None or name is None:
         raise TypeError(
-            f"scheduler must be a diffusers DDPMScheduler or DDIMScheduler, got {type(scheduler).__name__}"
+            f"scheduler must be a diffusers scheduler of one of {sorted(DIFFUSERS_BUILDERS)}, "
+            f"got {type(scheduler).__name__}"
         )
-    (name,) = bases
-    schedule = NoiseSchedule.from_diffusers(scheduler)
-    kwargs = _sampler_kwargs(config)
-    if name == "DDPMScheduler":
-        variance = config.get("variance_type", "fixed_small")
-        if variance not in ("fixed_small", "fixed_large"):
-            raise ValueError(f"variance_type {variance!r} is not supported; use fixed_small or fixed_large")
-        return DDPMSampler(schedule, num_steps, variance=variance, **kwargs)
-    return DDIMSampler(
-        schedule, num_steps, eta=eta, set_alpha_to_one=bool(config.get("set_alpha_to_one", True)), **kwargs
-    )
+    return DIFFUSERS_BUILDERS[name](scheduler, num_steps, **step_kwargs)
 
 
 class _TableScheduler:
@@ -123,7 +101,7 @@ class _TableScheduler:
             None if noise is None else noise.to(sample.dtype),
             clip=table.clip,
         )
-        a, b = (float(v) for v in table.coeffs[row, :2])
+        a, b = (float(table.coeffs[row, COLUMN[name]]) for name in ("a", "b"))
         x0 = a * sample + b * model_output
         if table.clip is not None:
             x0 = x0.clamp(-table.clip, table.clip)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastdiff.kernels as kernels
-from fastdiff.samplers import null_class_cond
+from fastdiff.guidance import null_class_cond
 
 
 @dataclass(frozen=True)

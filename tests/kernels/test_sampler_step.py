@@ -15,6 +15,7 @@ import torch
 from fastdiff.errors import BackendUnavailableError
 from fastdiff.kernels.backend import triton_runs_on
 from fastdiff.kernels.sampler_step import TABLE_COLUMNS, sampler_step, sampler_step_reference
+from fastdiff.table import COLUMN
 from fastdiff.samplers import DDIMSampler, DDPMSampler
 from fastdiff.schedule import NoiseSchedule
 
@@ -69,7 +70,7 @@ def _assert_f32_close(out: torch.Tensor, ref: torch.Tensor) -> None:
 
 def _eager_low_precision(x, eps, row, noise, eps_uncond, w, clip):
     """The multi-op update as plain eager code would run it in x's dtype, with host coefficients."""
-    a, b, p, q, c, d, e, s = row.tolist()
+    a, b, p, q, c, d, e, s = (row[COLUMN[n]].item() for n in "abpqcdes")
     m = eps if eps_uncond is None else eps_uncond + w * (eps - eps_uncond)
     x0 = a * x + b * m
     if clip is not None:
@@ -269,8 +270,8 @@ _X = torch.zeros(2, 3, 4, 4)
         (dict(eps=torch.zeros(2, 3, 4, 5)), ValueError, "eps must have the shape of x"),
         (dict(noise=torch.zeros(2, 3, 4, 4, device="meta")), ValueError, "noise is on meta"),
         (dict(eps_uncond=_X.half()), ValueError, "eps_uncond has dtype torch.float16"),
-        (dict(table=torch.zeros(NUM_STEPS, 6)), ValueError, r"table must be a \(num_steps, 8\)"),
-        (dict(table=torch.zeros(8)), ValueError, r"table must be a \(num_steps, 8\)"),
+        (dict(table=torch.zeros(NUM_STEPS, 6)), ValueError, rf"table must be a \(num_steps, {len(TABLE_COLUMNS)}\)"),
+        (dict(table=torch.zeros(8)), ValueError, rf"table must be a \(num_steps, {len(TABLE_COLUMNS)}\)"),
         (dict(table=_T.double()), ValueError, "table must be float32"),
         (dict(table=_T.to("meta")), ValueError, "table is on meta"),
         (dict(step=NUM_STEPS), ValueError, r"step must be an int in \[0, 10\)"),

@@ -1,0 +1,80 @@
+"""What every sampler has: a schedule, a StepTable, its timesteps and the model's prediction type."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from fastdiff.schedule import NoiseSchedule
+from fastdiff.table import StepTable
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+def prediction_coeffs(abar: np.ndarray, prediction_type: str) -> tuple[np.ndarray, ...]:
+    """(a, b, p, q) with x0 = a x + b m and eps = p x + q m at cumulative alpha `abar` (the state is alpha-space x)."""
+    sa, sb = np.sqrt(abar), np.sqrt(1.0 - abar)
+    one, zero = np.ones_like(abar), np.zeros_like(abar)
+    if prediction_type == "epsilon":
+        return 1.0 / sa, -sb / sa, zero, one
+    if prediction_type == "sample":
+        return zero, one, 1.0 / sb, -sa / sb
+    return sa, -sb, sb, sa  # v_prediction: v = sqrt(abar) eps - sqrt(1 - abar) x0
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    """ValueError naming `name` unless `value` is one of `choices`."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def clip_value(clip_sample: bool, clip_sample_range: float) -> float | None:
+    """The table's `clip` for diffusers' (clip_sample, clip_sample_range)."""
+    if clip_sample and not clip_sample_range > 0:
+        raise ValueError(f"clip_sample_range must be positive, got {clip_sample_range!r}")
+    return float(clip_sample_range) if clip_sample else None
+
+
+class Sampler:
+    """Common part of the samplers: the schedule, the timesteps, the table and the prediction type.
+
+    A subclass sets `schedule`, `prediction_type` and `table` in its constructor.
+    """
+
+    schedule: NoiseSchedule
+    table: StepTable
+    prediction_type: str
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """The model timestep of each row, in sampling order."""
+        return self.table.timesteps
+
+    @property
+    def num_steps(self) -> int:
+        """Number of sampling steps (denoiser calls)."""
+        return len(self.table)
+
+    def inverse_table(self) -> StepTable:
+        """The table running this sampler backwards (x0 -> x_T); only deterministic DDIM has one."""
+        raise TypeError(f"inversion needs a DDIMSampler, got {type(self).__name__}")
+
+    def noised(self, x0: torch.Tensor, row: int, noise: torch.Tensor) -> torch.Tensor:
+        """x0 brought to the state row `row` starts from (SDEdit, inpainting): q_sample at its timestep.
+
+        Only for tables whose state is the alpha-space x of the schedule and whose rows read nothing carried from
+        earlier rows; ValueError otherwise.
+        """
+        self.check_noisable()
+        return self.schedule.q_sample(x0, int(self.table.timesteps[row]), noise)
+
+    def check_noisable(self) -> None:
+        """ValueError unless `noised` applies: the state is the schedule's x_t and no row reads earlier rows."""
+        table = self.table
+        if table.multistep or table.scales_input or table.init_sigma != 1.0:
+            raise ValueError(
+                f"{type(self).__name__} ({table.kind}) cannot start from a noised image: its rows read history "
+                "or its state is not the schedule's x_t; use DDIM or DDPM for SDEdit and inpainting"
+            )

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fastdiff.loop import initial_state
 from fastdiff.samplers import batch_conds, run_table
 
 from .workloads import Workload
@@ -135,9 +136,12 @@ class EagerBackend(Backend):
         self.denoise = _tensor_output(self.model)
         self.scheduler = self._diffusers_scheduler()
         if self.scheduler is None:
-            self.info["loop"] = (
-                "fastdiff.samplers.run_table with the plain-PyTorch step (diffusers not installed)"
+            why = (
+                "diffusers not installed"
+                if _version("diffusers") is None
+                else "no diffusers loop for it here"
             )
+            self.info["loop"] = f"fastdiff.samplers.run_table with the plain-PyTorch step ({why})"
         else:
             self.info["loop"] = f"diffusers {type(self.scheduler).__name__}.step() ({_version('diffusers')})"
 
@@ -157,7 +161,9 @@ class EagerBackend(Backend):
         # The same settings as fastdiff's DDIMSampler / DDPMSampler defaults, so both compute the same samples.
         if self.workload.sampler_kind == "ddim":
             return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True)
-        return DDPMScheduler(**common, clip_sample=True, variance_type="fixed_small")
+        if self.workload.sampler_kind == "ddpm":
+            return DDPMScheduler(**common, clip_sample=True, variance_type="fixed_small")
+        return None
 
     def model_timestep(self, batch: int) -> torch.Tensor:
         # diffusers pipelines pass the scheduler's 0-d host tensor
@@ -169,7 +175,7 @@ class EagerBackend(Backend):
             return run_table(
                 self.denoise,
                 self.sampler.table,
-                case.x_T.clone(),
+                initial_state(self.sampler.table, case.x_T),
                 generator=generator,
                 cond=case.cond,
                 uncond=case.uncond,

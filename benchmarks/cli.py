@@ -97,7 +97,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if cuda else "cpu")
     p.add_argument(
         "--sampler",
-        choices=SAMPLERS,
+        choices=tuple(SAMPLERS),
         default=None,
         help="default: each workload's own (swissroll DDPM, others DDIM)",
     )

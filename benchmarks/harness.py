@@ -95,7 +95,7 @@ class BenchConfig:
         if self.graph_mode not in GRAPH_MODES:
             raise ValueError(f"graph_mode must be one of {GRAPH_MODES}, got {self.graph_mode!r}")
         if self.sampler is not None and self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS} or None, got {self.sampler!r}")
+            raise ValueError(f"sampler must be one of {sorted(SAMPLERS)} or None, got {self.sampler!r}")
         procs = list(self.processes)
         if procs and (
             any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in procs) or 1 not in procs

@@ -23,10 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastdiff.samplers import DDIMSampler, DDPMSampler, Sampler
+from fastdiff.samplers import SAMPLERS, Sampler, build_sampler
 from fastdiff.schedule import NoiseSchedule
-
-SAMPLERS = ("ddim", "ddpm")
 
 # Stable Diffusion 1.5's U-Net (CompVis/stable-diffusion-v1-5, unet/config.json), written out so that nothing
 # is downloaded: 860M parameters, 64x64x4 latents, 77x768 CLIP text states.
@@ -123,10 +121,9 @@ class Workload:
         return self.spec.guidance_scale
 
     def sampler(self) -> Sampler:
-        """The fastdiff sampler of this workload (the diffusers reference uses the same numbers)."""
-        if self.sampler_kind == "ddim":
-            return DDIMSampler(self.schedule, self.steps)
-        return DDPMSampler(self.schedule, self.steps)
+        """The fastdiff sampler of this workload: any registered name (`fastdiff.samplers.SAMPLERS`) with its
+        registered defaults (the diffusers reference of ddim / ddpm uses the same numbers)."""
+        return build_sampler(self.sampler_kind, self.schedule, self.steps)
 
     def model_as(self, dtype: torch.dtype) -> nn.Module:
         """The model in `dtype` (a cached copy for anything but float32); backends copy it again before editing."""
@@ -228,7 +225,7 @@ def build_workload(
     if name not in WORKLOADS:
         raise ValueError(f"workload must be one of {sorted(WORKLOADS)}, got {name!r}")
     if sampler is not None and sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
     spec = WORKLOADS[name]
     notes: list[str] = []
     is_diffusers = False

@@ -43,16 +43,22 @@ def load_model(name_or_path: str, device: str):
 
 
 def build_sampler(kind: str, schedule, steps: int, eta: float):
-    """The sampler named on the command line; DDPM clips x0 to [-1, 1] as in the paper, DDIM does not."""
-    from fastdiff.samplers import DDIMSampler, DDPMSampler
+    """The sampler named on the command line (a name of `fastdiff.samplers.SAMPLERS`, with its registered
+    defaults: DDPM clips x0 to [-1, 1] as in the paper, DDIM does not); `eta` goes to samplers that take it."""
+    from fastdiff.samplers import SAMPLERS
 
+    if kind not in SAMPLERS:
+        raise ValueError(f"--sampler must be one of {sorted(SAMPLERS)}, got {kind!r}")
     if steps > schedule.num_train_timesteps:
         raise ValueError(
             f"--steps {steps} is larger than the model's schedule ({schedule.num_train_timesteps} steps)"
         )
-    if kind == "ddpm":
-        return DDPMSampler(schedule, steps)
-    return DDIMSampler(schedule, steps, eta=eta)
+    entry = SAMPLERS[kind]
+    if entry.accepts("eta"):
+        return entry.build(schedule, steps, eta=eta)
+    if eta != 0:
+        raise ValueError(f"--eta applies to samplers with a stochasticity eta (ddim), not to {kind!r}")
+    return entry.build(schedule, steps)
 
 
 def guidance_scale_for(pre, requested: float | None) -> float:
@@ -199,12 +205,14 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
+    from fastdiff.samplers import SAMPLERS
+
     parser = argparse.ArgumentParser(prog="fastdiff", description="Fast diffusion-model sampling.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("sample", help="generate images (PNG grid, .npz, or a shard folder DIR/)")
     p.add_argument("--model", default="digits", help="shipped model name or a .safetensors checkpoint")
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    p.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddim")
     p.add_argument("--steps", type=_positive_int, default=50)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0: deterministic)")
     p.add_argument("--num-samples", type=_positive_int, default=64)

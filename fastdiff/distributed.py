@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from fastdiff.errors import FastdiffError
 from fastdiff.output import atomic_path, check_output_path, to_uint8, write_bytes_atomic
 from fastdiff.pretrained import Pretrained
-from fastdiff.samplers import DDIMSampler, Sampler, infer_device
+from fastdiff.samplers import SAMPLERS, DDIMSampler, Sampler, infer_device
 
 FORMAT = "fastdiff-shards-v1"
 MANIFEST = "manifest.json"
@@ -319,10 +319,10 @@ def _resolve_sampler(sampler: Sampler | str, schedule: Any, steps: int, eta: flo
         return sampler
     if not isinstance(sampler, str):
         raise TypeError(
-            f"sampler must be a DDIMSampler/DDPMSampler or 'ddim'/'ddpm', got {type(sampler).__name__}"
+            f"sampler must be a fastdiff Sampler or one of {sorted(SAMPLERS)}, got {type(sampler).__name__}"
         )
-    if sampler not in ("ddim", "ddpm"):
-        raise ValueError(f"sampler must be a DDIMSampler/DDPMSampler or 'ddim'/'ddpm', got {sampler!r}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be a fastdiff Sampler or one of {sorted(SAMPLERS)}, got {sampler!r}")
     if schedule is None:
         raise ValueError(
             f"sampler={sampler!r} needs the model's schedule: pass a Sampler object for this model"

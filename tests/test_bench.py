@@ -407,7 +407,7 @@ def test_scaling_plan_and_gpu_rows_without_enough_gpus(monkeypatch):
         ({"dtypes": ["float64"]}, "dtypes"),
         ({"repeats": 0}, "repeats"),
         ({"steps": 0}, "steps"),
-        ({"sampler": "euler"}, "sampler"),
+        ({"sampler": "no-such-sampler"}, "sampler"),
         ({"device": "tpu"}, "device"),
         ({"processes": [2]}, "processes"),
         ({"processes": [0, 1]}, "processes"),

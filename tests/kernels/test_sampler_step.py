@@ -15,9 +15,9 @@ import torch
 from fastdiff.errors import BackendUnavailableError
 from fastdiff.kernels.backend import triton_runs_on
 from fastdiff.kernels.sampler_step import TABLE_COLUMNS, sampler_step, sampler_step_reference
-from fastdiff.table import COLUMN
 from fastdiff.samplers import DDIMSampler, DDPMSampler
 from fastdiff.schedule import NoiseSchedule
+from fastdiff.table import COLUMN
 
 needs_interpreter = pytest.mark.skipif(
     not triton_runs_on(torch.device("cpu")),
@@ -270,7 +270,11 @@ _X = torch.zeros(2, 3, 4, 4)
         (dict(eps=torch.zeros(2, 3, 4, 5)), ValueError, "eps must have the shape of x"),
         (dict(noise=torch.zeros(2, 3, 4, 4, device="meta")), ValueError, "noise is on meta"),
         (dict(eps_uncond=_X.half()), ValueError, "eps_uncond has dtype torch.float16"),
-        (dict(table=torch.zeros(NUM_STEPS, 6)), ValueError, rf"table must be a \(num_steps, {len(TABLE_COLUMNS)}\)"),
+        (
+            dict(table=torch.zeros(NUM_STEPS, 6)),
+            ValueError,
+            rf"table must be a \(num_steps, {len(TABLE_COLUMNS)}\)",
+        ),
         (dict(table=torch.zeros(8)), ValueError, rf"table must be a \(num_steps, {len(TABLE_COLUMNS)}\)"),
         (dict(table=_T.double()), ValueError, "table must be float32"),
         (dict(table=_T.to("meta")), ValueError, "table is on meta"),

@@ -7,12 +7,19 @@ from fastdiff.accelerate import AccelerationReport, as_denoiser, report
 from fastdiff.accelerate import accelerate as accelerate
 from fastdiff.distributed import ShardError, merge, sample_to_dir
 from fastdiff.engine import SamplingEngine
-from fastdiff.errors import BackendUnavailableError, CheckpointError, FastdiffError, NonFiniteError
+from fastdiff.errors import (
+    BackendUnavailableError,
+    CheckpointError,
+    FastdiffError,
+    NonFiniteError,
+    StaleWeightsError,
+)
 from fastdiff.integrations.diffusers import accelerate_pipeline, from_diffusers_scheduler
 from fastdiff.models import MLPDenoiser, UNet, UNetConfig
 from fastdiff.pretrained import Pretrained, load_checkpoint, load_pretrained
 from fastdiff.samplers import DDIMSampler, DDPMSampler, StepTable, ddim_invert, inpaint, sample, sdedit
 from fastdiff.schedule import NoiseSchedule
+from fastdiff.weights import update_weights
 
 __version__ = "0.1.0"
 
@@ -29,6 +36,7 @@ __all__ = [
     "Pretrained",
     "SamplingEngine",
     "ShardError",
+    "StaleWeightsError",
     "StepTable",
     "UNet",
     "UNetConfig",
@@ -46,4 +54,5 @@ __all__ = [
     "sample",
     "sample_to_dir",
     "sdedit",
+    "update_weights",
 ]

@@ -11,10 +11,13 @@ rewritten module by module, only where the rewrite is exactly the computation it
 - `conv_norm_out` + `conv_act` (SiLU) at the end of the U-Net: one `GroupNormSiLU`, and `conv_act` -> Identity.
 - every other `nn.GroupNorm` (attention `group_norm`, `Transformer2DModel.norm`, ...): `GroupNormSiLU(silu=False)`.
 - `Attention` modules running diffusers' default processor (`AttnProcessor2_0` / `AttnProcessor`):
-  `FastAttnProcessor`, which calls `fastdiff.kernels.attention` on strided views of a fused q/k/v projection
-  (diffusers' own `fuse_projections()`: `to_qkv` for self-attention, `to_kv` for cross-attention; like diffusers'
-  `fuse_qkv_projections()`, this adds those keys to the state dict, so load weights and LoRAs before accelerating).
-  Calls with an attention mask run through the original processor (counted in `fallback_calls`).
+  `FastAttnProcessor`, which calls `fastdiff.kernels.attention` on strided views of one fused projection (q/k/v
+  for self-attention, k/v for cross-attention). The fused weight is one tensor of which `to_q.weight`,
+  `to_k.weight` and `to_v.weight` are slices (`_FusedProjection`): the parameters, and so the state dict's keys,
+  stay those of the original model, and anything that writes them in place (`load_state_dict`, `copy_`, peft's
+  `fuse_lora`) writes the fused weight too. Projections wrapped by LoRA / peft layers run as separate calls, so
+  adapters loaded before or after `accelerate()` keep working. Calls with an attention mask run through the
+  original processor (counted in `fallback_calls`).
 
 Anything else is left as it is and listed in the `AccelerationReport` that `report(module)` returns.
 """
@@ -36,6 +39,7 @@ from fastdiff.kernels.attention import MAX_HEAD_DIM
 from fastdiff.kernels.backend import BACKENDS, resolve_backend
 from fastdiff.models.mlp import MLPDenoiser
 from fastdiff.models.unet import AttentionBlock, GroupNormSiLU, UNet, broadcast_timesteps
+from fastdiff.weights import DERIVED_ATTR
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KINDS = ("group_norm_silu", "group_norm", "attention")
@@ -121,12 +125,97 @@ def _group_norm_silu_from(norm: nn.GroupNorm, silu: bool, backend: str) -> Group
     return new
 
 
+class _FusedProjection:
+    """One weight (and bias) tensor whose row blocks are the weights (biases) of the projections `names` of an
+    attention module, for one `F.linear` in place of several.
+
+    Each projection's parameters are re-pointed at their block (`param.data = block`), so the model keeps its
+    parameters and state-dict keys, and a write into a parameter in place is a write into the fused tensor. A
+    parameter that no longer points at its block (a new `nn.Parameter`, `.to(dtype)`, a deep copy) makes
+    `intact` false, and `refresh` fuses the parameters as they are now. Under LoRA / peft wrappers the base
+    layers are fused, so the fused path serves again once the adapters are unloaded. This object is what
+    `fastdiff.weights` refreshes (`DERIVED_ATTR`) before it fingerprints the weights a graph will read.
+    """
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self.weight: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+        self._pointers: list[int] = []
+
+    @staticmethod
+    def _pointers_of(layers: list[nn.Linear]) -> list[int]:
+        return [p.data_ptr() for layer in layers for p in (layer.weight, layer.bias) if p is not None]
+
+    def intact(self, layers: list[nn.Linear]) -> bool:
+        """Whether every parameter of `layers` still is its block of the fused tensors (which this object keeps
+        alive, so no other tensor can have those addresses)."""
+        return self._pointers_of(layers) == self._pointers
+
+    def refresh(self, attn: nn.Module) -> bool:
+        """Fuse the (base) projections of `attn` anew unless they are intact; True when it did."""
+        layers = [getattr(attn, name) for name in self.names]
+        layers = [getattr(layer, "base_layer", layer) for layer in layers]
+        if not _fusable(layers) or self.intact(layers):
+            return False
+        # A fused tensor made under inference_mode could not be written in place outside it (load_state_dict).
+        with torch.inference_mode(False), torch.no_grad():
+            self.weight = torch.cat([layer.weight for layer in layers])
+            biased = layers[0].bias is not None
+            self.bias = torch.cat([layer.bias for layer in layers]) if biased else None
+            start = 0
+            for layer in layers:
+                stop = start + layer.weight.shape[0]
+                layer.weight.data = self.weight[start:stop]
+                if biased:
+                    layer.bias.data = self.bias[start:stop]
+                start = stop
+        self._pointers = self._pointers_of(layers)
+        return True
+
+
+def _fusable(layers: list[Any]) -> bool:
+    """Plain linear projections with biases all present or all absent (peft / LoRA wrappers are not)."""
+    return (
+        all(type(layer) is nn.Linear for layer in layers)
+        and len({layer.bias is None for layer in layers}) == 1
+    )
+
+
+def _fused_projection(
+    attn: nn.Module, names: tuple[str, ...]
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) of the projections `names` of `attn` as one linear map, or None when they must run as
+    separate calls (a LoRA / peft layer wraps one of them)."""
+    layers = [getattr(attn, name) for name in names]
+    fused = attn.__dict__.get(DERIVED_ATTR)
+    if not isinstance(fused, _FusedProjection) or fused.names != names or not _fusable(layers):
+        return None
+    if torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and any(layer.weight.requires_grad for layer in layers)
+    ):
+        # Traced or differentiated: concatenate the live parameters, so a compiled graph holds no copy of them.
+        bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
+        return torch.cat([layer.weight for layer in layers]), bias
+    if not fused.intact(layers):
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return None  # parameters are not re-pointed inside a CUDA graph capture
+        fused.refresh(attn)
+    return fused.weight, fused.bias
+
+
+def _fusion_group(attn: nn.Module) -> tuple[str, ...]:
+    """The projections of `attn` that read the same input: q/k/v for self-attention, k/v for cross-attention."""
+    return ("to_k", "to_v") if attn.is_cross_attention else ("to_q", "to_k", "to_v")
+
+
 class FastAttnProcessor:
     """A diffusers attention processor running `fastdiff.kernels.attention`, numerically the default one it replaces.
 
     Handles self- and cross-attention, `spatial_norm`, `group_norm`, `norm_cross`, `norm_q`/`norm_k`, the residual
-    connection and `rescale_output_factor` as `AttnProcessor2_0` does, reading q/k/v as strided views of the fused
-    projection when there is one. A call with an attention mask (which the kernel does not take) runs `fallback`,
+    connection and `rescale_output_factor` as `AttnProcessor2_0` does, reading q/k/v (or k/v) as strided views of
+    one fused projection when the projections are plain `nn.Linear` layers (`_fused_projection`); LoRA-wrapped
+    projections run one by one. A call with an attention mask (which the kernel does not take) runs `fallback`,
     the processor it replaced, and is counted in `fallback_calls` (outside torch.compile).
     """
 
@@ -172,22 +261,21 @@ class FastAttnProcessor:
             # (B, S, parts * heads * d) -> `parts` strided (B, heads, S, d) views, no copy.
             return list(t.unflatten(-1, (parts, heads, -1)).permute(2, 0, 3, 1, 4).unbind(0))
 
-        if encoder_hidden_states is None and getattr(attn, "to_qkv", None) is not None:
-            query, key, value = split_heads(attn.to_qkv(hidden_states), 3)
+        def project(names: tuple[str, ...], source: torch.Tensor) -> list[torch.Tensor]:
+            fused = _fused_projection(attn, names)
+            if fused is not None:
+                return split_heads(torch.nn.functional.linear(source, *fused), len(names))
+            return [split_heads(getattr(attn, name)(source), 1)[0] for name in names]
+
+        if encoder_hidden_states is None and not attn.is_cross_attention:
+            query, key, value = project(("to_q", "to_k", "to_v"), hidden_states)
         else:
             if encoder_hidden_states is None:
                 encoder_hidden_states = hidden_states
-                fused_kv = None
-            else:
-                if attn.norm_cross:
-                    encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-                fused_kv = getattr(attn, "to_kv", None)
-            (query,) = split_heads(attn.to_q(hidden_states), 1)
-            if fused_kv is not None:
-                key, value = split_heads(fused_kv(encoder_hidden_states), 2)
-            else:
-                (key,) = split_heads(attn.to_k(encoder_hidden_states), 1)
-                (value,) = split_heads(attn.to_v(encoder_hidden_states), 1)
+            elif attn.norm_cross:
+                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+            (query,) = project(("to_q",), hidden_states)
+            key, value = project(("to_k", "to_v"), encoder_hidden_states)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -383,7 +471,8 @@ def _accelerate_diffusers(model: nn.Module, backend: str, rep: AccelerationRepor
                 rep._skip(path, "attention", why)
                 continue
             scale_from_module = type(m.processor) is not d.AttnProcessor2_0
-            m.fuse_projections()
+            fused = m.__dict__[DERIVED_ATTR] = _FusedProjection(_fusion_group(m))
+            fused.refresh(m)
             m.set_processor(FastAttnProcessor(m.processor, backend, scale_from_module))
         kind = "cross-attention, fused k/v" if m.is_cross_attention else "self-attention, fused q/k/v"
         rep._fused(path, "attention", kind)
@@ -488,6 +577,8 @@ class DiffusersDenoiser(nn.Module):
     x's dtype. `null_cond` exists when a null class label was given (`null_class_label`); otherwise pass `uncond`
     to classifier-free guidance explicitly.
     """
+
+    _fastdiff_wraps = "unet"  # fastdiff.update_weights(denoiser, ...) takes the U-Net's state-dict keys
 
     def __init__(self, unet: nn.Module, *, null_class_label: int | None = None) -> None:
         super().__init__()

@@ -1,7 +1,7 @@
 """SamplingEngine: `fastdiff.sample` with static buffers, CUDA-graph replay and a graph cache (gpt-fast style).
 
-Per call key (mode, device, dtype, batch and sample shape, CFG on/off, conditioning structure and shapes, and where
-the denoiser's weights live: see `weights_key`) the engine allocates once: the sample buffer `x` (updated in place
+Per call key (mode, device, dtype, batch and sample shape, CFG on/off, conditioning structure and shapes, and the
+layout of the denoiser's weights: see `fastdiff.weights`) the engine allocates once: the sample buffer `x` (updated in place
 by `fastdiff.kernels.sampler_step(..., out=x)`), the conditioning, the guidance scale (a 0-d device tensor, so changing it needs no new graph), a device-side step counter
 and a noise buffer (rows of pre-drawn noise plus a zero row, and the row each step reads). One step reads everything
 it needs from device memory through the counter: the timestep (gathered from the timesteps on the device), the table
@@ -40,6 +40,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from tqdm.auto import tqdm
 
 from fastdiff.checks import FiniteWatch, check_denoiser_matches, check_device, check_dtype
+from fastdiff.errors import StaleWeightsError
 from fastdiff.guidance import batch_conds, guidance_conds
 from fastdiff.kernels.backend import decomposed
 from fastdiff.kernels.sampler_step import sampler_step
@@ -54,6 +55,7 @@ from fastdiff.loop import (
 )
 from fastdiff.samplers.base import Sampler
 from fastdiff.table import sampler_table
+from fastdiff.weights import WeightsWatch
 
 GRAPH_MODES = ("auto", "step", "loop")
 # Largest pre-drawn noise buffer per cache entry; beyond it the noise is drawn in chunks between step replays.
@@ -77,6 +79,9 @@ class EngineStats:
     evictions: int = 0
     eager_fallbacks: int = 0
     capture_seconds: float = 0.0
+    # Calls that found the denoiser's weights written in place since the entry's last call: the graph reads the
+    # new values, nothing was captured again.
+    weight_refreshes: int = 0
 
 
 class _CaptureError(RuntimeError):
@@ -155,6 +160,8 @@ class _Entry:
     # CPU compile: the whole (remaining) loop as one compiled while_loop, and whether it has run once.
     compiled_loop: Callable[[], None] | None = field(default=None, repr=False)
     loop_verified: bool = False
+    # The version counters of the denoiser's weights at the entry's last call (fastdiff.weights.WeightsState).
+    versions: tuple | None = None
 
 
 def _call_decomposed(fn: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -166,17 +173,6 @@ def _call_decomposed(fn: Callable[..., torch.Tensor], *args: Any, **kwargs: Any)
     # the compiled code, so it is left off.
     with decomposed():
         return fn(*args, **kwargs)
-
-
-def weights_key(model: Any) -> tuple | None:
-    """Where a module's weights live (its first parameter's storage, dtype and device), None for other callables.
-
-    A CUDA graph replays the addresses it captured, so weights that were moved or cast (new storage) need a new
-    graph; weights loaded in place (`load_state_dict`) keep their storage, and the graph reads the new values.
-    """
-    params = getattr(model, "parameters", None)
-    param = next(iter(params()), None) if callable(params) else None
-    return None if param is None else (param.data_ptr(), param.dtype, param.device)
 
 
 def _copy_leaves(buffers: list[Any], leaves: list[Any]) -> None:
@@ -233,6 +229,7 @@ class SamplingEngine:
     # The capture backend and the device type it captures on; tests substitute a CPU fake.
     _graph_runner: ClassVar[type] = _CudaGraphRunner
     _graph_device: ClassVar[str] = "cuda"
+    _fastdiff_wraps: ClassVar[str] = "denoiser"  # fastdiff.update_weights(engine, ...) writes the denoiser's
 
     def __init__(
         self,
@@ -277,6 +274,7 @@ class SamplingEngine:
                     f"on {param.device}"
                 )
         self.denoiser = denoiser
+        self._weights = WeightsWatch(denoiser) if isinstance(denoiser, torch.nn.Module) else None
         self.sampler = sampler
         self.cuda_graphs = cuda_graphs
         self.compile = compile
@@ -429,7 +427,9 @@ class SamplingEngine:
         graphs = self._uses_graphs(device)
         rows = self._noise_rows(shape, dtype)
         mode = self._mode(device, graphs, rows, step_only)
-        key = (mode, device, dtype, shape, uncond is not None, spec, leaf_keys, weights_key(self.denoiser))
+        weights = None if self._weights is None else self._weights.state()
+        layout = None if weights is None else weights.layout
+        key = (mode, device, dtype, shape, uncond is not None, spec, leaf_keys, layout)
         entry = self._cache.get(key)
         if entry is None:
             self.stats.cache_misses += 1
@@ -445,6 +445,10 @@ class SamplingEngine:
         else:
             self.stats.cache_hits += 1
             self._cache.move_to_end(key)
+            if weights is not None and weights.versions != entry.versions:
+                self.stats.weight_refreshes += 1
+        if weights is not None:
+            entry.versions = weights.versions
         _copy_leaves(entry.leaves, leaves)
         if entry.guidance is not None:
             entry.guidance.fill_(guidance_scale)
@@ -582,6 +586,15 @@ class SamplingEngine:
         entry.loop_verified = True
         return True
 
+    def _check_weights(self, e: _Entry) -> None:
+        """After user code ran between two replays (a callback): weights written in place are read by the next
+        replay; any other change would need another entry, which a call cannot switch to halfway."""
+        if self._weights is not None and self._weights.state().layout != e.key[-1]:
+            raise StaleWeightsError(
+                "the denoiser's weights were replaced or cast (not written in place) during sample(), in the "
+                "callback; change them between calls, or write them in place (fastdiff.update_weights)"
+            )
+
     def _warn_once(self, what: str, message: str) -> None:
         if what not in self._warned:
             self._warned.add(what)
@@ -693,3 +706,4 @@ class SamplingEngine:
                             self.table, e.coeffs, i, before, e.x.clone(), out.clone(), out_u, guidance_scale
                         )
                     )
+                    self._check_weights(e)

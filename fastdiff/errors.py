@@ -9,6 +9,10 @@ class CheckpointError(FastdiffError):
     """A checkpoint, ONNX file or engine exists but cannot be read (corrupt, truncated, wrong content)."""
 
 
+class StaleWeightsError(FastdiffError):
+    """Weights changed in a way a graph, compiled loop or exported model built from them cannot follow."""
+
+
 class BackendUnavailableError(FastdiffError):
     """A backend was requested explicitly but cannot run on this machine."""
 

@@ -268,17 +268,78 @@ def test_unsupported_processor_is_left_alone_and_reported(diffusers):
     assert rel_err(run(fast, x, t, cond), run(unet, x, t, cond)) <= RTOL
 
 
-def test_state_dict_gains_only_fused_projections_and_pickles(diffusers):
+def test_state_dict_keeps_the_original_keys_and_pickles(diffusers):
     unet = diffusers_unet(diffusers, "unet2d-condition")
     fast = accelerate(unet, kernels="torch")
-    before, after = set(unet.state_dict()), set(fast.state_dict())
-    assert before <= after
-    added = after - before
-    assert added and all(".to_qkv." in k or ".to_kv." in k for k in added)
+    assert list(fast.state_dict()) == list(unet.state_dict())
     x, t, cond = diffusers_inputs(unet)
     restored = pickle.loads(pickle.dumps(fast))
     torch.testing.assert_close(run(restored, x, t, cond), run(fast, x, t, cond), rtol=0, atol=0)
     assert report(restored).complete
+
+
+def with_lora(unet: nn.Module, name: str = "a", seed: int = 0, r: int = 2) -> nn.Module:
+    """`unet` with a peft LoRA adapter on every attention projection, its weights drawn from `seed` (peft would
+    zero the B matrices)."""
+    peft = pytest.importorskip("peft")
+    unet.add_adapter(
+        peft.LoraConfig(r=r, lora_alpha=r, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+        adapter_name=name,
+    )
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, p in unet.named_parameters():
+            if f".{name}." in key and "lora_" in key:
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+    return unet
+
+
+def test_lora_adapters_keep_working_before_and_after_accelerate(diffusers):
+    """An adapter present at accelerate() time, and one added to the accelerated model, both change the output
+    exactly as on the plain model; unloading it brings back the fused projections."""
+    unet = with_lora(diffusers_unet(diffusers, "unet2d-condition"))
+    x, t, cond = diffusers_inputs(unet)
+    fast = accelerate(unet, kernels="torch")
+    assert rel_err(run(fast, x, t, cond), run(unet, x, t, cond)) <= RTOL
+    plain = diffusers_unet(diffusers, "unet2d-condition")
+    fast = accelerate(plain, kernels="torch")
+    no_adapter = run(fast, x, t, cond)
+    with_lora(plain), with_lora(fast)
+    out = run(fast, x, t, cond)
+    assert rel_err(out, run(plain, x, t, cond)) <= RTOL
+    assert (out - no_adapter).abs().max() > 1e-2
+    fast.delete_adapters("a")
+    assert rel_err(run(fast, x, t, cond), no_adapter) <= RTOL
+
+
+def test_checkpoints_move_between_plain_and_accelerated(diffusers):
+    """load_state_dict both ways with the original keys; the fused projections read the loaded weights."""
+    unet = diffusers_unet(diffusers, "unet2d-condition")
+    other = perturbed(diffusers_unet(diffusers, "unet2d-condition"), seed=3)
+    x, t, cond = diffusers_inputs(unet)
+    fast = accelerate(unet, kernels="torch")
+    fast.load_state_dict(other.state_dict())
+    assert rel_err(run(fast, x, t, cond), run(other, x, t, cond)) <= RTOL
+    unet.load_state_dict(fast.state_dict())
+    assert rel_err(run(unet, x, t, cond), run(other, x, t, cond)) <= RTOL
+
+
+def test_fused_projections_follow_replaced_and_cast_parameters(diffusers):
+    """A new nn.Parameter, an in-place copy and a dtype change all reach the fused projection."""
+    unet = diffusers_unet(diffusers, "unet2d-condition")
+    x, t, cond = diffusers_inputs(unet)
+    fast = accelerate(unet, kernels="torch")
+    attn = fast.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    new = torch.randn_like(attn.to_k.weight)
+    attn.to_k.weight = nn.Parameter(new.clone())
+    unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_k.weight = nn.Parameter(new.clone())
+    assert rel_err(run(fast, x, t, cond), run(unet, x, t, cond)) <= RTOL
+    with torch.no_grad():
+        for model in (fast, unet):
+            model.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_v.weight.mul_(2.0)
+    assert rel_err(run(fast, x, t, cond), run(unet, x, t, cond)) <= RTOL
+    half, ref = fast.to(torch.bfloat16), run(unet, x, t, cond)
+    assert rel_err(run(half, x.bfloat16(), t, {k: v.bfloat16() for k, v in cond.items()}), ref) < 5e-2
 
 
 def test_channels_last_and_bfloat16(diffusers):

@@ -11,11 +11,12 @@ from typing import Any, ClassVar
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from fastdiff.engine import _CaptureError, _copy_leaves, _CudaGraphRunner, _leaf_key, weights_key
+from fastdiff.engine import _CaptureError, _copy_leaves, _CudaGraphRunner, _leaf_key
 from fastdiff.errors import FastdiffError, missing_extra
 from fastdiff.kernels.sampler_step import sampler_step
 from fastdiff.samplers import DIFFUSERS_BUILDERS, Sampler, StepTable
 from fastdiff.table import COLUMN
+from fastdiff.weights import WeightsWatch
 
 
 def from_diffusers_scheduler(scheduler: Any, num_steps: int, **step_kwargs: Any) -> Sampler:
@@ -236,8 +237,10 @@ class GraphedForward:
 
     A diffusers pipeline calls `unet(sample, t, encoder_hidden_states=..., return_dict=False)` once per step with
     new tensors of the same shapes; each call here copies them into static buffers and replays the graph captured
-    for their signature (shapes, dtypes and devices of the tensors, values of the other arguments, and the
-    weights' storage, so that moving or casting the model captures anew). The result is a fresh tensor. Calls
+    for their signature (shapes, dtypes and devices of the tensors, values of the other arguments) and the layout
+    of the U-Net's weights (`fastdiff.weights`, checked on every call: weights written in place are read by the
+    graph as they are; moved, cast or replaced weights, or LoRA adapters loaded, rescaled, fused or unloaded,
+    capture anew). The result is a fresh tensor. Calls
     the graph cannot serve run the original forward: tensors off CUDA, autograd on, unhashable arguments, or any
     call after a capture failed (one warning).
     """
@@ -245,9 +248,11 @@ class GraphedForward:
     # The capture backend and the device it captures on; tests substitute a CPU fake.
     _graph_runner: ClassVar[type] = _CudaGraphRunner
     _graph_device: ClassVar[str] = "cuda"
+    _fastdiff_wraps: ClassVar[str] = "unet"  # fastdiff.update_weights(replayer, ...) writes the U-Net's
 
     def __init__(self, unet: torch.nn.Module, max_graphs: int = 8) -> None:
         self.unet = unet
+        self._weights = WeightsWatch(unet)
         self.original = unet.forward
         self.max_graphs = max_graphs
         self.captures = 0
@@ -282,7 +287,7 @@ class GraphedForward:
             return None
         leaves, spec = tree_flatten((sample, torch.as_tensor(timestep, device=sample.device), args, kwargs))
         try:
-            key = (spec, tuple(_leaf_key("argument", leaf) for leaf in leaves), weights_key(self.unet))
+            key = (spec, tuple(_leaf_key("argument", leaf) for leaf in leaves), self._weights.state().layout)
         except TypeError:  # an unhashable argument
             return None
         entry = self._cache.get(key)

@@ -1,0 +1,215 @@
+"""Which weights a captured graph or compiled loop reads: a cheap fingerprint, and updates written in place.
+
+(`fastdiff/weights/` beside this module is package data: the shipped checkpoints.)
+
+A CUDA graph replays the addresses it captured; the compiled CPU loop takes the parameters as inputs (inductor's
+freezing, which would fold them into the code, is off); peft's adapter scales are Python numbers that a graph
+bakes in. So a change of weights is one of two kinds:
+
+- in place (`load_state_dict`, `param.data.copy_`, `update_weights`, peft's merge in `fuse_lora`): the storage
+  a graph reads holds the new values, and nothing needs to be captured again. It shows as new tensor version
+  counters (`WeightsState.versions`).
+- anything else (a new `nn.Parameter`, `.to(dtype)`, an adapter added, removed, activated, disabled or rescaled):
+  the `WeightsState.layout` changes, and a graph or compiled loop built for another layout must not be replayed.
+
+`WeightsWatch(module).state()` gives both. It is meant to run before every replay, so it touches each tensor
+twice (its storage address and its version counter) and re-walks the module tree only when a module, parameter
+or buffer was registered somewhere since the last call (global registration hooks, installed on first use,
+count those). Not seen: a parameter swapped by writing `module._parameters[...]` directly (as `.to()` does under
+`torch.__future__.set_overwrite_module_params_on_conversion(True)`), and `.data` re-pointed at a tensor of the same
+address but another shape or dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from operator import attrgetter
+from typing import Any
+
+import torch
+from torch import nn
+
+# A module attribute holding an object with `refresh(module) -> bool`: state the module derives from its
+# parameters and must re-derive when their storage changes (accelerate()'s fused attention projections).
+DERIVED_ATTR = "_fastdiff_derived"
+# A class attribute naming the attribute that holds the module a wrapper runs (SamplingEngine: "denoiser",
+# DiffusersDenoiser: "unet"), so that `update_weights` takes that module's state-dict keys.
+WRAPS_ATTR = "_fastdiff_wraps"
+
+_generation = 0
+_hooks: list[Any] = []
+_version = attrgetter("_version")
+
+
+def _registered(*_: Any) -> None:
+    global _generation
+    _generation += 1
+
+
+def _watch_registrations() -> None:
+    if not _hooks:
+        from torch.nn.modules import module as m
+
+        _hooks.extend(
+            register(_registered)
+            for register in (
+                m.register_module_module_registration_hook,
+                m.register_module_parameter_registration_hook,
+                m.register_module_buffer_registration_hook,
+            )
+        )
+
+
+def _tuner_layer_class() -> type | None:
+    # Adapters exist only once peft is imported; importing it here would cost every user a second.
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    return getattr(tuners, "BaseTunerLayer", None)
+
+
+def _adapter_state(layer: Any) -> tuple:
+    scaling = getattr(layer, "scaling", None)
+    return (
+        tuple(layer.active_adapters),
+        tuple(layer.merged_adapters),
+        bool(layer.disable_adapters),
+        tuple(scaling.items()) if isinstance(scaling, dict) else None,
+    )
+
+
+@dataclass(frozen=True)
+class WeightsState:
+    """A module's weights at one moment: `layout` (storage addresses, dtypes, shapes, devices, adapter names,
+    scales and activity: what a graph bakes in) and `versions` (the tensors' version counters: in-place writes)."""
+
+    layout: tuple
+    versions: tuple
+
+
+class WeightsWatch:
+    """The cheap fingerprint of one module's weights (parameters and buffers), for a check before every replay.
+
+    `state()` first lets modules re-derive what they cache from parameters whose storage changed (`DERIVED_ATTR`),
+    so that the layout it returns is the one the next call will read.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        _watch_registrations()
+        self.module = module
+        self._generation: int | None = None
+        self._pointers: list[int] | None = None
+
+    def _collect(self) -> None:
+        modules = list(self.module.modules())
+        tensors = {
+            id(t): t
+            for m in modules
+            for t in (*m._parameters.values(), *m._buffers.values())
+            if t is not None
+        }
+        self._tensors = list(tensors.values())
+        # Inference tensors keep no version counter; they can only be written inside inference_mode.
+        self._versioned = [t for t in self._tensors if not t.is_inference()]
+        tuner = _tuner_layer_class()
+        self._adapters = [m for m in modules if tuner is not None and isinstance(m, tuner)]
+        self._derived = [(m, m.__dict__[DERIVED_ATTR]) for m in modules if DERIVED_ATTR in m.__dict__]
+        self._generation = _generation
+        self._pointers = None
+
+    def state(self) -> WeightsState:
+        """The module's `WeightsState` now."""
+        if self._generation != _generation:
+            self._collect()
+        pointers = list(map(torch.Tensor.data_ptr, self._tensors))
+        if pointers != self._pointers:
+            if [derived.refresh(m) for m, derived in self._derived].count(True):
+                pointers = list(map(torch.Tensor.data_ptr, self._tensors))
+            self._pointers = pointers
+            self._meta = tuple((t.dtype, t.shape, t.device) for t in self._tensors)
+        adapters = tuple(map(_adapter_state, self._adapters))
+        return WeightsState((tuple(pointers), self._meta, adapters), tuple(map(_version, self._versioned)))
+
+
+def weights_digest(module: nn.Module) -> str:
+    """SHA-256 over a module's state dict (names, dtypes, shapes and bytes): the same weights anywhere, any time.
+
+    Reads every byte (seconds for a large model); `WeightsWatch` is the cheap check between digests.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        data = tensor.contiguous().cpu().reshape(-1)
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+def _module_of(target: Any) -> Any:
+    """The module a wrapper runs (SamplingEngine, as_denoiser, torch.compile, graph_unet), unwrapped fully."""
+    while True:
+        inner = getattr(type(target), WRAPS_ATTR, None)
+        if inner is not None:
+            target = getattr(target, inner)
+        elif isinstance(target, nn.Module) and isinstance(getattr(target, "_orig_mod", None), nn.Module):
+            target = target._orig_mod
+        else:
+            return target
+
+
+def update_weights(target: Any, state_dict: Mapping[str, torch.Tensor], *, strict: bool = False) -> list[str]:
+    """Copy `state_dict` into the storage `target`'s weights already live in: the cheap path of a weight swap.
+
+    `target`: a `SamplingEngine`, an nn.Module (also accelerated, torch.compile()d, or an `as_denoiser` wrapper;
+    keys are the wrapped module's) or a diffusers U-Net replayed by `graph_unet`. Graphs and compiled loops
+    read the new values without being captured or compiled again. Every key must name a parameter or buffer of
+    the module, with the same shape and dtype (ValueError otherwise, before anything is written); `strict=True`
+    also requires every key of the module. A change of shape or dtype cannot be written in place: load it with
+    `module.load_state_dict(sd, assign=True)` or `module.to(dtype)`, and the next call captures anew.
+    Exported denoisers (ONNX Runtime, TensorRT) say what to call instead. Returns the keys written.
+    """
+    module = _module_of(target)
+    own = getattr(module, "update_weights", None)
+    if callable(own) and not isinstance(module, nn.Module):
+        return own(state_dict)
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            "update_weights takes a SamplingEngine over a module, an nn.Module (accelerated, compiled or wrapped by "
+            f"as_denoiser) or an exported denoiser; got {type(target).__name__}"
+        )
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of name -> tensor, got {type(state_dict).__name__}")
+    targets = module.state_dict(keep_vars=True)
+    unknown = [k for k in state_dict if k not in targets]
+    if unknown:
+        raise ValueError(
+            f"state_dict has {len(unknown)} key(s) that {type(module).__name__} does not: {unknown[:5]}"
+        )
+    missing = [k for k in targets if k not in state_dict]
+    if strict and missing:
+        raise ValueError(f"strict=True: state_dict lacks {len(missing)} key(s) of the module: {missing[:5]}")
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"state_dict[{key!r}] must be a tensor, got {type(value).__name__}")
+        current = targets[key]
+        if value.shape != current.shape:
+            raise ValueError(
+                f"state_dict[{key!r}] has shape {tuple(value.shape)}, the module's is {tuple(current.shape)}: "
+                "a new shape cannot be written in place (load_state_dict(..., assign=True) captures anew)"
+            )
+        if value.dtype != current.dtype:
+            raise ValueError(
+                f"state_dict[{key!r}] is {value.dtype}, the module's is {current.dtype}: cast it first "
+                f"(value.to({current.dtype})), or cast the module (module.to(dtype) captures anew)"
+            )
+    # inference_mode also admits parameters created under it (inference tensors); others get new versions.
+    with torch.inference_mode():
+        for key, value in state_dict.items():
+            targets[key].copy_(value)
+    return list(state_dict)
+
+
+__all__ = ["DERIVED_ATTR", "WRAPS_ATTR", "WeightsState", "WeightsWatch", "update_weights", "weights_digest"]

@@ -321,6 +321,64 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _pair(values: dict[str, Any], fmt: str = "{}") -> str:
+    return " / ".join("—" if v is None else fmt.format(v) for v in values.values())
+
+
+def _channel_lane_use(row: dict[str, Any]) -> float | None:
+    """GroupNorm: channels per group over the channel lanes its tiles take; None for other ops."""
+    if "groups" not in row["shape"] or "BLOCK_C" not in row["config"]:
+        return None
+    group_c, block_c = row["shape"]["x"][1] // row["shape"]["groups"], row["config"]["BLOCK_C"]
+    return group_c / (block_c * -(-group_c // block_c))
+
+
+def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """One row per (op, kernel, dtype) over all shapes, each figure given per target as `sm_80 / sm_90`: the worst
+    registers, spill bytes, shared memory and occupancy, the fewest programs at SD 1.5 / SDXL shapes, the tensor-core
+    instruction used, how many cases load 16-byte vectors (cp.async or ld.global.v4), and for GroupNorm the fraction
+    of a tile's channel lanes that hold a channel."""
+    archs = list(dict.fromkeys(r["arch"] for r in rows))
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["op"], r["kernel"], r["dtype"]), []).append(r)
+    lines = [
+        f"Each figure per target: {' / '.join(archs)}.",
+        "",
+        "| op | kernel | dtype | cases | registers (max) | spill B (sum) | smem KB (max) | occupancy (min)"
+        " | programs at SD shapes (min) | tensor cores | 16-byte loads | channel lanes used (min) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for (op, kernel, dtype), sel in groups.items():
+        per = {a: [r for r in sel if r["arch"] == a and r["error"] is None] for a in archs}
+        errors = sum(r["error"] is not None for r in sel)
+
+        def agg(fn, key, per=per):
+            return {a: (fn(r[key] for r in rs) if rs else None) for a, rs in per.items()}
+
+        sd = {a: [r["programs"] for r in rs if r["workload"].startswith("sd")] for a, rs in per.items()}
+        tc = {
+            a: "/".join(k for k in ("wgmma", "mma") if any(r[k] for r in rs)) or "none"
+            for a, rs in per.items()
+        }
+        vec = {
+            a: f"{sum(r['cp_async_16'] + r['ld_global_v4'] > 0 for r in rs)}/{len(rs)}"
+            for a, rs in per.items()
+        }
+        lanes = [_channel_lane_use(r) for r in sel if r["error"] is None]
+        lanes_text = "—" if None in lanes or not lanes else f"{min(lanes):.2f}"
+        lines.append(
+            f"| {op} | {kernel.strip('_')} | {dtype} | {len(sel) // len(archs)}"
+            + (f" ({errors} errors)" if errors else "")
+            + f" | {_pair(agg(max, 'registers'))} | {_pair(agg(sum, 'spill_bytes'))}"
+            f" | {_pair({a: v / 1024 if v is not None else None for a, v in agg(max, 'smem').items()}, '{:.0f}')}"
+            f" | {_pair(agg(min, 'occupancy'), '{:.2f}')}"
+            f" | {_pair({a: min(v) if v else None for a, v in sd.items()})} | {_pair(tc)} | {_pair(vec)}"
+            f" | {lanes_text} |"
+        )
+    return "\n".join(lines)
+
+
 def _csv(value: str, choices: Sequence[str], name: str) -> list[str]:
     items = [v.strip() for v in value.split(",") if v.strip()]
     bad = [v for v in items if v not in choices]
@@ -359,6 +417,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-cache", action="store_true", help="compile everything afresh, write no cache")
     p.add_argument("--gate", action="store_true", help="exit 1 when the CI gate finds a violation")
     p.add_argument("--quiet", action="store_true", help="no per-compile progress on stderr")
+    p.add_argument("--summary", action="store_true", help="print only the per-kernel summary table")
+    p.add_argument(
+        "--from-json",
+        type=Path,
+        help="render the tables of an earlier report instead of compiling (no GPU target)",
+    )
     return p.parse_args(argv)
 
 
@@ -374,6 +438,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: compile, print the tables and the gate's findings, write the JSON."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.from_json is not None:
+        report = json.loads(args.from_json.read_text())
+        print(summary_markdown(report["results"]) if args.summary else markdown(report["results"]))
+        return 1 if args.gate and report["violations"] else 0
     ok, why = ptxas_usable()
     if not ok:
         print(f"static compile unavailable: {why}", file=sys.stderr)
@@ -406,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "violations": found,
         "grid_exempt": {f"{op}: {case}": why for (op, case), why in GRID_EXEMPT.items()},
     }
-    print(markdown(rows))
+    print(summary_markdown(rows) if args.summary else markdown(rows))
     print(f"gate: {len(found)} violation(s)" + "".join(f"\n- {v}" for v in found))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

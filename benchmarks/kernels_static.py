@@ -368,7 +368,7 @@ def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
         lanes = [_channel_lane_use(r) for r in sel if r["error"] is None]
         lanes_text = "—" if None in lanes or not lanes else f"{min(lanes):.2f}"
         lines.append(
-            f"| {op} | {kernel.strip('_')} | {dtype} | {len(sel) // len(archs)}"
+            f"| {op} | {kernel.strip('_')} | {dtype} | {_pair({a: sum(r['arch'] == a for r in sel) for a in archs})}"
             + (f" ({errors} errors)" if errors else "")
             + f" | {_pair(agg(max, 'registers'))} | {_pair(agg(sum, 'spill_bytes'))}"
             f" | {_pair({a: v / 1024 if v is not None else None for a, v in agg(max, 'smem').items()}, '{:.0f}')}"

@@ -43,10 +43,10 @@ try:
 except ImportError:
     triton = None
 
-# Elements per (BLOCK_C, BLOCK_S) tile; the smallest tile a split may shrink it to (8 elements per thread of 4
-# warps: 16-byte loads in half precision); the fewest elements of a group worth a program of their own.
+# Elements per (BLOCK_C, BLOCK_S) tile; the smallest tile a split may shrink it to (2 warps of 8 half-precision
+# elements per thread: still 16-byte loads); the fewest elements of a group worth a program of their own.
 _TILE_ELEMS = 4096
-_MIN_TILE_ELEMS = 1024
+_MIN_TILE_ELEMS = 512
 _MIN_CHUNK_ELEMS = 2048
 
 if triton is not None:

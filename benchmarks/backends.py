@@ -134,22 +134,18 @@ class EagerBackend(Backend):
         super().__init__(workload, dtype)
         self.model = workload.model_as(dtype) if model is None else model
         self.denoise = _tensor_output(self.model)
-        self.scheduler = self._diffusers_scheduler()
+        self.scheduler, why = self._diffusers_scheduler()
         if self.scheduler is None:
-            why = (
-                "diffusers not installed"
-                if _version("diffusers") is None
-                else "no diffusers loop for it here"
-            )
             self.info["loop"] = f"fastdiff.samplers.run_table with the plain-PyTorch step ({why})"
         else:
             self.info["loop"] = f"diffusers {type(self.scheduler).__name__}.step() ({_version('diffusers')})"
 
-    def _diffusers_scheduler(self):
+    def _diffusers_scheduler(self) -> tuple[Any, str]:
+        """(the diffusers scheduler of this workload's sampler, or None; why there is none)."""
         try:
             from diffusers import DDIMScheduler, DDPMScheduler
         except ImportError:
-            return None
+            return None, "diffusers not installed"
         schedule = self.workload.schedule
         common = {
             "num_train_timesteps": schedule.num_train_timesteps,
@@ -160,10 +156,10 @@ class EagerBackend(Backend):
         }
         # The same settings as fastdiff's DDIMSampler / DDPMSampler defaults, so both compute the same samples.
         if self.workload.sampler_kind == "ddim":
-            return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True)
+            return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True), ""
         if self.workload.sampler_kind == "ddpm":
-            return DDPMScheduler(**common, clip_sample=True, variance_type="fixed_small")
-        return None
+            return DDPMScheduler(**common, clip_sample=True, variance_type="fixed_small"), ""
+        return None, "no diffusers loop for it here"
 
     def model_timestep(self, batch: int) -> torch.Tensor:
         # diffusers pipelines pass the scheduler's 0-d host tensor

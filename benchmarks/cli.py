@@ -19,10 +19,12 @@ from .backends import BACKENDS
 from .harness import DTYPES, BenchConfig, run_benchmark
 from .report import (
     METRICS,
+    InvalidResultsError,
     compare,
     comparison_markdown,
     load_results,
     markdown,
+    parse_json,
     parse_threshold,
     plot,
     validation_errors,
@@ -215,15 +217,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     """Print the differences of two results files; exit code 1 when a case regressed beyond the threshold."""
     result = compare(
-        load_results(args.base), load_results(args.new), parse_threshold(args.max_regression), args.metric
+        load_results(args.base),
+        load_results(args.new),
+        parse_threshold(args.max_regression),
+        args.metric,
+        allow_missing=args.allow_missing,
     )
     print(comparison_markdown(result), end="")
-    return 1 if result.regressions else 0
+    return 1 if result.failed else 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check results files against schema.json; exit code 1 if any is invalid."""
-    import json
     from pathlib import Path
 
     invalid = 0
@@ -232,9 +237,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise FileNotFoundError(f"results file {name!r} does not exist")
         try:
-            errors = validation_errors(json.loads(path.read_text()))
-        except json.JSONDecodeError as err:
-            errors = [f"not JSON: {err}"]
+            errors = validation_errors(parse_json(path))
+        except InvalidResultsError as err:
+            errors = [str(err)]
         invalid += bool(errors)
         print(f"{name}: " + ("valid" if not errors else f"{len(errors)} problem(s)"))
         for error in errors:
@@ -264,6 +269,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=tuple(METRICS),
         default="throughput",
         help="throughput (samples/s) or speedup (over eager, same run: steadier across machines)",
+    )
+    c.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="do not fail when cases of BASE are missing from NEW (by default each one is a failure)",
     )
     c.set_defaults(func=cmd_compare)
     v = actions.add_parser("validate", help="check results files against benchmarks/schema.json")

@@ -104,14 +104,17 @@ def validation_errors(report: Any) -> list[str]:
     """Every way `report` violates schema.json ([] when valid); uses `jsonschema` when it is installed."""
     spec = schema()
     try:
-        import jsonschema
-    except ImportError:
-        return _structural_errors(report, spec, spec, "$") + _non_finite(report, "$")
-    validator = jsonschema.Draft202012Validator(spec)
-    return [
-        f"${''.join(f'[{p}]' if isinstance(p, int) else f'.{p}' for p in e.absolute_path)}: {e.message}"
-        for e in sorted(validator.iter_errors(report), key=lambda e: list(map(str, e.absolute_path)))
-    ] + _non_finite(report, "$")
+        try:
+            import jsonschema
+        except ImportError:
+            return _structural_errors(report, spec, spec, "$") + _non_finite(report, "$")
+        validator = jsonschema.Draft202012Validator(spec)
+        return [
+            f"${''.join(f'[{p}]' if isinstance(p, int) else f'.{p}' for p in e.absolute_path)}: {e.message}"
+            for e in sorted(validator.iter_errors(report), key=lambda e: list(map(str, e.absolute_path)))
+        ] + _non_finite(report, "$")
+    except RecursionError:  # the checks recurse into the document; no results file is nested this deeply
+        return ["$: nested too deeply to be a results file"]
 
 
 def validate(report: Any) -> None:
@@ -127,15 +130,22 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"results file {str(path)!r} does not exist")
-    try:
-        report = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InvalidResultsError(f"{path} is not JSON: {err}") from err
+    report = parse_json(path)
     try:
         validate(report)
     except InvalidResultsError as err:
         raise InvalidResultsError(f"{path}: {err}") from None
     return report
+
+
+def parse_json(path: Path) -> Any:
+    """The JSON document in `path`; InvalidResultsError if it is not JSON or nested beyond any results file."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InvalidResultsError(f"{path} is not JSON: {err}") from err
+    except RecursionError:
+        raise InvalidResultsError(f"{path} is nested too deeply to be a results file") from None
 
 
 def write_results(path: str | os.PathLike, report: dict[str, Any]) -> Path:
@@ -292,9 +302,23 @@ class Comparison:
     rows: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
+    allow_missing: bool = False
+
     @property
     def regressions(self) -> list[dict[str, Any]]:
-        return [r for r in self.rows if r["verdict"] in ("regression", "no longer runs")]
+        """Rows that fail the gate: slower, no longer running, or (unless allowed) absent from the new file."""
+        failing = ("regression", "no longer runs") + (() if self.allow_missing else ("not in new",))
+        return [r for r in self.rows if r["verdict"] in failing]
+
+    @property
+    def compared(self) -> int:
+        """Cases measured in both files."""
+        return sum(r["change"] is not None for r in self.rows)
+
+    @property
+    def failed(self) -> bool:
+        """The gate's verdict: a regression, or nothing measured in both files to compare."""
+        return bool(self.regressions) or self.compared == 0
 
 
 def _key(row: dict[str, Any]) -> tuple[str, str, int, str]:
@@ -302,17 +326,24 @@ def _key(row: dict[str, Any]) -> tuple[str, str, int, str]:
 
 
 def compare(
-    base: dict[str, Any], new: dict[str, Any], max_regression: float = 0.05, metric: str = "throughput"
+    base: dict[str, Any],
+    new: dict[str, Any],
+    max_regression: float = 0.05,
+    metric: str = "throughput",
+    *,
+    allow_missing: bool = False,
 ) -> Comparison:
     """Compare `new` with `base` per (workload, backend, batch size, dtype).
 
     A regression: the metric (samples/s, or the speedup over eager measured in the same run) fell by more than
-    `max_regression`, or a case that ran in `base` is now skipped or fails. Cases in only one file are listed.
+    `max_regression`, a case that ran in `base` is now skipped or fails, or (unless `allow_missing`) a case of
+    `base` is absent from `new`. Cases only in `new` are listed. `failed` is also true when no case was measured
+    in both files, so the gate cannot pass on nothing.
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {tuple(METRICS)}, got {metric!r}")
     field_name = METRICS[metric]
-    result = Comparison(metric, max_regression)
+    result = Comparison(metric, max_regression, allow_missing=allow_missing)
     devices = [r["environment"]["device"]["name"] for r in (base, new)]
     if devices[0] != devices[1]:
         result.warnings.append(f"different devices: base {devices[0]!r}, new {devices[1]!r}")
@@ -360,9 +391,20 @@ def comparison_markdown(result: Comparison) -> str:
     lines += [f"warning: {w}" for w in result.warnings]
     n = len(result.regressions)
     limit = f"{100 * result.threshold:g}%"
-    lines.append(
-        f"{n} regression(s) beyond {limit}"
-        if n
-        else f"no regression beyond {limit} ({len(result.rows)} cases)"
-    )
+    missing = [r for r in result.regressions if r["verdict"] == "not in new"]
+    if missing:
+        names = ", ".join(
+            f"{r['workload']}/{r['backend']}/b{r['batch_size']}/{r['dtype']}" for r in missing[:5]
+        )
+        lines.append(
+            f"{len(missing)} case(s) of the base missing from the new file ({names}"
+            + (" ..." if len(missing) > 5 else "")
+            + "); pass --allow-missing if that is intended"
+        )
+    if n:
+        lines.append(f"{n} regression(s) beyond {limit}")
+    elif result.compared == 0:
+        lines.append("FAILED: no case was measured in both files, so nothing was compared")
+    else:
+        lines.append(f"no regression beyond {limit} ({result.compared} cases compared)")
     return "\n".join(lines) + "\n"

@@ -31,9 +31,10 @@ import torch
 from torch import nn
 
 from fastdiff.errors import CheckpointError, FastdiffError, missing_extra
+from fastdiff.fingerprint import file_sha256
 from fastdiff.guidance import null_class_cond
 from fastdiff.kernels.backend import decomposed
-from fastdiff.output import check_output_path
+from fastdiff.output import check_output_path, write_bytes_atomic
 
 log = logging.getLogger("fastdiff.export")
 
@@ -64,6 +65,16 @@ class ExportReport:
     seconds: float
     size_bytes: int  # the .onnx file plus its external data, if any
     external_data: bool
+
+
+MIN_OPSET = 7
+
+
+def max_opset() -> int:
+    """The newest opset both the installed onnx and torch's ONNX exporter support."""
+    from torch.onnx import _constants
+
+    return min(_import("onnx").defs.onnx_opset_version(), _constants.ONNX_MAX_OPSET)
 
 
 def _import(name: str) -> Any:
@@ -300,8 +311,13 @@ def to_onnx(
             )
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
-    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 7):
-        raise ValueError(f"opset must be None or an int >= 7, got {opset!r}")
+    if opset is not None and (
+        isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset()
+    ):
+        raise ValueError(
+            f"opset must be None (the exporter's default) or an int in [{MIN_OPSET}, {max_opset()}] (the newest "
+            f"that both onnx and torch's ONNX exporter here support), got {opset!r}"
+        )
     if not isinstance(dynamic_batch, bool):
         raise TypeError(f"dynamic_batch must be a bool, got {dynamic_batch!r}")
     if atol is not None and (
@@ -401,8 +417,12 @@ def to_onnx(
 
         files = sorted(workdir.iterdir(), key=lambda f: f == tmp)  # the .onnx last: it appears complete
         size = sum(f.stat().st_size for f in files)
+        listing = "".join(f"{file_sha256(f)}  {f.name}\n" for f in files)
+        # An old sidecar must not outlive the files it describes: gone first, the new one written last.
+        sidecar_path(path).unlink(missing_ok=True)
         for f in files:
             os.replace(f, path.parent / f.name)
+        write_bytes_atomic(sidecar_path(path), listing.encode())
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         for module, mode in training.items():
@@ -429,6 +449,31 @@ def to_onnx(
 
 
 # ---------------------------------------------------------------------------------------------------- runtime
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """The hash sidecar of an exported file: `model.onnx` -> `model.onnx.sha256` (the `sha256sum` format)."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def verify_sidecar(path: str | os.PathLike) -> bool:
+    """Check every file listed in `path`'s sidecar against its sha256 (CheckpointError naming a corrupt or missing
+    one); False when there is no sidecar (a file exported elsewhere), True when all match."""
+    path = Path(path)
+    sidecar = sidecar_path(path)
+    if not sidecar.is_file():
+        return False
+    for line in sidecar.read_text(errors="replace").splitlines():
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not name or Path(name).name != name:
+            raise CheckpointError(f"{sidecar} is not a sha256 listing (line {line[:80]!r})")
+        file = path.parent / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}, listed in {sidecar}, is missing")
+        if file_sha256(file) != digest:
+            raise CheckpointError(f"{file} is corrupt: its sha256 does not match {sidecar}")
+    return True
 
 
 @dataclass(frozen=True)
@@ -548,6 +593,8 @@ class OnnxDenoiser(GraphDenoiser):
     installed; otherwise inputs go through the CPU provider with `intra_op_threads` threads (default 2, the
     fastest setting on our 2-core runners). `providers` overrides the choice (e.g. ["CPUExecutionProvider"]).
     A graph exported from a model with a null class has `null_cond(cond)`, so classifier-free guidance works.
+    Files exported by `to_onnx` are checked against their `.sha256` sidecar first (`verified`): a corrupt one
+    raises CheckpointError naming it.
     """
 
     def __init__(
@@ -558,8 +605,11 @@ class OnnxDenoiser(GraphDenoiser):
         intra_op_threads: int = CPU_THREADS,
     ) -> None:
         self.path = Path(path)
+        if self.path.is_dir():
+            raise ValueError(f"ONNX file {str(self.path)!r} is a folder, expected a .onnx file")
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX file {str(self.path)!r} does not exist")
+        self.verified = verify_sidecar(self.path)
         if (
             isinstance(intra_op_threads, bool)
             or not isinstance(intra_op_threads, int)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -12,16 +13,47 @@ from typing import Any
 
 import torch
 
+from fastdiff.distributed import MAX_SAMPLES
 from fastdiff.errors import FastdiffError
 
-# Errors that are the user's to fix: one line on stderr and exit code 2, never a traceback.
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, PermissionError, FastdiffError, ImportError)
+# Errors that are the user's to fix: one line on stderr and exit code 2, never a traceback. OSError covers the
+# file system's refusals (disk full, a name too long, a folder where a file should be); its message names the path.
+USER_ERRORS = (ValueError, TypeError, OSError, FastdiffError, ImportError)
+
+# Upper bounds of the sampling arguments, checked before anything is allocated (and stated in --help).
+MAX_SEED = 2**63 - 1
+# A .png or .npz output holds every sample in memory (float32) before it is written; beyond this, use DIR/.
+MAX_FILE_BYTES = 4 << 30
 
 
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _bounded_int(low: int, high: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{low}, {high:.3g}], got {text}")
+        return value
+
+    return parse
+
+
+def _finite_float(text: str) -> float:
+    """A float that is finite in float32 (the dtype the sampling loop computes in)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not abs(value) <= torch.finfo(torch.float32).max:
+        raise argparse.ArgumentTypeError(f"must be a finite number within float32's range, got {text}")
     return value
 
 
@@ -42,9 +74,10 @@ def load_model(name_or_path: str, device: str):
     )
 
 
-def build_sampler(kind: str, schedule, steps: int, eta: float):
+def build_sampler(kind: str, schedule, steps: int, eta: float, prediction_type: str = "epsilon"):
     """The sampler named on the command line (a name of `fastdiff.samplers.SAMPLERS`, with its registered
-    defaults: DDPM clips x0 to [-1, 1] as in the paper, DDIM does not); `eta` goes to samplers that take it."""
+    defaults: DDPM clips x0 to [-1, 1] as in the paper, DDIM does not) for a model trained to predict
+    `prediction_type`; `eta` goes to samplers that take it."""
     from fastdiff.samplers import SAMPLERS
 
     if kind not in SAMPLERS:
@@ -54,11 +87,27 @@ def build_sampler(kind: str, schedule, steps: int, eta: float):
             f"--steps {steps} is larger than the model's schedule ({schedule.num_train_timesteps} steps)"
         )
     entry = SAMPLERS[kind]
+    options: dict[str, Any] = {}
     if entry.accepts("eta"):
-        return entry.build(schedule, steps, eta=eta)
-    if eta != 0:
+        options["eta"] = eta
+    elif eta != 0:
         raise ValueError(f"--eta applies to samplers with a stochasticity eta (ddim), not to {kind!r}")
-    return entry.build(schedule, steps)
+    if entry.accepts("prediction_type"):
+        options["prediction_type"] = prediction_type
+    elif prediction_type != "epsilon":
+        raise ValueError(f"--sampler {kind} cannot sample a {prediction_type} model")
+    return entry.build(schedule, steps, **options)
+
+
+def check_sample_args(args: argparse.Namespace) -> None:
+    """Checks of `fastdiff sample`'s arguments that need no model: run before anything is loaded."""
+    if not 0 <= args.eta <= 1 and not args.allow_large_eta:
+        raise ValueError(
+            f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {args.eta:g}; "
+            "pass --allow-large-eta to use a larger one"
+        )
+    if args.eta < 0:
+        raise ValueError(f"--eta must be >= 0, got {args.eta:g}")
 
 
 def guidance_scale_for(pre, requested: float | None) -> float:
@@ -85,16 +134,24 @@ def _labels(pre, args) -> torch.Tensor | None:
 def _load_x_T(path: str, shape: tuple[int, ...]) -> torch.Tensor:
     import numpy as np
 
+    if Path(path).is_dir():
+        raise ValueError(f"--x-T {path!r} is a folder, expected a .npy file")
     if not Path(path).is_file():
         raise FileNotFoundError(f"--x-T file {path!r} does not exist")
     try:
-        x = torch.from_numpy(np.load(path)).float()
-    except (ValueError, OSError) as err:
-        raise FastdiffError(f"--x-T: {path} is not a readable .npy file: {err}") from err
-    if tuple(x.shape) != shape:
-        raise ValueError(f"--x-T has shape {tuple(x.shape)}, expected {shape}")
+        # Memory-mapped: the shape and dtype are checked before any data is read.
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise FastdiffError(f"--x-T: {path} is not a readable .npy file: {err or 'empty file'}") from err
+    if not isinstance(array, np.ndarray):
+        raise FastdiffError(f"--x-T: {path} is an .npz archive, expected one array in a .npy file")
+    if array.dtype.kind != "f":
+        raise TypeError(f"--x-T holds {array.dtype} values, expected real floating point (float16/32/64)")
+    if tuple(array.shape) != shape:
+        raise ValueError(f"--x-T has shape {tuple(array.shape)}, expected {shape}")
+    x = torch.from_numpy(np.array(array, dtype=np.float32))
     if not torch.isfinite(x).all():
-        raise ValueError("--x-T contains NaN or infinite values")
+        raise ValueError("--x-T contains NaN or infinite values (or values beyond float32's range)")
     return x
 
 
@@ -115,15 +172,36 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from fastdiff.output import check_output_path, save_npz, save_png_grid
     from fastdiff.samplers import sample
 
-    if args.out.endswith(("/", "\\")) or Path(args.out).is_dir():
+    if not args.out:
+        raise ValueError("--out is empty: give a .png or .npz file, or a shard folder DIR/")
+    check_sample_args(args)
+    # A name ending in .png or .npz is a file, even where a folder of that name exists (refused below).
+    if args.out.endswith(("/", "\\")) or (
+        Path(args.out).is_dir() and not args.out.endswith((".png", ".npz"))
+    ):
         from fastdiff.distributed import cmd_sample_to_dir
 
         return cmd_sample_to_dir(args)
     if not args.out.endswith((".png", ".npz")):
         raise ValueError(f"--out must end in .png, .npz or / (a shard folder), got {args.out!r}")
+    for flag in ("merge_to", "shard_size"):
+        if getattr(args, flag) is not None:
+            raise ValueError(
+                f"--{flag.replace('_', '-')} is for a shard folder (--out DIR/), not {args.out!r}"
+            )
     check_output_path(args.out)
     pre = load_model(args.model, args.device)
-    sampler = build_sampler(args.sampler, pre.schedule, args.steps, args.eta)
+    if args.out.endswith(".png") and len(pre.sample_shape) != 3:
+        raise ValueError(
+            f"--out {args.out!r}: this model makes {pre.sample_shape}-shaped points, not images; use .npz"
+        )
+    nbytes = args.num_samples * math.prod(pre.sample_shape) * 4
+    if nbytes > MAX_FILE_BYTES:
+        raise ValueError(
+            f"--num-samples {args.num_samples} would hold {nbytes / 2**30:.1f} GiB in memory for one file (at most "
+            f"{MAX_FILE_BYTES >> 30} GiB); write them to a shard folder instead: --out DIR/"
+        )
+    sampler = build_sampler(args.sampler, pre.schedule, args.steps, args.eta, pre.prediction_type)
     guidance = guidance_scale_for(pre, args.guidance_scale)
     labels = _labels(pre, args)
     shape = (args.num_samples, *pre.sample_shape)
@@ -214,12 +292,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="digits", help="shipped model name or a .safetensors checkpoint")
     p.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddim")
     p.add_argument("--steps", type=_positive_int, default=50)
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0: deterministic)")
-    p.add_argument("--num-samples", type=_positive_int, default=64)
-    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument(
+        "--eta", type=_finite_float, default=0.0, help="DDIM stochasticity in [0, 1] (0: deterministic)"
+    )
+    p.add_argument(
+        "--allow-large-eta", action="store_true", help="accept --eta above 1 (more noise than DDPM)"
+    )
+    p.add_argument(
+        "--num-samples",
+        type=_bounded_int(1, MAX_SAMPLES),
+        default=64,
+        help=f"at most {MAX_SAMPLES:.0e}; a .png/.npz file at most {MAX_FILE_BYTES >> 30} GiB of float32 samples",
+    )
+    p.add_argument("--batch-size", type=_bounded_int(1, MAX_SAMPLES), default=64)
     p.add_argument("--class-label", type=int, default=None, help="one class for all samples (default: cycle)")
-    p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default 2 for conditional)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--guidance-scale", type=_finite_float, default=None, help="CFG scale (default 2 for conditional)"
+    )
+    p.add_argument("--seed", type=_bounded_int(0, MAX_SEED), default=0, help="in [0, 2**63 - 1]")
     p.add_argument("--device", choices=("cpu", "cuda"), default=_default_device())
     p.add_argument("--x-T", dest="x_T", default=None, help=".npy file with the starting noise (N, C, H, W)")
     p.add_argument("--out", default="samples.png", help="file.png, file.npz, or DIR/ for resumable shards")

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
+import re
 import tempfile
 import time
 import zipfile
@@ -34,8 +37,9 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from fastdiff.errors import FastdiffError
+from fastdiff.fingerprint import file_sha256, state_sha256, tensor_sha256
 from fastdiff.output import atomic_path, check_output_path, to_uint8, write_bytes_atomic
-from fastdiff.pretrained import Pretrained
+from fastdiff.pretrained import Pretrained, model_spec
 from fastdiff.samplers import SAMPLERS, DDIMSampler, Sampler, infer_device
 
 FORMAT = "fastdiff-shards-v1"
@@ -43,6 +47,14 @@ MANIFEST = "manifest.json"
 # The merged file `fastdiff sample --out DIR/` writes at the end unless told otherwise.
 MERGED = "samples.npz"
 DEFAULT_SHARD_SIZE = 1024
+# The lock file that a run holds (rank 0, an exclusive flock) from its first check to its last write.
+LOCK = ".fastdiff.lock"
+# Temporary files of fastdiff's own writes in a shard folder (fastdiff.output.atomic_path names them
+# ".<name>.<8 random characters>.tmp"); only these are ever removed, and only under the lock.
+_OWN_TEMP = re.compile(r"\.(shard-\d{5}\.npz|manifest\.json|samples\.npz)\.[a-z0-9_]{8}\.tmp")
+_SHARD_NAME = re.compile(r"shard-\d+\.npz")
+# Upper bound of num_samples (sample_to_dir, `fastdiff sample --num-samples`, a manifest's claim).
+MAX_SAMPLES = 10**8
 # Manifest keys that describe the run but do not change the samples, so they may differ on a resume.
 INFO_KEYS = ("fastdiff_version",)
 
@@ -152,32 +164,18 @@ def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _tensor_sha256(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def _model_sha256(model: Any) -> str | None:
     """Fingerprint of the weights, so that a resume with a changed model is refused."""
-    if not isinstance(model, torch.nn.Module):
+    return state_sha256(model.state_dict()) if isinstance(model, torch.nn.Module) else None
+
+
+def _model_config(model: Any) -> dict[str, Any] | None:
+    """The architecture of a fastdiff model (the same weights in another architecture are another model)."""
+    try:
+        model_type, config = model_spec(model)
+    except TypeError:  # not one of our models: its weights' hash is all we know
         return None
-    state = model.state_dict()
-    h = hashlib.sha256()
-    for name in sorted(state):
-        h.update(name.encode())
-        h.update(_tensor_sha256(state[name]).encode())
-    return h.hexdigest()
+    return {"type": model_type, **config}
 
 
 def _sampler_settings(sampler: Sampler) -> dict[str, Any]:
@@ -188,7 +186,7 @@ def _sampler_settings(sampler: Sampler) -> dict[str, Any]:
         "eta": sampler.eta if isinstance(sampler, DDIMSampler) else None,
         "clip": table.clip,
         "prediction_type": sampler.prediction_type,
-        "table_sha256": _tensor_sha256(table.coeffs, table.timesteps),
+        "table_sha256": tensor_sha256(table.coeffs, table.timesteps),
     }
 
 
@@ -204,10 +202,15 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     a, b = _flatten(old), _flatten(new)
+    # The same weights under another name or path (a checkpoint moved or copied) are the same model.
+    same_weights = a.get("model_sha256") is not None and a.get("model_sha256") == b.get("model_sha256")
     return [
         f"{k}: {a.get(k)!r} in the folder, {b.get(k)!r} now"
         for k in sorted(set(a) | set(b))
-        if k not in INFO_KEYS and k != "shards" and a.get(k) != b.get(k)
+        if k not in INFO_KEYS
+        and k != "shards"
+        and a.get(k) != b.get(k)
+        and not (k == "model" and same_weights)
     ]
 
 
@@ -217,16 +220,32 @@ def _read_manifest(out_dir: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{out_dir} has no {MANIFEST}: not a shard folder written by fastdiff sample")
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ShardError(f"{path} is not readable JSON: {err}") from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ShardError(f"{path} is not readable JSON: {str(err) or type(err).__name__}") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ShardError(f"{path} is not a {FORMAT} manifest")
     try:
         size, n = manifest["shard_size"], manifest["num_samples"]
+        for name, value, high in (("num_samples", n, MAX_SAMPLES), ("shard_size", size, None)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (high and value > high):
+                raise ValueError(f"{name} must be an int in [1, {high or 'num_samples'}], got {value!r}")
+        shape = manifest["image_shape"]
+        if not (
+            isinstance(shape, list)
+            and len(shape) == 3
+            and all(type(d) is int and 0 < d <= 1 << 16 for d in shape)
+        ):
+            raise ValueError(f"image_shape must be [H, W, C] of ints in [1, 65536], got {shape!r}")
+        num_shards = math.ceil(n / size)
+        seen = set()
         for r in manifest["shards"]:
-            samples = shard_range(r["index"], size, n)
-            if (r["file"], r["start"], r["stop"]) != (shard_name(r["index"]), samples.start, samples.stop):
-                raise ValueError(f"record {r} does not match shard {r['index']}")
+            k = r["index"]
+            if type(k) is not int or not 0 <= k < num_shards or k in seen:
+                raise ValueError(f"shard index {k!r} is outside [0, {num_shards}) or repeated")
+            seen.add(k)
+            samples = shard_range(k, size, n)
+            if (r["file"], r["start"], r["stop"]) != (shard_name(k), samples.start, samples.stop):
+                raise ValueError(f"record {r} does not match shard {k}")
             if not isinstance(r["sha256"], str):
                 raise TypeError("sha256 must be a string")
     except (KeyError, TypeError, ValueError) as err:
@@ -239,42 +258,115 @@ def _write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
     write_bytes_atomic(out_dir / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
 
 
-def _open_out_dir(out_dir: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
-    """Create or check the folder (rank 0) and return the shard records of a matching earlier run.
+class _FolderLock:
+    """An exclusive `flock` on DIR/.fastdiff.lock for as long as it is open: one run per shard folder.
 
-    Nothing is written before every check has passed, so a refused run leaves the folder as it was.
+    Rank 0 holds it for a whole torchrun job (the other ranks write only after rank 0's checks, and only their
+    own shards), so the ranks of one run share it and a second run is refused. The OS drops it when the process
+    dies, so a killed run never leaves the folder locked; the file itself is kept (removing it would let two
+    runs lock two different files).
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        import fcntl
+
+        path = out_dir / LOCK
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise ShardError(
+                f"{out_dir} is in use by another fastdiff run (it holds {path}); wait for it to finish, or use "
+                "another folder"
+            ) from None
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _check_folder(out_dir: Path, settings: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """Refuse a folder that fastdiff did not make or that holds other settings; the records of a matching run.
+
+    A shard folder is new, empty (but for our lock and temp files), or has our manifest. Reads only.
     """
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {str(out_dir)!r} is a file, expected a folder")
-    if not out_dir.parent.is_dir():
-        raise FileNotFoundError(f"folder {str(out_dir.parent)!r} (parent of out_dir) does not exist")
-    records: list[dict[str, Any]] = []
-    if (out_dir / MANIFEST).exists():
-        manifest = _read_manifest(out_dir)
-        diffs = _differences(manifest, settings)
-        if diffs:
-            raise ValueError(
-                f"out_dir {str(out_dir)!r} holds samples made with different settings; use another folder or "
-                f"the same settings. Differing fields: {'; '.join(diffs)}"
+    if not out_dir.exists():
+        if not out_dir.parent.is_dir():
+            raise FileNotFoundError(f"folder {str(out_dir.parent)!r} (parent of out_dir) does not exist")
+        return []
+    strays = [
+        p.name for p in (out_dir / MANIFEST, *out_dir.glob("shard-*.npz")) if p.exists() and not p.is_file()
+    ]
+    if strays:
+        raise ShardError(f"out_dir {str(out_dir)!r}: {strays[0]} is a folder, where fastdiff writes a file")
+    if not (out_dir / MANIFEST).exists():
+        foreign = sorted(p for p in os.listdir(out_dir) if p != LOCK and not _OWN_TEMP.fullmatch(p))
+        if any(_SHARD_NAME.fullmatch(p) for p in foreign):
+            raise ShardError(
+                f"out_dir {str(out_dir)!r} has shard files but no {MANIFEST}; refusing to mix samples"
             )
-        records = list(manifest.get("shards", []))
-    elif out_dir.is_dir() and any(out_dir.glob("shard-*.npz")):
-        raise ShardError(
-            f"out_dir {str(out_dir)!r} has shard files but no {MANIFEST}; refusing to mix samples"
+        if foreign:
+            raise ShardError(
+                f"out_dir {str(out_dir)!r} is a folder that fastdiff did not make (no {MANIFEST}) and is not empty "
+                f"({len(foreign)} entries, e.g. {foreign[0]!r}); give a new or empty folder for the shards, or a "
+                ".png / .npz file"
+            )
+        return []
+    manifest = _read_manifest(out_dir)
+    diffs = [] if settings is None else _differences(manifest, settings)
+    if diffs:
+        raise ValueError(
+            f"out_dir {str(out_dir)!r} holds samples made with different settings; use another folder or "
+            f"the same settings. Differing fields: {'; '.join(diffs)}"
         )
+    return list(manifest.get("shards", []))
+
+
+def _check_merge_path(out_dir: Path, merge_path: Path) -> Path:
+    """The merged file may not replace a file of the shard folder itself (a shard, the manifest, the lock)."""
+    if merge_path.suffix != ".npz":
+        raise ValueError(f"merge output must end in .npz, got {str(merge_path)!r}")
+    inside = merge_path.parent.resolve() == out_dir.resolve()
+    name = merge_path.name
+    if inside and (name in (MANIFEST, LOCK) or _SHARD_NAME.fullmatch(name) or _OWN_TEMP.fullmatch(name)):
+        raise ValueError(
+            f"merge output {str(merge_path)!r} would replace a file of the shard folder; choose another name "
+            f"(the default is {MERGED})"
+        )
+    if not inside or out_dir.is_dir():
+        check_output_path(merge_path)
+    return merge_path
+
+
+def _open_out_dir(
+    out_dir: Path, settings: dict[str, Any], held: contextlib.ExitStack, merge_path: Path | None
+) -> list[dict[str, Any]]:
+    """Check, create and lock the folder (rank 0) and return the shard records of a matching earlier run.
+
+    Everything is checked before the folder is made or locked, so a refused run leaves it as it was; then again
+    under the lock, which `held` keeps until the run ends. Only then are stale temp files of fastdiff's own
+    writes removed (a killed run's; a live run would hold the lock).
+    """
+    _check_folder(out_dir, settings)
     out_dir.mkdir(exist_ok=True)
     if not os.access(out_dir, os.W_OK):
         raise PermissionError(f"out_dir {str(out_dir)!r} is not writable")
-    # Temp files of a run that was killed mid-write; the shards they were for are redone.
-    for stale in out_dir.glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
+    held.callback(_FolderLock(out_dir).close)
+    records = _check_folder(out_dir, settings)
+    if merge_path is not None:
+        check_output_path(merge_path)
+    for stale in os.listdir(out_dir):
+        if _OWN_TEMP.fullmatch(stale):
+            (out_dir / stale).unlink(missing_ok=True)
     return records
 
 
 def _valid(out_dir: Path, record: Mapping[str, Any]) -> bool:
     path = out_dir / record["file"]
     try:
-        return path.is_file() and _sha256_file(path) == record["sha256"]
+        return path.is_file() and file_sha256(path) == record["sha256"]
     except OSError:
         return False
 
@@ -330,9 +422,11 @@ def _resolve_sampler(sampler: Sampler | str, schedule: Any, steps: int, eta: flo
     return build_sampler(sampler, schedule, steps, eta)
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
+def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be at most {maximum:.3g}, got {value!r}")
     return value
 
 
@@ -354,7 +448,7 @@ def _label_spec(
         labels = class_labels.detach().cpu().long()
         if labels.min() < 0 or labels.max() >= num_classes:
             raise ValueError(f"class_labels must be in [0, {num_classes - 1}]")
-        return (lambda idx: labels[list(idx)]), f"sha256:{_tensor_sha256(labels)}"
+        return (lambda idx: labels[list(idx)]), f"sha256:{tensor_sha256(labels)}"
     raise TypeError(f"class_labels must be None (cycle), an int or a tensor of shape ({num_samples},)")
 
 
@@ -366,7 +460,7 @@ def _cond_spec(cond: Mapping[str, Any] | None, num_samples: int) -> dict[str, An
             raise ValueError("cond: give class labels with class_labels=, not cond=")
         if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != num_samples:
             raise ValueError(f"cond[{key!r}] must be a tensor with a leading dimension of num_samples")
-        spec[key] = f"sha256:{_tensor_sha256(value)}"
+        spec[key] = f"sha256:{tensor_sha256(value)}"
     return spec
 
 
@@ -432,6 +526,17 @@ def _write_shard(
     }
 
 
+def _backend_of(engine: Any, denoiser: Any) -> str:
+    """What makes the images of a shard folder: `fastdiff.sample`, or the engine and its settings."""
+    if engine is None:
+        return "fastdiff.sample"
+    options = ", ".join(f"{a}={getattr(engine, a)}" for a in ("compile", "cuda_graphs") if hasattr(engine, a))
+    own = getattr(engine, "denoiser", denoiser) is not denoiser
+    return f"{type(engine).__name__}({options})" + (
+        " with its own denoiser (e.g. accelerated)" if own else ""
+    )
+
+
 def sample_to_dir(
     model: Any,
     sampler: Sampler | str,
@@ -470,16 +575,14 @@ def sample_to_dir(
     """
     from fastdiff import __version__
 
-    _check_int("num_samples", num_samples, 1)
+    _check_int("num_samples", num_samples, 1, MAX_SAMPLES)
     _check_int("batch_size", batch_size, 1)
-    _check_int("seed", seed, 0)
+    _check_int("seed", seed, 0, 2**63 - 1)
     shard_size = _check_int("shard_size", DEFAULT_SHARD_SIZE if shard_size is None else shard_size, 1)
     if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
     out_dir = Path(out_dir)
-    merge_path = None if merge_to is None else Path(merge_to)
-    if merge_path is not None and merge_path.parent.resolve() != Path(out_dir).resolve():
-        check_output_path(merge_path)  # inside out_dir it is checked once rank 0 has made the folder
+    merge_path = None if merge_to is None else _check_merge_path(out_dir, Path(merge_to))
     if isinstance(model, str):
         device = _local_device(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
     else:
@@ -499,6 +602,7 @@ def sample_to_dir(
         "fastdiff_version": __version__,
         "model": model_id or resolved.name,
         "model_sha256": _model_sha256(resolved.denoiser),
+        "model_config": _model_config(resolved.denoiser),
         "sampler": _sampler_settings(sampler),
         "seed": seed,
         "guidance_scale": float(guidance_scale),
@@ -507,63 +611,69 @@ def sample_to_dir(
         "num_samples": num_samples,
         "shard_size": shard_size,
         "image_shape": [h, w, c],
+        # Backends may round differently (by a uint8 level); one folder's shards all come from one.
+        "backend": _backend_of(engine, resolved.denoiser),
     }
-    records = _rank0(group, lambda: _open_out_dir(out_dir, settings))
+    # Rank 0 holds the folder's lock from its checks until every rank is done (and the merge is written).
+    with contextlib.ExitStack() as held:
+        records = _rank0(group, lambda: _open_out_dir(out_dir, settings, held, merge_path))
 
-    # Checksums are verified in parallel, each rank a slice; everyone then agrees on what is missing.
-    checked = group.all_gather([r["index"] for r in records[group.rank :: group.world] if _valid(out_dir, r)])
-    valid_ids = {k for part in checked for k in part}
-    manifest = {**settings, "shards": [r for r in records if r["index"] in valid_ids]}
-    if group.rank == 0:
-        _write_manifest(out_dir, manifest)
-    num_shards = math.ceil(num_samples / shard_size)
-    pending = [k for k in range(num_shards) if k not in valid_ids]
-    mine = pending[group.rank :: group.world]
-    per_round = math.ceil(batch_size / shard_size)  # shards per round, so that batches can be full
-    rounds = math.ceil(math.ceil(len(pending) / group.world) / per_round)
-    bar = tqdm(
-        total=num_samples,
-        initial=num_samples - sum(len(shard_range(k, shard_size, num_samples)) for k in pending),
-        unit="img",
-        desc=f"{len(pending)} shards on {group.world} rank(s)",
-        disable=not progress or group.rank != 0,
-    )
-    for r in range(rounds):
-        chunk = mine[r * per_round : (r + 1) * per_round]
-        indices = [i for k in chunk for i in shard_range(k, shard_size, num_samples)]
-        written = []
-        if chunk:
-            images = _generate(
-                resolved,
-                sampler,
-                indices,
-                batch_size=batch_size,
-                seed=seed,
-                labels_of=labels_of,
-                cond=cond,
-                guidance_scale=guidance_scale,
-                device=device,
-                engine=engine,
-            )
-            for k in chunk:
-                samples = shard_range(k, shard_size, num_samples)
-                at = indices.index(samples.start)
-                labels = None if labels_of is None else labels_of(list(samples))
-                written.append(_write_shard(out_dir, k, samples, images[at : at + len(samples)], labels))
-        new = sorted(
-            (rec for part in group.all_gather(written) for rec in part), key=lambda rec: rec["index"]
+        # Checksums are verified in parallel, each rank a slice; everyone then agrees on what is missing.
+        checked = group.all_gather(
+            [r["index"] for r in records[group.rank :: group.world] if _valid(out_dir, r)]
         )
+        valid_ids = {k for part in checked for k in part}
+        manifest = {**settings, "shards": [r for r in records if r["index"] in valid_ids]}
         if group.rank == 0:
-            manifest["shards"].extend(new)
             _write_manifest(out_dir, manifest)
-        bar.update(sum(rec["stop"] - rec["start"] for rec in new))
-        if on_shard is not None:
-            for rec in new:
-                on_shard(rec["index"], out_dir / rec["file"])
-    bar.close()
-    if merge_path is not None:
-        _rank0(group, lambda: merge(out_dir, merge_path))
-    group.barrier()
+        num_shards = math.ceil(num_samples / shard_size)
+        pending = [k for k in range(num_shards) if k not in valid_ids]
+        mine = pending[group.rank :: group.world]
+        per_round = math.ceil(batch_size / shard_size)  # shards per round, so that batches can be full
+        rounds = math.ceil(math.ceil(len(pending) / group.world) / per_round)
+        bar = tqdm(
+            total=num_samples,
+            initial=num_samples - sum(len(shard_range(k, shard_size, num_samples)) for k in pending),
+            unit="img",
+            desc=f"{len(pending)} shards on {group.world} rank(s)",
+            disable=not progress or group.rank != 0,
+        )
+        for r in range(rounds):
+            chunk = mine[r * per_round : (r + 1) * per_round]
+            indices = [i for k in chunk for i in shard_range(k, shard_size, num_samples)]
+            written = []
+            if chunk:
+                images = _generate(
+                    resolved,
+                    sampler,
+                    indices,
+                    batch_size=batch_size,
+                    seed=seed,
+                    labels_of=labels_of,
+                    cond=cond,
+                    guidance_scale=guidance_scale,
+                    device=device,
+                    engine=engine,
+                )
+                for k in chunk:
+                    samples = shard_range(k, shard_size, num_samples)
+                    at = indices.index(samples.start)
+                    labels = None if labels_of is None else labels_of(list(samples))
+                    written.append(_write_shard(out_dir, k, samples, images[at : at + len(samples)], labels))
+            new = sorted(
+                (rec for part in group.all_gather(written) for rec in part), key=lambda rec: rec["index"]
+            )
+            if group.rank == 0:
+                manifest["shards"].extend(new)
+                _write_manifest(out_dir, manifest)
+            bar.update(sum(rec["stop"] - rec["start"] for rec in new))
+            if on_shard is not None:
+                for rec in new:
+                    on_shard(rec["index"], out_dir / rec["file"])
+        bar.close()
+        if merge_path is not None:
+            _rank0(group, lambda: _merge(out_dir, merge_path))
+        group.barrier()
     return out_dir
 
 
@@ -600,22 +710,36 @@ def merge(out_dir: str | os.PathLike, out_path: str | os.PathLike) -> Path:
     """Check that every shard of `out_dir` is present and valid, then write them in index order to one .npz.
 
     Keys: `images` (uint8 N x H x W x C), `arr_0` (the same array; the key of the ADM / guided-diffusion
-    evaluation scripts) and `labels` for class-conditional samples. Written atomically.
+    evaluation scripts) and `labels` for class-conditional samples. Written atomically, while holding the
+    folder's lock (a folder that a run is still writing is refused).
     """
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"shard folder {str(out_dir)!r} is a file, expected a folder")
     if not out_dir.is_dir():
         raise FileNotFoundError(f"shard folder {str(out_dir)!r} does not exist")
-    out_path = check_output_path(out_path)
-    if out_path.suffix != ".npz":
-        raise ValueError(f"out_path must end in .npz, got {str(out_path)!r}")
+    out_path = _check_merge_path(out_dir, Path(out_path))
+    _read_manifest(out_dir)  # not a shard folder: refused before the lock file is made
+    # A folder this process cannot write, no run of it can write either: it is read without the lock.
+    lock = _FolderLock(out_dir) if os.access(out_dir, os.W_OK) else None
+    try:
+        return _merge(out_dir, out_path)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _merge(out_dir: Path, out_path: Path) -> Path:
+    """`merge` for a caller that holds the folder's lock."""
     manifest = _read_manifest(out_dir)
     n, size = manifest["num_samples"], manifest["shard_size"]
     records = {r["index"]: r for r in manifest["shards"]}
-    missing = [k for k in range(math.ceil(n / size)) if k not in records]
-    if missing:
-        shown = ", ".join(shard_name(k) for k in missing[:5]) + (" ..." if len(missing) > 5 else "")
+    num_shards = math.ceil(n / size)
+    if len(records) < num_shards:  # _read_manifest checked that the indices are distinct and in range
+        first = itertools.islice((k for k in range(num_shards) if k not in records), 5)
+        shown = ", ".join(map(shard_name, first)) + (" ..." if num_shards - len(records) > 5 else "")
         raise ShardError(
-            f"{out_dir}: {len(missing)} of {math.ceil(n / size)} shards are missing ({shown}); "
+            f"{out_dir}: {num_shards - len(records)} of {num_shards} shards are missing ({shown}); "
             "run the same sample command again to make them"
         )
     order = [records[k] for k in sorted(records)]
@@ -667,7 +791,7 @@ def cmd_sample_to_dir(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     group = init_distributed(device)
     pre = load_model(args.model, str(device))
-    sampler = build_sampler(args.sampler, pre.schedule, args.steps, args.eta)
+    sampler = build_sampler(args.sampler, pre.schedule, args.steps, args.eta, pre.prediction_type)
     engine = engine_for(pre.model, sampler, device, compile=args.compile)
     guidance = guidance_scale_for(pre, args.guidance_scale)
     sample_to_dir(

@@ -13,6 +13,10 @@ class StaleWeightsError(FastdiffError):
     """Weights changed in a way a graph, compiled loop or exported model built from them cannot follow."""
 
 
+class OutputError(FastdiffError):
+    """An output file could not be written (disk full, I/O error); the message names the file."""
+
+
 class BackendUnavailableError(FastdiffError):
     """A backend was requested explicitly but cannot run on this machine."""
 

@@ -13,12 +13,18 @@ import torch
 from torch import nn
 
 from fastdiff.errors import CheckpointError
+from fastdiff.fingerprint import state_sha256
 from fastdiff.models import MLPDenoiser, UNet, UNetConfig
-from fastdiff.output import atomic_path
+from fastdiff.output import write_bytes_atomic
+from fastdiff.samplers import PREDICTION_TYPES
 from fastdiff.schedule import NoiseSchedule
 
 FORMAT = "fastdiff-checkpoint-v1"
-PRETRAINED = {"digits": "digits.safetensors"}
+# Shipped checkpoints: file name and the sha256 of their weights (fastdiff.fingerprint.state_sha256), checked on
+# every load, since these files predate the hash that save_checkpoint now writes into the metadata.
+PRETRAINED = {
+    "digits": ("digits.safetensors", "6d3c4f1dfcd4705291789de86c56c562fbad6c97f137e23ce19d8e772e641c80")
+}
 
 
 @dataclass
@@ -65,43 +71,92 @@ def save_checkpoint(
     schedule_spec: dict[str, Any],
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the model's weights and everything needed to rebuild it, atomically (temp file, then rename)."""
-    from safetensors.torch import save_file
+    """Write the model's weights and everything needed to rebuild it, atomically (temp file, then rename).
+
+    The metadata records `weights_sha256`, the hash of the weights that `load_checkpoint` verifies.
+    """
+    from safetensors.torch import save
 
     model_type, config = model_spec(model)
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
     header = {
         "format": FORMAT,
         "model_type": model_type,
         "config": config,
         "schedule": schedule_spec,
         **(extra or {}),
+        "weights_sha256": state_sha256(tensors),
     }
-    tensors = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"fastdiff": json.dumps(header)})
-    return Path(path)
+    return write_bytes_atomic(path, save(tensors, metadata={"fastdiff": json.dumps(header)}))
 
 
-def load_checkpoint(path: str | os.PathLike, device: torch.device | str | None = None) -> Pretrained:
-    """Load a checkpoint written by `save_checkpoint` (or `fastdiff train`); the model is in eval mode."""
+def _read_header(path: Path) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """The fastdiff JSON header of a checkpoint and the name -> shape of its tensors (no tensor is read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    if "fastdiff" not in meta:
+        raise CheckpointError(
+            f"{path} is a safetensors file without fastdiff metadata, not a fastdiff checkpoint"
+        )
+    header = json.loads(meta["fastdiff"])
+    if not isinstance(header, dict):
+        raise CheckpointError(
+            f"{path}: the fastdiff metadata is {type(header).__name__}, expected a JSON object"
+        )
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: unknown checkpoint format {header.get('format')!r}")
+    prediction = header.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise CheckpointError(
+            f"{path}: prediction_type must be one of {PREDICTION_TYPES}, got {prediction!r}"
+        )
+    return header, shapes
+
+
+def _check_shapes(path: Path, model_type: str, config: Any, shapes: dict[str, tuple[int, ...]]) -> None:
+    """The declared model, built without memory on the meta device, must have exactly the stored tensors, so a
+    config declaring a huge model is refused before anything is allocated."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build_model(model_type, config).state_dict().items()}
+    if expected != shapes:
+        diff = sorted(k for k in set(expected) | set(shapes) if expected.get(k) != shapes.get(k))
+        raise CheckpointError(
+            f"{path}: the declared {model_type} config does not match the stored tensors ({len(diff)} differ, "
+            f"e.g. {diff[0]!r}: {expected.get(diff[0])} declared, {shapes.get(diff[0])} stored)"
+        )
+
+
+def load_checkpoint(
+    path: str | os.PathLike, device: torch.device | str | None = None, *, weights_sha256: str | None = None
+) -> Pretrained:
+    """Load a checkpoint written by `save_checkpoint` (or `fastdiff train`); the model is in eval mode.
+
+    The weights are checked against the hash in the metadata (or `weights_sha256`, for files written before
+    it was recorded): a mismatch raises CheckpointError naming the corrupt file.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {str(path)!r} is a folder, expected a .safetensors file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        header = json.loads(meta["fastdiff"])
-        if header.get("format") != FORMAT:
-            raise CheckpointError(f"{path}: unknown checkpoint format {header.get('format')!r}")
+        header, shapes = _read_header(path)
+        _check_shapes(path, header["model_type"], header["config"], shapes)
+        schedule = NoiseSchedule.from_kind(**header["schedule"])
         tensors = load_file(str(path))
+        expected = header.get("weights_sha256", weights_sha256)
+        if expected is not None and state_sha256(tensors) != expected:
+            raise CheckpointError(
+                f"{path} is corrupt: its weights do not match the sha256 recorded when it was written"
+            )
         model = build_model(header["model_type"], header["config"])
         model.load_state_dict(tensors)
-        schedule = NoiseSchedule.from_kind(**header["schedule"])
     except CheckpointError:
         raise
     except (SafetensorError, KeyError, ValueError, TypeError, RuntimeError, OSError) as err:
@@ -120,8 +175,9 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str | None =
 
 
 def load_pretrained(name: str = "digits", device: torch.device | str | None = None) -> Pretrained:
-    """The checkpoint shipped inside the package (no network access): `digits`, a class-conditional 16x16 model."""
+    """The checkpoint shipped inside the package (no network access): `digits`, a class-conditional 8x8 model."""
     if name not in PRETRAINED:
         raise ValueError(f"unknown pretrained model {name!r}; available: {sorted(PRETRAINED)}")
-    with resources.as_file(resources.files("fastdiff") / "weights" / PRETRAINED[name]) as path:
-        return load_checkpoint(path, device)
+    file, sha256 = PRETRAINED[name]
+    with resources.as_file(resources.files("fastdiff") / "weights" / file) as path:
+        return load_checkpoint(path, device, weights_sha256=sha256)

@@ -10,6 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 
+# Far beyond any trained model (1000 is usual); bounds the tables built from a checkpoint's declared schedule.
+MAX_TRAIN_TIMESTEPS = 100_000
+
 KINDS = ("linear", "scaled_linear", "cosine")
 SPACINGS = ("leading", "trailing", "linspace")
 _DIFFUSERS_KINDS = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
@@ -81,8 +84,14 @@ class NoiseSchedule:
         """`linear` (DDPM), `scaled_linear` (latent diffusion: linear in sqrt(beta)) or `cosine` (improved DDPM)."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        if not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
-            raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
+        if (
+            not isinstance(num_train_timesteps, int)
+            or isinstance(num_train_timesteps, bool)
+            or not 1 <= num_train_timesteps <= MAX_TRAIN_TIMESTEPS
+        ):
+            raise ValueError(
+                f"num_train_timesteps must be an int in [1, {MAX_TRAIN_TIMESTEPS}], got {num_train_timesteps!r}"
+            )
         if not 0 < beta_start <= beta_end < 1:
             raise ValueError(
                 f"need 0 < beta_start <= beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}"

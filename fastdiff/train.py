@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastdiff.errors import NonFiniteError
 from fastdiff.models import MLPDenoiser, UNet, UNetConfig
 from fastdiff.output import check_output_path
 from fastdiff.pretrained import save_checkpoint
@@ -50,6 +51,7 @@ def train(
 
     With `labels`, each label is replaced by the null label (`model.num_classes`) with probability
     `label_dropout`, so the same network learns the unconditional model used by classifier-free guidance.
+    A NaN or infinite loss raises `NonFiniteError` naming the step.
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
@@ -101,6 +103,11 @@ def train(
             for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
                 pe.lerp_(pm, 1 - decay)
         losses.append(loss.item())
+        if not math.isfinite(losses[-1]):  # .item() syncs anyway; a diverged model must not be saved
+            raise NonFiniteError(
+                f"training diverged: the loss is {losses[-1]} at step {step}; nothing was saved (try a smaller lr)",
+                step=step,
+            )
         if step % 20 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
     model.eval()

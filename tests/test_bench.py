@@ -193,7 +193,12 @@ def test_compare_verdicts():
         "e": "ok",
         "f": "new case",
     }
-    assert {r["backend"] for r in result.regressions} == {"a", "c"}
+    # A case of the base that the new file lacks fails the gate unless allowed.
+    assert {r["backend"] for r in result.regressions} == {"a", "c", "d"}
+    assert {r["backend"] for r in report.compare(base, new, 0.05, allow_missing=True).regressions} == {
+        "a",
+        "c",
+    }
     assert report.compare(base, new, 0.05, metric="speedup").regressions[0]["backend"] == "c"
     new["environment"]["device"]["name"] = "gpu0"
     assert report.compare(base, new).warnings == ["different devices: base 'cpu0', new 'gpu0'"]

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ import torch.multiprocessing as mp
 import fastdiff
 from fastdiff.cli import main
 from fastdiff.distributed import (
+    LOCK,
     MANIFEST,
     ShardError,
     free_port,
@@ -260,7 +263,7 @@ def test_cli_sample_merge_and_errors(digits, reference, tmp_path, capsys):
     unmerged = tmp_path / "unmerged"
     assert main(["sample", *common[:-1], f"{unmerged}/", "--seed", "0", "--no-merge"]) == 0
     assert "merged:" not in capsys.readouterr().out
-    assert sorted(p.name for p in unmerged.iterdir()) == [MANIFEST, shard_name(0)]
+    assert sorted(p.name for p in unmerged.iterdir()) == [LOCK, MANIFEST, shard_name(0)]
     assert main(["sample", *common, "--seed", "0"]) == 0
     assert "0 new images" in capsys.readouterr().out
 
@@ -329,3 +332,91 @@ def test_measure_throughput_rejects_bad_arguments_before_spawning():
         measure_throughput(device="cuda", nprocs=99)
     with pytest.raises(ValueError, match="repeats"):
         measure_throughput(repeats=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One run per folder: the lock, and what a resume must keep
+
+
+TOY_SAMPLER = DDIMSampler(fastdiff.NoiseSchedule.from_kind("linear"), 5)
+
+
+def _slow_toy(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A denoiser slow enough (5 ms a call) that two runs started together overlap."""
+    time.sleep(0.005)
+    return torch.tanh(x)
+
+
+def _toy_run(out: Path, seed: int, **kwargs) -> Path:
+    options = {"batch_size": 1, "shard_size": 1, "sample_shape": (1, 2, 2), "progress": False, **kwargs}
+    return sample_to_dir(_slow_toy, TOY_SAMPLER, 4, out, seed=seed, **options)
+
+
+def _racer(seed: int, folder: str, trials: int, barrier: Any, results: Any) -> None:
+    torch.set_num_threads(1)
+    for k in range(trials):
+        barrier.wait()
+        try:
+            _toy_run(Path(folder) / f"trial{k}", seed)
+            results.put((k, seed, "ok"))
+        except (ShardError, ValueError) as err:
+            results.put((k, seed, str(err)))
+
+
+def test_two_runs_started_together_never_share_a_folder(tmp_path):
+    """Two processes with different seeds start on the same new folder at the same moment, many times: one run
+    makes the folder, the other is refused (locked out, or after the first finished, by the settings check), and
+    the folder holds exactly the first run's valid shards."""
+    trials = 12
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [
+        ctx.Process(target=_racer, args=(seed, str(tmp_path), trials, barrier, results)) for seed in (0, 1)
+    ]
+    for p in procs:
+        p.start()
+    outcomes: dict[int, dict[int, str]] = {}
+    for _ in range(2 * trials):
+        k, seed, outcome = results.get(timeout=120)
+        outcomes.setdefault(k, {})[seed] = outcome
+    for p in procs:
+        p.join(timeout=60)
+    expected = {seed: _merged(_toy_run(tmp_path / f"ref{seed}", seed))["images"] for seed in (0, 1)}
+    locked_out = 0
+    for k, by_seed in sorted(outcomes.items()):
+        winners = [seed for seed, outcome in by_seed.items() if outcome == "ok"]
+        assert len(winners) == 1, (k, by_seed)
+        loser = by_seed[1 - winners[0]]
+        assert "in use by another fastdiff run" in loser or "seed: " in loser, loser
+        locked_out += "in use" in loser
+        folder = tmp_path / f"trial{k}"
+        assert json.loads((folder / MANIFEST).read_text())["seed"] == winners[0]
+        np.testing.assert_array_equal(_merged(folder)["images"], expected[winners[0]])
+    assert locked_out >= 1  # the runs did overlap, and the lock, not luck, kept them apart
+
+
+def test_a_held_lock_refuses_runs_and_merges(tmp_path):
+    import fcntl
+
+    out = _toy_run(tmp_path / "run", 0)
+    with open(out / LOCK) as held:  # another process's lock, as far as flock is concerned
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ShardError, match="in use by another fastdiff run"):
+            _toy_run(out, 0)
+        with pytest.raises(ShardError, match="in use by another fastdiff run"):
+            merge(out, tmp_path / "m.npz")
+    assert not (tmp_path / "m.npz").exists()
+    merge(out, tmp_path / "m.npz")  # released: both work again
+    _toy_run(out, 0)
+
+
+def test_resume_with_another_backend_is_refused(tmp_path):
+    out = _toy_run(tmp_path / "run", 0)
+    (out / shard_name(3)).unlink()
+    engine = SamplingEngine(_slow_toy, TOY_SAMPLER)
+    with pytest.raises(
+        ValueError,
+        match=r"backend: 'fastdiff.sample' in the folder, 'SamplingEngine\(compile=False, cuda_graphs=auto\)' now",
+    ):
+        _toy_run(out, 0, engine=engine)
+    _toy_run(out, 0)  # the same backend resumes

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ import onnx
 
 from fastdiff.errors import CheckpointError, FastdiffError
 from fastdiff.export import ExportReport, OnnxDenoiser, to_onnx
+from fastdiff.export.onnx import sidecar_path
 from fastdiff.kernels import attention, attention_reference, group_norm_silu
 from fastdiff.kernels.backend import decomposed, decomposing
 from fastdiff.models import UNet, UNetConfig
@@ -379,6 +381,20 @@ def test_corrupt_truncated_and_missing_files(digits, tmp_path):
         OnnxDenoiser(tmp_path / "missing.onnx")
 
 
+def test_bit_flips_are_caught_by_the_sidecar(digits, tmp_path):
+    _, _, _, report = digits
+    assert OnnxDenoiser(report.path).verified
+    data = bytearray(report.path.read_bytes())
+    data[len(data) // 2] ^= 0x10  # one bit in the weights: onnxruntime alone would load it
+    flipped = tmp_path / report.path.name
+    flipped.write_bytes(bytes(data))
+    shutil.copy(sidecar_path(report.path), sidecar_path(flipped))
+    with pytest.raises(CheckpointError, match=rf"{flipped.name} is corrupt: its sha256 does not match"):
+        OnnxDenoiser(flipped)
+    sidecar_path(flipped).unlink()  # a file exported elsewhere has no sidecar: loaded, but not verified
+    assert not OnnxDenoiser(flipped).verified
+
+
 # ------------------------------------------------------------------------------------------------ export errors
 
 
@@ -475,7 +491,7 @@ def test_falls_back_to_torchscript_exporter_and_logs_it(tmp_path, caplog):
         report = to_onnx(model, tmp_path / "m.onnx", sample_shape=(2, 1, 4, 4), return_report=True)
     assert report.exporter == "torchscript" and report.max_abs_diff <= ATOL
     assert "trying the TorchScript exporter" in caplog.text and "torchscript exporter" in caplog.text
-    assert _files(tmp_path) == ["m.onnx"]
+    assert _files(tmp_path) == ["m.onnx", "m.onnx.sha256"]
     x, t = torch.randn(3, 1, 4, 4), torch.tensor([1, 2, 3])
     with torch.no_grad():
         torch.testing.assert_close(OnnxDenoiser(report.path)(x, t), model(x, t), atol=ATOL, rtol=0)
@@ -486,8 +502,8 @@ def test_large_model_path_writes_external_data(tmp_path, monkeypatch):
     monkeypatch.setattr("fastdiff.export.onnx.EXTERNAL_DATA_BYTES", 0)
     model = _tiny_unet(num_classes=None)
     report = to_onnx(model, tmp_path / "big.onnx", sample_shape=(2, 1, 8, 8), return_report=True)
-    assert report.external_data and _files(tmp_path) == ["big.onnx", "big.onnx.data"]
-    assert report.size_bytes == sum(f.stat().st_size for f in tmp_path.iterdir())
+    assert report.external_data and _files(tmp_path) == ["big.onnx", "big.onnx.data", "big.onnx.sha256"]
+    assert report.size_bytes == sum(f.stat().st_size for f in tmp_path.iterdir() if f.suffix != ".sha256")
     _check_parity(model, report.path, (1, 8, 8), lambda batch, gen: {}, batches=(3,))
     (tmp_path / "big.onnx.data").unlink()  # the weights really are in it
     with pytest.raises(CheckpointError, match=r"big\.onnx"):
@@ -529,7 +545,7 @@ def test_cli_export_onnx(tiny_checkpoint, tmp_path, capsys):
     assert "max abs diff vs eager" in line and str(out) in line and "MB" in line
     denoiser = OnnxDenoiser(out)
     assert denoiser.cond_names == ["class_labels"] and denoiser.null_label == 3
-    assert _files(tmp_path) == ["tiny.onnx"]
+    assert _files(tmp_path) == ["tiny.onnx", "tiny.onnx.sha256"]
 
 
 @pytest.mark.parametrize(

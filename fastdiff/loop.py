@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from fastdiff.checks import FiniteWatch, check_denoiser_matches, check_device, check_dtype
 from fastdiff.guidance import batch_conds, guidance_conds
+from fastdiff.kernels.backend import memory_format
 from fastdiff.kernels.sampler_step import sampler_step
 from fastdiff.table import COLUMN, StepTable, sampler_table
 
@@ -152,7 +153,7 @@ def run_table(
     kwargs = batch_conds(cond, uncond) if uncond is not None else cond
     coeffs = table.on(x.device)
     ts = table.timesteps.to(x.device)
-    history, xs = table.new_state(x.shape, x.device, x.dtype)
+    history, xs = table.new_state(x.shape, x.device, x.dtype, memory_format(x))
     noisy = set(table.noisy_steps())
     scales_input = table.scales_input
     batch = x.shape[0]

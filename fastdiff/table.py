@@ -207,22 +207,24 @@ class StepTable:
         """Whether rows read state carried from earlier rows besides x (history or xs)."""
         return self.history_slots > 0 or self.uses_xs
 
-    def state_shapes(self, shape: Sequence[int]) -> dict[str, tuple[int, ...] | None]:
-        """Shapes of the sampler state buffers for samples of `shape`: history (slots, *shape) and xs."""
-        shape = tuple(shape)
-        return {
-            "history": (self.history_slots, *shape) if self.history_slots else None,
-            "xs": shape if self.uses_xs else None,
-        }
-
     def new_state(
-        self, shape: Sequence[int], device: torch.device | str, dtype: torch.dtype
+        self,
+        shape: Sequence[int],
+        device: torch.device | str,
+        dtype: torch.dtype,
+        memory_format: torch.memory_format = torch.contiguous_format,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Zeroed (history, xs) buffers for one sampling run (None where the table has no such buffer)."""
-        shapes = self.state_shapes(shape)
-        return tuple(
-            None if s is None else torch.zeros(s, device=device, dtype=dtype) for s in shapes.values()
-        )
+        """Zeroed (history, xs) buffers for one sampling run (None where the table has no such buffer), each sample
+        buffer in `memory_format` (the state's layout, so that a fused step updates them in place)."""
+        shape = tuple(shape)
+        history = xs = None
+        if self.history_slots:
+            flat = (self.history_slots * shape[0], *shape[1:])
+            history = torch.empty(flat, device=device, dtype=dtype, memory_format=memory_format).zero_()
+            history = history.view(self.history_slots, *shape)
+        if self.uses_xs:
+            xs = torch.empty(shape, device=device, dtype=dtype, memory_format=memory_format).zero_()
+        return history, xs
 
 
 def sampler_table(sampler: Any) -> StepTable:

@@ -358,3 +358,296 @@ def test_cuda_graph_replays_with_device_step_counter():
     # One replay more reads past the table: the kernel poisons the result instead of reading stray memory.
     graph.replay()
     assert x.isnan().all()
+
+
+# -- Table v2 rows: history (1-3 slots, x0 or eps), the xs corrector, learned variance, dynamic thresholding --------
+# Tolerances: float32 as above, for x_prev and for the updated history and xs. float16: kernel and reference both
+# compute in float32 from the same float16 inputs and round once, so they may differ by the float32 rounding of
+# the math plus one float16 rounding: max|out - ref| <= 2 * finfo(float16).eps * max(1, max|ref|).
+
+_DENSE = TABLES["dense-random"][0]  # every column random and non-zero, f*, xc_*, lv* included
+
+
+def _state(shape, slots, with_xs, dtype=torch.float32, seed=20):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn((slots, *shape), generator=g).to(dtype) if slots else None
+    xs = torch.randn(shape, generator=g).to(dtype) if with_xs else None
+    return h, xs
+
+
+def _assert_close_dtype(out, ref):
+    if ref.dtype in (torch.float32, torch.float64):
+        _assert_f32_close(out, ref)
+        return
+    assert out.dtype == ref.dtype
+    err = (out.float() - ref.float()).abs().max().item()
+    assert err <= 2 * torch.finfo(ref.dtype).eps * max(1.0, ref.float().abs().max().item())
+
+
+def _run_both(x, eps, table, step, noise, *, history=None, xs=None, backend="triton", **kw):
+    """(kernel out, its history, its xs) and the same from the reference, each on its own copy of the state."""
+    h_k, xs_k = (None if t is None else t.clone() for t in (history, xs))
+    h_r, xs_r = (None if t is None else t.clone() for t in (history, xs))
+    out = sampler_step(x, eps, table, step, noise, history=h_k, xs=xs_k, backend=backend, **kw)
+    ref = sampler_step_reference(x, eps, table, step, noise, history=h_r, xs=xs_r, **kw)
+    return (out, h_k, xs_k), (ref, h_r, xs_r)
+
+
+def _compare(kernel, reference):
+    for got, expected in zip(kernel, reference, strict=True):
+        assert (got is None) == (expected is None)
+        if got is not None:
+            _assert_close_dtype(got, expected)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("slots", [1, 2, 3])
+@pytest.mark.parametrize("kind", ["x0", "eps"])
+@pytest.mark.parametrize("with_xs", [False, True])
+def test_history_and_xs_rows_match_reference(dtype, slots, kind, with_xs):
+    x, eps, u, z = _inputs((2, 3, 5, 7), dtype=dtype, seed=21)
+    history, xs = _state(x.shape, slots, with_xs, dtype)
+    kernel, reference = _run_both(
+        x,
+        eps,
+        _DENSE,
+        4,
+        z,
+        history=history,
+        xs=xs,
+        history_kind=kind,
+        eps_uncond=u,
+        guidance_scale=2.5,
+        clip=0.8,
+    )
+    _compare(kernel, reference)
+    # the rotation itself: older slots move down unchanged
+    h = kernel[1]
+    assert torch.equal(h[1:], history[: slots - 1])
+    if with_xs:  # the corrector changed xs, and x_prev depends on it
+        assert not torch.equal(kernel[2], xs)
+
+
+@needs_interpreter
+def test_no_state_buffers_ignore_their_columns_and_xs_zero_slots():
+    # Without history or xs the f*, xc_* columns are not read: the result equals the 8-column update.
+    x, eps, _, z = _inputs((2, 3, 4, 4), seed=22)
+    out = sampler_step(x, eps, _DENSE, 2, z, backend="triton")
+    _assert_f32_close(out, sampler_step_reference(x, eps, _DENSE, 2, z))
+    _, xs = _state(x.shape, 0, True)
+    _compare(*_run_both(x, eps, _DENSE, 2, z, xs=xs))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("learned", ["learned", "learned_range"])
+@pytest.mark.parametrize("sliced", [False, True])
+def test_learned_variance_rows_match_reference(dtype, learned, sliced):
+    x, eps, u, z = _inputs((2, 3, 4, 5), dtype=dtype, seed=23)
+    g = torch.Generator().manual_seed(24)
+    raw = torch.randn(x.shape, generator=g)
+    v = (raw.tanh() if learned == "learned_range" else raw.exp() * 1e-2).to(dtype)
+    if sliced:  # m and v as the channel halves of one 2C model output: read in place, not copied
+        full = torch.cat([eps, v], dim=1)
+        full_u = torch.cat([u, torch.zeros_like(v)], dim=1)
+        eps, v, u = full[:, :3], full[:, 3:], full_u[:, :3]
+        assert not eps.is_contiguous() and not v.is_contiguous()
+    history, _ = _state(x.shape, 2, False, dtype)
+    kernel, reference = _run_both(
+        x,
+        eps,
+        _DENSE,
+        6,
+        z,
+        history=history,
+        history_kind="x0",
+        variance=v,
+        learned_variance=learned,
+        eps_uncond=u,
+        guidance_scale=3.0,
+    )
+    _compare(kernel, reference)
+    # the variance changes the noise term
+    plain = sampler_step_reference(x, eps, _DENSE, 6, z, eps_uncond=u, guidance_scale=3.0)
+    assert not torch.allclose(reference[0].float(), plain.float())
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("threshold", [(0.995, 1.5), (0.6, 4.0)])
+def test_dynamic_threshold_rows_match_reference(dtype, threshold):
+    x, eps, u, z = _inputs((3, 2, 6, 6), dtype=dtype, seed=25)
+    x = x * 3
+    history, xs = _state(x.shape, 1, True, dtype)
+    kernel, reference = _run_both(
+        x,
+        eps,
+        _DENSE,
+        1,
+        z,
+        history=history,
+        xs=xs,
+        history_kind="x0",
+        threshold=threshold,
+        eps_uncond=u,
+        guidance_scale=2.0,
+    )
+    _compare(kernel, reference)
+    # thresholded x0 is pushed to history: within [-1, 1] after the division by s
+    assert kernel[1][0].float().abs().max() <= 1 + 1e-3
+
+
+@needs_interpreter
+@pytest.mark.parametrize("layout", ["state-contiguous", "state-channels-last"])
+def test_channels_last_with_state_and_device_step(layout):
+    x, eps, u, z = _inputs((2, 5, 3, 7), seed=26, memory_format=torch.channels_last)
+    history, xs = _state(x.shape, 3, True)
+    if layout == "state-channels-last":
+        history = (
+            history.reshape(6, 5, 3, 7).contiguous(memory_format=torch.channels_last).view(3, 2, 5, 3, 7)
+        )
+        xs = xs.contiguous(memory_format=torch.channels_last)
+    step = torch.tensor(5)
+    kernel, reference = _run_both(
+        x,
+        eps,
+        _DENSE,
+        step,
+        z,
+        history=history,
+        xs=xs,
+        history_kind="eps",
+        eps_uncond=u,
+        guidance_scale=torch.tensor(1.5),
+    )
+    _compare(kernel, reference)
+    assert kernel[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_interpreter)])
+def test_state_rows_under_torch_compile_and_decomposed(backend):
+    from fastdiff.kernels.backend import decomposed
+
+    x, eps, _, z = _inputs((2, 3, 4, 4), seed=27)
+    h0, xs0 = _state(x.shape, 2, True)
+
+    def step_fn(x, eps, z, h, xs, step):
+        y = sampler_step(x, eps, _DENSE, step, z, history=h, history_kind="x0", xs=xs, backend=backend)
+        return sampler_step(
+            y, eps, _DENSE, step + 1, history=h, history_kind="x0", xs=xs, out=y, backend=backend
+        )
+
+    h_ref, xs_ref = h0.clone(), xs0.clone()
+    mid = sampler_step_reference(x, eps, _DENSE, 2, z, history=h_ref, history_kind="x0", xs=xs_ref)
+    expected = sampler_step_reference(mid, eps, _DENSE, 3, history=h_ref, history_kind="x0", xs=xs_ref)
+
+    h, xs = h0.clone(), xs0.clone()
+    got = torch.compile(step_fn, fullgraph=True, backend="aot_eager")(x, eps, z, h, xs, torch.tensor(2))
+    for a, b in ((got, expected), (h, h_ref), (xs, xs_ref)):
+        _assert_f32_close(a, b)
+    h, xs = h0.clone(), xs0.clone()
+    with decomposed():
+        got = step_fn(x, eps, z, h, xs, 2)
+    for a, b in ((got, expected), (h, h_ref), (xs, xs_ref)):
+        _assert_f32_close(a, b)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(history=torch.zeros(2, 3, 4, 4)), ValueError, "history must have shape"),
+        (dict(history=torch.zeros(4, 2, 3, 4, 4)), ValueError, "history must have shape"),
+        (dict(history=torch.zeros(1, 2, 3, 4, 4)), ValueError, "history_kind must be one of"),
+        (dict(history=torch.zeros(1, 2, 3, 4, 4).half(), history_kind="x0"), ValueError, "history has dtype"),
+        (dict(xs=torch.zeros(2, 3, 4)), ValueError, "xs must have the shape of x"),
+        (dict(variance=torch.zeros(2, 3, 4, 4)), ValueError, "learned_variance must be one of"),
+        (dict(threshold=(0.9, 1.0), clip=1.0), ValueError, "not both"),
+        (dict(threshold=(0.0, 1.0)), ValueError, "threshold must be"),
+    ],
+)
+def test_bad_state_inputs(kwargs, error, match):
+    args = dict(x=_X, eps=_X, table=_T, step=0) | kwargs
+    with pytest.raises(error, match=match):
+        sampler_step(**args)
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_state_rows(dtype):
+    shape = (4, 4, 64, 64)
+    table = _DENSE.cuda()
+    x, eps, u, z = (t.cuda() for t in _inputs(shape, dtype=dtype, seed=28))
+    v = torch.rand(shape, device="cuda").to(dtype)
+    history, xs = (t.cuda() for t in _state(shape, 3, True, dtype))
+    kernel, reference = _run_both(
+        x,
+        eps,
+        table,
+        torch.tensor(3, device="cuda"),
+        z,
+        history=history,
+        xs=xs,
+        history_kind="x0",
+        variance=v,
+        learned_variance="learned",
+        threshold=(0.99, 2.0),
+        eps_uncond=u,
+        guidance_scale=4.0,
+    )
+    if dtype == torch.bfloat16:
+        for got, expected in zip(kernel, reference, strict=True):
+            err = (got.float() - expected.float()).abs().max().item()
+            assert err <= 2 * torch.finfo(dtype).eps * max(1.0, expected.float().abs().max().item())
+    else:
+        _compare(kernel, reference)
+
+
+@needs_interpreter
+def test_run_table_with_the_kernel_matches_the_reference_loop():
+    # The whole loop on a table with history, xs, learned variance and k_in: the fused step under the interpreter
+    # against the reference step, float32 tolerance on the final sample (8 rows of O(1) values).
+    from fastdiff.loop import run_table
+    from fastdiff.table import StepTable
+
+    n = 8
+    g = torch.Generator().manual_seed(29)
+
+    def col(scale=0.2):
+        return (torch.rand(n, generator=g, dtype=torch.float64) - 0.5) * scale
+
+    table = StepTable.from_columns(
+        torch.arange(n, 0, -1) * 100,
+        history="x0",
+        history_slots=2,
+        uses_xs=True,
+        learned_variance="learned_range",
+        k_in=1 + col(),
+        a=1 + col(),
+        b=-0.5 + col(),
+        q=1.0,
+        xc_x=0.9 + col(),
+        xc_s=col(),
+        xc_0=col(),
+        xc_1=col(),
+        c=0.5 + col(),
+        d=col(),
+        e=0.5 + col(),
+        f1=col(),
+        f2=col(),
+        s=0.1,
+        lv0=-2 + col(),
+        lv1=col(),
+    )
+
+    def model(x, t):
+        return torch.cat([torch.tanh(x - 1e-3 * t.float().view(-1, 1, 1, 1)), torch.sin(x)], dim=1)
+
+    x = torch.randn(2, 3, 4, 4, generator=g)
+    out = {}
+    for backend in ("torch", "triton"):
+        out[backend] = run_table(
+            model, table, x.clone(), generator=torch.Generator().manual_seed(1), backend=backend
+        )
+    _assert_f32_close(out["triton"], out["torch"])

@@ -31,6 +31,7 @@ from .report import (
     write_results,
     write_text,
 )
+from .weight_swap import SWAP_BACKENDS
 from .workloads import SAMPLERS, WORKLOADS
 
 
@@ -137,6 +138,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scaling-samples", type=_count(1), default=256, help="images per timed scaling run (default 256)"
     )
+    p.add_argument(
+        "--weight-swap",
+        type=_names("weight-swap", list(SWAP_BACKENDS)),
+        default=None,
+        help="also time swapping the digits weights on these backends (comma list of "
+        + ", ".join(SWAP_BACKENDS)
+        + "): new weights to the first correct sample, in place and with re-capture / re-export",
+    )
     p.add_argument("--out", help="results JSON (validated against schema.json, written atomically)")
     p.add_argument("--markdown", help="markdown report")
     p.add_argument("--plot", help="PNG of the speedups over eager (needs matplotlib, the `plot` extra)")
@@ -161,6 +170,7 @@ def command_line(args: argparse.Namespace) -> str:
         ("--processes", ",".join(map(str, args.processes)) if args.processes else None),
         ("--threads-per-process", args.threads_per_process if args.processes else None),
         ("--scaling-samples", args.scaling_samples if args.processes else None),
+        ("--weight-swap", ",".join(args.weight_swap) if args.weight_swap else None),
         ("--out", args.out),
         ("--markdown", args.markdown),
         ("--plot", args.plot),
@@ -195,6 +205,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         processes=args.processes or (),
         threads_per_process=args.threads_per_process,
         scaling_samples=args.scaling_samples,
+        weight_swap=args.weight_swap or (),
     )
     report = run_benchmark(config, command=command_line(args), progress=not args.quiet)
     text = markdown(report)

@@ -40,6 +40,7 @@ from fastdiff.engine import GRAPH_MODES
 from .backends import BACKENDS, Backend, BackendSkipped, Case, EagerBackend, prepare
 from .environment import device_info, git_revision, load_average, versions
 from .scaling import plan, run_scaling
+from .weight_swap import SWAP_BACKENDS, run_weight_swap
 from .workloads import SAMPLERS, WORKLOADS, Workload, build_workload
 
 SCHEMA_VERSION = 1
@@ -80,6 +81,8 @@ class BenchConfig:
     processes: Sequence[int] = ()
     threads_per_process: int = 1
     scaling_samples: int = 256
+    # Weight-swap section (benchmarks/weight_swap.py): the backends to time a swap of the digits weights on.
+    weight_swap: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         self.workloads = _check_names("workloads", self.workloads, tuple(WORKLOADS))
@@ -102,6 +105,11 @@ class BenchConfig:
         ):
             raise ValueError(f"processes: expected positive integers including 1, got {procs!r}")
         self.processes = list(dict.fromkeys(procs))
+        self.weight_swap = list(dict.fromkeys(self.weight_swap))
+        if any(b not in SWAP_BACKENDS for b in self.weight_swap):
+            raise ValueError(
+                f"weight_swap: expected backends among {SWAP_BACKENDS}, got {self.weight_swap!r}"
+            )
         for name, low in (
             ("repeats", 1),
             ("warmup", 0),
@@ -516,6 +524,16 @@ def run_benchmark(
                 seed=config.seed,
                 on_row=lambda: bar.advance(1),
             )
+        swap = None
+        if config.weight_swap:
+            swap = run_weight_swap(
+                config.weight_swap,
+                device=config.device,
+                steps=config.steps or WORKLOADS["digits"].steps,
+                batch_size=config.batch_sizes[0],
+                repeats=config.repeats,
+                seed=config.seed,
+            )
     finally:
         bar.bar.close()
     _add_speedups(results)
@@ -538,4 +556,5 @@ def run_benchmark(
         "workloads": workloads,
         "results": results,
         **({"scaling": scaling} if scaling is not None else {}),
+        **({"weight_swap": swap} if swap is not None else {}),
     }

@@ -15,6 +15,7 @@ from fastdiff.errors import FastdiffError
 from fastdiff.output import write_bytes_atomic
 
 from .scaling import markdown_lines as scaling_lines
+from .weight_swap import markdown_lines as weight_swap_lines
 
 SCHEMA_PATH = Path(__file__).with_name("schema.json")
 METRICS = {"throughput": "samples_per_s", "speedup": "speedup_vs_eager"}
@@ -211,6 +212,8 @@ def markdown(report: dict[str, Any]) -> str:
             )
     if report.get("scaling"):
         lines += scaling_lines(report["scaling"])
+    if report.get("weight_swap"):
+        lines += weight_swap_lines(report["weight_swap"])
     not_run: dict[tuple[str, str, str, str], list[str]] = {}
     for r in rows:
         if r["status"] != "ok":

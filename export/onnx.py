@@ -30,11 +30,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastdiff.errors import CheckpointError, FastdiffError, missing_extra
-from fastdiff.fingerprint import file_sha256
+from fastdiff.errors import CheckpointError, FastdiffError, StaleWeightsError, missing_extra
+from fastdiff.fingerprint import file_sha256, state_sha256
 from fastdiff.guidance import null_class_cond
 from fastdiff.kernels.backend import decomposed
 from fastdiff.output import check_output_path, write_bytes_atomic
+from fastdiff.weights import WeightsWatch, wrapped_module
 
 log = logging.getLogger("fastdiff.export")
 
@@ -287,7 +288,8 @@ def to_onnx(
     1e-4 float32, 2e-2 float16; bfloat16 models are refused) raises `FastdiffError`. The file appears only
     when everything passed (weights over 1.5 GB go to external data `<name>.onnx.data` beside it); a failure
     leaves nothing. The exporter used and the difference are logged on the `fastdiff.export` logger and stored
-    in the file's metadata (with the null class label for models that have one).
+    in the file's metadata (with the null class label for models that have one, and the weights' sha256,
+    `fastdiff.fingerprint.state_sha256`, which `OnnxDenoiser(path, source=model)` checks).
     """
     start = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -328,6 +330,9 @@ def to_onnx(
     ort = _import("onnxruntime")
 
     model_dtype, device = _model_dtype_device(model)
+    digest = state_sha256(
+        model.state_dict()
+    )  # of the module as given: what a denoiser's `source` is compared with
     if (dtype or model_dtype) not in DEFAULT_ATOL:
         raise ValueError(
             f"cannot export a {dtype or model_dtype} model: the parity check feeds onnxruntime float32 or float16 "
@@ -405,6 +410,7 @@ def to_onnx(
             "fastdiff.max_abs_diff": repr(diff),
             "fastdiff.model": type(model).__name__,
             "fastdiff.cond_names": json.dumps(list(conds)),
+            "fastdiff.weights_sha256": digest,
         }
         if (n := _num_classes(model)) is not None:
             meta["fastdiff.num_classes"] = str(n)
@@ -474,6 +480,16 @@ def verify_sidecar(path: str | os.PathLike) -> bool:
         if file_sha256(file) != digest:
             raise CheckpointError(f"{file} is corrupt: its sha256 does not match {sidecar}")
     return True
+
+
+def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata `to_onnx` wrote into a file (format, exporter, weights digest, ...), without its weights."""
+    onnx = _import("onnx")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as err:
+        raise CheckpointError(f"{path} is not a readable ONNX model: {_first_line(err)}") from err
+    return {entry.key: entry.value for entry in proto.metadata_props}
 
 
 @dataclass(frozen=True)
@@ -564,11 +580,23 @@ def denoiser_feeds(
 
 
 class GraphDenoiser:
-    """What the ONNX and TensorRT denoisers share: ports (sample, timestep, *cond) and the null class label."""
+    """What the ONNX and TensorRT denoisers share: ports (sample, timestep, *cond), the null class label, and the
+    module the graph was exported from, when given (`source`), whose weights every call checks.
+
+    An exported graph holds a copy of the weights. With `source`, a call after the source's weights changed (the
+    cheap `fastdiff.weights` fingerprint, then the full digest to tell a real change from a rewrite of the same
+    values) raises `StaleWeightsError` naming the call that makes the graph right again (`_stale_fix`); without
+    it, the denoiser cannot know. `param.data.copy_()` leaves no trace in the fingerprint (no version bump):
+    write weights with `load_state_dict` or `fastdiff.update_weights`, or call `check_source()`.
+    """
 
     inputs: list[Port]
     null_label: int | None
     _no_null_label = "this graph has no null class label (exported from a model without one)"
+    _watch: WeightsWatch | None = None
+    _stale_fix = (
+        "re-export it: fastdiff.export.to_onnx(model, path, ...), then OnnxDenoiser(path, source=model)"
+    )
 
     @property
     def cond_names(self) -> list[str]:
@@ -585,6 +613,41 @@ class GraphDenoiser:
     def _null_cond(self, cond: Mapping[str, Any]) -> dict[str, Any]:
         return null_class_cond(cond, self.null_label)
 
+    def _bind_source(self, source: nn.Module | None, digest: str | None) -> None:
+        """Watch `source` (None: nothing). `digest`: the weights the graph holds, when its file says."""
+        if source is None:
+            return
+        module = wrapped_module(source)
+        if not isinstance(module, nn.Module):
+            raise TypeError(
+                f"source must be the nn.Module the graph was exported from, got {type(source).__name__}"
+            )
+        self._watch = WeightsWatch(module)
+        self._state = self._watch.state()
+        self._digest = state_sha256(module.state_dict())
+        if digest is not None and digest != self._digest:
+            raise StaleWeightsError(
+                f"{self.path} was exported from other weights than source's; {self._stale_fix}"
+            )
+
+    def check_source(self, *, full: bool = False) -> None:
+        """Raise `StaleWeightsError` if the source's weights differ from those in the graph (a no-op without a
+        source). `full` compares the digest even when the fingerprint saw no change."""
+        if self._watch is None:
+            return
+        state = self._watch.state()
+        if state == self._state and not full:
+            return
+        if state_sha256(self._watch.module.state_dict()) != self._digest:
+            raise StaleWeightsError(
+                f"the weights of the module {self.path} was exported from have changed; {self._stale_fix}"
+            )
+        self._state = state
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+        """An exported graph cannot take new weights in place: raises `StaleWeightsError` saying what to call."""
+        raise StaleWeightsError(f"{type(self).__name__} holds its own copy of the weights; {self._stale_fix}")
+
 
 class OnnxDenoiser(GraphDenoiser):
     """The denoiser protocol over an onnxruntime session: `denoiser(x, t, **cond) -> eps` on torch tensors.
@@ -595,6 +658,8 @@ class OnnxDenoiser(GraphDenoiser):
     A graph exported from a model with a null class has `null_cond(cond)`, so classifier-free guidance works.
     Files exported by `to_onnx` are checked against their `.sha256` sidecar first (`verified`): a corrupt one
     raises CheckpointError naming it.
+    `source`: the module the file was exported from; its weights are checked against the file's digest now and
+    on every call (see `GraphDenoiser`).
     """
 
     def __init__(
@@ -603,6 +668,7 @@ class OnnxDenoiser(GraphDenoiser):
         providers: Sequence[str] | None = None,
         *,
         intra_op_threads: int = CPU_THREADS,
+        source: nn.Module | None = None,
     ) -> None:
         self.path = Path(path)
         if self.path.is_dir():
@@ -653,8 +719,10 @@ class OnnxDenoiser(GraphDenoiser):
         n = self.metadata.get("fastdiff.num_classes")
         self.num_classes = int(n) if n is not None else None
         self.cuda = "CUDAExecutionProvider" in self.session.get_providers()
+        self._bind_source(source, self.metadata.get("fastdiff.weights_sha256"))
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor | float, **cond: Any) -> torch.Tensor:
+        self.check_source()
         feeds = denoiser_feeds(x, t, cond, self.inputs, self.null_label)
         if self.cuda and x.is_cuda:
             return self._run_cuda(feeds)

@@ -1,7 +1,8 @@
 """TensorRT engines from exported ONNX denoisers (TensorRT 10 Python API), run behind the denoiser protocol.
 
 `build_tensorrt_engine` parses a graph written by `fastdiff.export.to_onnx`, gives every input's batch axis one
-optimization profile (min / opt / max), and writes the serialized engine atomically. `TensorRTDenoiser` runs it
+optimization profile (min / opt / max), and writes the serialized engine atomically; `refittable=True` builds an
+engine whose weights `TensorRTDenoiser.refit(onnx_path)` replaces from a re-exported file without a rebuild. `TensorRTDenoiser` runs it
 on torch-allocated CUDA buffers (`set_tensor_address` + `execute_async_v3` on the current torch stream), so a
 denoiser call can be captured in a CUDA graph like any torch op. Arguments are validated before tensorrt is
 imported; without tensorrt both raise ImportError naming the `tensorrt` extra.
@@ -14,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from fastdiff.errors import CheckpointError, FastdiffError, missing_extra
-from fastdiff.export.onnx import GraphDenoiser, Port, denoiser_feeds
+from fastdiff.export.onnx import GraphDenoiser, Port, denoiser_feeds, onnx_metadata
 from fastdiff.output import atomic_path, check_output_path, write_bytes_atomic
 
 # TensorRT DataType names -> torch dtypes (names, so this table needs no tensorrt import).
@@ -54,13 +56,15 @@ def build_tensorrt_engine(
     bf16: bool = False,
     workspace_gb: float | None = None,
     timing_cache: str | os.PathLike | None = None,
+    refittable: bool = False,
 ) -> Path:
     """Build a TensorRT engine for the ONNX denoiser at `onnx_path` and write it to `engine_path`, atomically.
 
     Every input's first axis gets the profile (min_batch, opt_batch, max_batch); the other axes must be static.
     `fp16` / `bf16` allow those precisions (TensorRT picks per layer); `workspace_gb` caps the builder's scratch
     memory; `timing_cache` is a file that is read when it exists and (re)written after the build, so later builds
-    on the same GPU skip kernel timing. Needs a CUDA GPU and the `tensorrt` extra.
+    on the same GPU skip kernel timing. `refittable` lets `TensorRTDenoiser.refit` swap the weights in place later
+    (TensorRT may then pick slower kernels for some layers). Needs a CUDA GPU and the `tensorrt` extra.
     """
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
@@ -73,7 +77,7 @@ def build_tensorrt_engine(
         raise ValueError(
             f"need min_batch <= opt_batch <= max_batch, got {min_batch}, {opt_batch}, {max_batch}"
         )
-    for name, flag in (("fp16", fp16), ("bf16", bf16)):
+    for name, flag in (("fp16", fp16), ("bf16", bf16), ("refittable", refittable)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
     if workspace_gb is not None and (
@@ -95,6 +99,8 @@ def build_tensorrt_engine(
         config.set_flag(trt.BuilderFlag.FP16)
     if bf16:
         config.set_flag(trt.BuilderFlag.BF16)
+    if refittable:
+        config.set_flag(trt.BuilderFlag.REFIT)
     if workspace_gb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
     profile = builder.create_optimization_profile()
@@ -131,11 +137,23 @@ class TensorRTDenoiser(GraphDenoiser):
     stream, so calls order with surrounding torch work without syncs and can be captured in a CUDA graph.
     The null class label stored by `to_onnx` is not carried into engines: pass it with `null_label=`
     (e.g. `OnnxDenoiser(onnx_path).null_label`) to get `null_cond` for classifier-free guidance.
+    `source`: the module the engine was built from, whose weights every call checks (see `GraphDenoiser`); after
+    they change, re-export and `refit(onnx_path)` (a `refittable` engine) or rebuild.
     """
 
     _no_null_label = "no null_label was given for this engine"
+    _stale_fix = (
+        "re-export it (fastdiff.export.to_onnx(model, onnx_path, ...)) and refit the engine from that file: "
+        "denoiser.refit(onnx_path) (engines built with refittable=True), or rebuild it"
+    )
 
-    def __init__(self, engine_path: str | os.PathLike, *, null_label: int | None = None) -> None:
+    def __init__(
+        self,
+        engine_path: str | os.PathLike,
+        *,
+        null_label: int | None = None,
+        source: nn.Module | None = None,
+    ) -> None:
         self.path = Path(engine_path)
         if not self.path.is_file():
             raise FileNotFoundError(f"TensorRT engine {str(self.path)!r} does not exist")
@@ -175,10 +193,38 @@ class TensorRTDenoiser(GraphDenoiser):
         self.null_label = null_label
         lo, _, hi = self.engine.get_tensor_profile_shape("sample", 0)
         self.batch_range = (lo[0], hi[0])
+        self._bind_source(source, None)
+
+    def refit(self, onnx_path: str | os.PathLike) -> None:
+        """Replace the engine's weights, in place, by those of `onnx_path` (the same graph re-exported with new
+        weights); the engine must have been built with `refittable=True`. With a `source`, the file's weights
+        digest becomes the one calls are checked against."""
+        onnx_path = Path(onnx_path)
+        if not onnx_path.is_file():
+            raise FileNotFoundError(f"ONNX file {str(onnx_path)!r} does not exist")
+        trt = import_tensorrt()
+        if not self.engine.refittable:
+            raise FastdiffError(
+                f"{self.path} was not built refittable; rebuild it: build_tensorrt_engine(onnx_path, engine_path, "
+                "refittable=True)"
+            )
+        refitter = trt.Refitter(self.engine, self._logger)
+        parser = trt.OnnxParserRefitter(refitter, self._logger)
+        if not parser.refit_from_file(str(onnx_path)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise CheckpointError(f"TensorRT cannot refit {self.path} from {onnx_path}: {errors}")
+        if not refitter.refit_cuda_engine():
+            raise FastdiffError(
+                f"TensorRT could not refit {self.path} from {onnx_path} (see the TensorRT log)"
+            )
+        if self._watch is not None:
+            self._digest = onnx_metadata(onnx_path).get("fastdiff.weights_sha256", self._digest)
+            self.check_source(full=True)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor | float, **cond: Any) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_cuda:
             raise ValueError("input 'sample' must be a CUDA tensor for a TensorRT engine")
+        self.check_source()
         feeds = denoiser_feeds(x, t, cond, self.inputs, self.null_label)
         lo, hi = self.batch_range
         if not lo <= x.shape[0] <= hi:

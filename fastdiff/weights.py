@@ -22,7 +22,6 @@ address but another shape or dtype.
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -134,21 +133,7 @@ class WeightsWatch:
         return WeightsState((tuple(pointers), self._meta, adapters), tuple(map(_version, self._versioned)))
 
 
-def weights_digest(module: nn.Module) -> str:
-    """SHA-256 over a module's state dict (names, dtypes, shapes and bytes): the same weights anywhere, any time.
-
-    Reads every byte (seconds for a large model); `WeightsWatch` is the cheap check between digests.
-    """
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        tensor = tensor.detach()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        data = tensor.contiguous().cpu().reshape(-1)
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    return digest.hexdigest()
-
-
-def _module_of(target: Any) -> Any:
+def wrapped_module(target: Any) -> Any:
     """The module a wrapper runs (SamplingEngine, as_denoiser, torch.compile, graph_unet), unwrapped fully."""
     while True:
         inner = getattr(type(target), WRAPS_ATTR, None)
@@ -171,7 +156,7 @@ def update_weights(target: Any, state_dict: Mapping[str, torch.Tensor], *, stric
     `module.load_state_dict(sd, assign=True)` or `module.to(dtype)`, and the next call captures anew.
     Exported denoisers (ONNX Runtime, TensorRT) say what to call instead. Returns the keys written.
     """
-    module = _module_of(target)
+    module = wrapped_module(target)
     own = getattr(module, "update_weights", None)
     if callable(own) and not isinstance(module, nn.Module):
         return own(state_dict)
@@ -212,4 +197,11 @@ def update_weights(target: Any, state_dict: Mapping[str, torch.Tensor], *, stric
     return list(state_dict)
 
 
-__all__ = ["DERIVED_ATTR", "WRAPS_ATTR", "WeightsState", "WeightsWatch", "update_weights", "weights_digest"]
+__all__ = [
+    "DERIVED_ATTR",
+    "WRAPS_ATTR",
+    "WeightsState",
+    "WeightsWatch",
+    "update_weights",
+    "wrapped_module",
+]

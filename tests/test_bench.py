@@ -64,6 +64,8 @@ def smoke(tmp_path_factory):
                 "1,2",
                 "--scaling-samples",
                 "8",
+                "--weight-swap",
+                "eager,engine",
                 "--out",
                 str(paths["results.json"]),
                 "--markdown",
@@ -378,6 +380,29 @@ def test_smoke_run_measures_data_parallel_scaling(smoke):
         assert row["efficiency"] == pytest.approx(row["speedup_vs_1"] / 2)
     text = paths["report.md"].read_text()
     assert "### data-parallel scaling" in text and "| 2 | 1 |" in text
+
+
+def test_smoke_run_times_weight_swaps(smoke):
+    """In-place swaps (update_weights) and new tensors (load_state_dict(assign=True)) on eager and the engine: every
+    sample after a swap is the eager one with the new weights; in place builds no engine entry, new tensors do."""
+    _, paths, doc = smoke
+    assert "--weight-swap eager,engine" in doc["command"]
+    sec = doc["weight_swap"]
+    assert (sec["model"], sec["steps"], sec["batch_size"], sec["device"]) == ("digits", 3, 1, "cpu")
+    assert sec["fingerprint_check_us"] > 0 and sec["step_ms"] > 0
+    rows = {(r["backend"], r["path"]): r for r in sec["rows"]}
+    assert sorted(rows) == [
+        ("eager", "in_place"),
+        ("eager", "new_tensors"),
+        ("engine", "in_place"),
+        ("engine", "new_tensors"),
+    ]
+    for r in rows.values():
+        assert r["status"] == "ok" and r["correct"] and r["max_abs_diff"] == 0.0 and len(r["seconds"]) == 2
+    assert rows[("engine", "in_place")]["rebuilds"] == 0
+    assert rows[("engine", "new_tensors")]["rebuilds"] == 2
+    assert rows[("eager", "in_place")]["rebuilds"] is None
+    assert "### weight swap" in paths["report.md"].read_text()
 
 
 def test_scaling_plan_and_gpu_rows_without_enough_gpus(monkeypatch):

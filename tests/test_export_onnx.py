@@ -337,6 +337,39 @@ def test_onnx_denoiser_on_cuda_uses_io_binding(digits):
 # ------------------------------------------------------------------------------------------------ runtime errors
 
 
+def test_onnx_denoiser_with_source_never_runs_stale_weights(digits, tmp_path):
+    """The file's weights digest is checked against `source` when the denoiser is made; every call checks the
+    source's fingerprint, tells a rewrite of the same values from a change, and names the call that fixes it."""
+    import fastdiff
+    from fastdiff.errors import StaleWeightsError
+
+    model, _, _, report = digits
+    model = copy.deepcopy(model)
+    denoiser = OnnxDenoiser(report.path, source=fastdiff.as_denoiser(model))
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([5, 600]), torch.tensor([1, 2])
+    out = denoiser(x, t, class_labels=y)
+    model.load_state_dict(copy.deepcopy(model.state_dict()))  # the same values written again
+    torch.testing.assert_close(denoiser(x, t, class_labels=y), out, rtol=0, atol=0)
+    fastdiff.update_weights(model, {k: v * 1.1 for k, v in model.state_dict().items()})
+    with pytest.raises(StaleWeightsError, match=r"have changed; re-export it: fastdiff\.export\.to_onnx"):
+        denoiser(x, t, class_labels=y)
+    with pytest.raises(StaleWeightsError, match="exported from other weights"):
+        OnnxDenoiser(report.path, source=model)
+    with pytest.raises(StaleWeightsError, match="holds its own copy of the weights"):
+        fastdiff.update_weights(denoiser, model.state_dict())
+    with pytest.raises(TypeError, match="source must be"):
+        OnnxDenoiser(report.path, source=object())
+    path = to_onnx(
+        model, tmp_path / "new.onnx", sample_shape=(2, 1, 8, 8), cond_shapes={"class_labels": (2,)}
+    )
+    with torch.no_grad():
+        expected = model(x, t, y)
+    torch.testing.assert_close(
+        OnnxDenoiser(path, source=model)(x, t, class_labels=y), expected, rtol=0, atol=ATOL
+    )
+    assert (expected - out).abs().max() > 1e-3
+
+
 def test_onnx_denoiser_rejects_bad_inputs(digits, unet2d):
     _, _, _, report = digits
     denoiser = OnnxDenoiser(report.path)

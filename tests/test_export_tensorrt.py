@@ -3,6 +3,7 @@ building and running engines needs a CUDA GPU with tensorrt (marked `cuda`, skip
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import pytest
@@ -32,6 +33,7 @@ def onnx_file(tmp_path):
         ({"opt_batch": 16, "max_batch": 8}, ValueError, "min_batch <= opt_batch <= max_batch"),
         ({"fp16": "yes"}, TypeError, "fp16"),
         ({"bf16": 1}, TypeError, "bf16"),
+        ({"refittable": "yes"}, TypeError, "refittable"),
         ({"workspace_gb": 0}, ValueError, "workspace_gb"),
         ({"workspace_gb": -1.5}, ValueError, "workspace_gb"),
     ],
@@ -180,3 +182,27 @@ def test_engine_errors(engines, tmp_path):
     corrupt.write_bytes(engines["fp32"].read_bytes()[:1000])
     with pytest.raises(CheckpointError, match=r"corrupt\.engine"):
         TensorRTDenoiser(corrupt)
+
+
+@gpu
+def test_refit_follows_new_weights_without_a_rebuild(exported, tmp_path):
+    """A refittable engine with its source watched: new weights make calls fail with StaleWeightsError until the
+    ONNX graph is re-exported and the engine refitted from it; then it matches the new weights."""
+    from fastdiff import StaleWeightsError, update_weights
+    from fastdiff.export import to_onnx
+
+    model, path, _ = exported
+    model = copy.deepcopy(model)
+    engine = build_tensorrt_engine(path, tmp_path / "refit.engine", max_batch=2, fp16=False, refittable=True)
+    denoiser = TensorRTDenoiser(engine, source=model)
+    x, t, y = _inputs(2)
+    denoiser(x, t, class_labels=y)
+    update_weights(model, {k: v * 1.1 for k, v in model.state_dict().items()})
+    with pytest.raises(StaleWeightsError, match=r"refit"):
+        denoiser(x, t, class_labels=y)
+    new_onnx = to_onnx(
+        model, tmp_path / "new.onnx", sample_shape=(2, 1, 8, 8), cond_shapes={"class_labels": (2,)}
+    )
+    denoiser.refit(new_onnx)
+    with torch.no_grad():
+        torch.testing.assert_close(denoiser(x, t, class_labels=y), model(x, t, y), atol=5e-3, rtol=0)

@@ -1,4 +1,4 @@
-"""`fastdiff export`: write a model as an ONNX graph or a TensorRT engine, with a one-line summary."""
+"""`fastdiff export`: write a model as an ONNX graph, an OpenVINO IR or a TensorRT engine, with a one-line summary."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from torch import nn
 
 from fastdiff.output import check_output_path
 
-FORMATS = ("onnx", "tensorrt")
+FORMATS = ("onnx", "openvino", "tensorrt")
+SUFFIXES = {"onnx": ".onnx", "openvino": ".xml"}  # tensorrt engines: any name
 PRECISIONS = ("fp16", "bf16", "fp32")
 
 
@@ -81,14 +82,20 @@ def _cond_shapes(model: nn.Module, batch: int) -> dict[str, tuple[int, ...]]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Export `--model` to `--out` as ONNX (verified against eager PyTorch) or as a TensorRT engine."""
+    """Export `--model` to `--out` as ONNX or OpenVINO IR (both verified against eager PyTorch) or as a TensorRT
+    engine."""
     from fastdiff.export.onnx import to_onnx
 
     start = time.perf_counter()
     lo, opt, hi = parse_batch(args.batch)
     out = check_output_path(args.out)
-    if args.format == "onnx" and out.suffix != ".onnx":
-        raise ValueError(f"--out must end in .onnx for --format onnx, got {args.out!r}")
+    suffix = SUFFIXES.get(args.format)
+    if suffix is not None and out.suffix != suffix:
+        raise ValueError(f"--out must end in {suffix} for --format {args.format}, got {args.out!r}")
+    if args.format == "openvino":
+        from fastdiff.export.openvino import import_openvino
+
+        import_openvino()  # fail before the slow ONNX export when the extra is missing
     if args.format == "tensorrt":
         from fastdiff.export.tensorrt import import_tensorrt
 
@@ -96,9 +103,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     model, sample_shape, what = load_export_model(args.model)
     kwargs = dict(sample_shape=(opt, *sample_shape), cond_shapes=_cond_shapes(model, opt), opset=args.opset)
 
+    runtime = "ONNX Runtime"
     if args.format == "onnx":
         report = to_onnx(model, out, return_report=True, **kwargs)
         detail = f"{report.exporter} exporter"
+    elif args.format == "openvino":
+        from fastdiff.export.openvino import to_openvino
+
+        report = to_openvino(model, out, return_report=True, **kwargs)
+        detail, runtime = f"OpenVINO IR + .bin, via the {report.exporter} ONNX exporter", "OpenVINO f32"
     else:
         from fastdiff.export.tensorrt import build_tensorrt_engine
 
@@ -116,10 +129,10 @@ def cmd_export(args: argparse.Namespace) -> int:
                 timing_cache=args.timing_cache,
             )
         detail = f"TensorRT {args.precision}, batch {lo}:{opt}:{hi}"
-    size = report.size_bytes if args.format == "onnx" else out.stat().st_size
+    size = out.stat().st_size if args.format == "tensorrt" else report.size_bytes
     print(
         f"exported {what} -> {out} ({detail}): {size / 1e6:.1f} MB, "
-        f"max abs diff vs eager {report.max_abs_diff:.2g} (ONNX Runtime), {time.perf_counter() - start:.1f} s"
+        f"max abs diff vs eager {report.max_abs_diff:.2g} ({runtime}), {time.perf_counter() - start:.1f} s"
     )
     return 0
 
@@ -127,7 +140,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `fastdiff export` on the top-level subcommand parser."""
     p = sub.add_parser(
-        "export", help="export a model to ONNX (verified with onnxruntime) or a TensorRT engine"
+        "export",
+        help="export a model to ONNX (verified with onnxruntime), OpenVINO IR (verified with OpenVINO) or a TensorRT engine",
     )
     p.add_argument(
         "--model",
@@ -140,7 +154,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="1:8:64",
         help="MIN:OPT:MAX batch sizes (TensorRT profile); ONNX has a dynamic batch and is checked at OPT",
     )
-    p.add_argument("--out", required=True, help="output file: .onnx, or the engine file for tensorrt")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output file: .onnx, .xml for openvino (weights in the .bin beside it), or the engine file for tensorrt",
+    )
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument(
         "--precision", choices=PRECISIONS, default="fp16", help="TensorRT precision (tensorrt only)"

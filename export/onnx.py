@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,12 +30,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastdiff.errors import CheckpointError, FastdiffError, StaleWeightsError, missing_extra
-from fastdiff.fingerprint import file_sha256, state_sha256
-from fastdiff.guidance import null_class_cond
+from fastdiff.errors import CheckpointError, FastdiffError, missing_extra
+from fastdiff.export.runtime import (
+    RESERVED,
+    GraphDenoiser,
+    Port,
+    check_signature,
+    denoiser_feeds,
+    publish,
+    verify_sidecar,
+)
+from fastdiff.fingerprint import state_sha256
 from fastdiff.kernels.backend import decomposed
-from fastdiff.output import check_output_path, write_bytes_atomic
-from fastdiff.weights import WeightsWatch, wrapped_module
+from fastdiff.output import check_output_path
 
 log = logging.getLogger("fastdiff.export")
 
@@ -44,7 +51,6 @@ FORMAT = "fastdiff-onnx-v1"
 EXTERNAL_DATA_BYTES = 1536 * 2**20
 DEFAULT_ATOL = {torch.float32: 1e-4, torch.float16: 2e-2}
 CPU_THREADS = 2  # CPU_NOTES.md: onnxruntime with 2 intra-op threads on our 2-core runners
-RESERVED = ("sample", "timestep")
 
 _ONNX_TYPES = {
     "tensor(float)": torch.float32,
@@ -165,6 +171,44 @@ def _example_inputs(
         else:
             inputs.append(torch.randn((batch, *shape[1:]), generator=gen).to(device, dtype))
     return tuple(inputs)
+
+
+def set_eval(module: nn.Module) -> Callable[[], None]:
+    """Put `module` in eval mode; the returned function gives every submodule its previous mode back."""
+    training = {m: m.training for m in module.modules()}
+    module.eval()
+
+    def restore() -> None:
+        for m, mode in training.items():
+            m.training = mode
+
+    return restore
+
+
+def eager_checks(
+    graph: _DenoiserGraph,
+    sample_shape: tuple[int, ...],
+    conds: Mapping[str, tuple[int, ...]],
+    dtype: torch.dtype,
+    device: torch.device,
+    dynamic_batch: bool,
+) -> list[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+    """(inputs, eager output) pairs an export is checked on: the example batch, and one more when it is dynamic."""
+    batch = sample_shape[0]
+    with torch.no_grad():
+        return [
+            (inputs, graph(*inputs))
+            for b in ([batch, batch + 1] if dynamic_batch else [batch])
+            for inputs in [_example_inputs(graph.model, sample_shape, conds, dtype, device, b, seed=b)]
+        ]
+
+
+def max_abs_diff(got: np.ndarray, expected: torch.Tensor) -> float:
+    """Largest |got - expected| of a runtime's output against eager; FastdiffError if the shapes differ."""
+    want = expected.detach().float().cpu().numpy()
+    if got.shape != want.shape:
+        raise FastdiffError(f"the exported graph returns shape {got.shape}, eager {want.shape}")
+    return float(np.max(np.abs(got.astype(np.float32) - want))) if got.size else 0.0
 
 
 def _export_file(
@@ -347,20 +391,14 @@ def to_onnx(
     names = [*RESERVED, *conds]
     batch = sample_shape[0]
     trace_batch = max(batch, 2) if dynamic_batch else batch
-    check_batches = [batch, batch + 1] if dynamic_batch else [batch]
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     external = weight_bytes > EXTERNAL_DATA_BYTES
 
-    training = {m: m.training for m in model.modules()}
-    graph.eval()
+    restore_modes = set_eval(graph)
     workdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
+        checks = eager_checks(graph, sample_shape, conds, dtype, device, dynamic_batch)
         with torch.no_grad():
-            checks = [
-                (inputs, graph(*inputs))
-                for b in check_batches
-                for inputs in [_example_inputs(model, sample_shape, conds, dtype, device, b, seed=b)]
-            ]
             trace_inputs = _example_inputs(model, sample_shape, conds, dtype, device, trace_batch, seed=0)
             with decomposed():
                 exporter = _export_file(
@@ -392,10 +430,7 @@ def to_onnx(
                 got = session.run(None, feeds)[0]
             except Exception as err:
                 raise FastdiffError(f"onnxruntime cannot run the exported graph: {_first_line(err)}") from err
-            expected = expected.detach().float().cpu().numpy()
-            if got.shape != expected.shape:
-                raise FastdiffError(f"the exported graph returns shape {got.shape}, eager {expected.shape}")
-            diff = max(diff, float(np.max(np.abs(got.astype(np.float32) - expected))) if got.size else 0.0)
+            diff = max(diff, max_abs_diff(got, expected))
         if not diff <= atol:
             raise FastdiffError(
                 f"the exported graph differs from eager PyTorch by {diff:.3g} (max abs) > atol={atol:g}; "
@@ -422,17 +457,10 @@ def to_onnx(
         onnx.save(proto, str(tmp))
 
         files = sorted(workdir.iterdir(), key=lambda f: f == tmp)  # the .onnx last: it appears complete
-        size = sum(f.stat().st_size for f in files)
-        listing = "".join(f"{file_sha256(f)}  {f.name}\n" for f in files)
-        # An old sidecar must not outlive the files it describes: gone first, the new one written last.
-        sidecar_path(path).unlink(missing_ok=True)
-        for f in files:
-            os.replace(f, path.parent / f.name)
-        write_bytes_atomic(sidecar_path(path), listing.encode())
+        size = publish(files, path)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-        for module, mode in training.items():
-            module.training = mode
+        restore_modes()
 
     report = ExportReport(
         path=path,
@@ -457,31 +485,6 @@ def to_onnx(
 # ---------------------------------------------------------------------------------------------------- runtime
 
 
-def sidecar_path(path: str | os.PathLike) -> Path:
-    """The hash sidecar of an exported file: `model.onnx` -> `model.onnx.sha256` (the `sha256sum` format)."""
-    path = Path(path)
-    return path.with_name(path.name + ".sha256")
-
-
-def verify_sidecar(path: str | os.PathLike) -> bool:
-    """Check every file listed in `path`'s sidecar against its sha256 (CheckpointError naming a corrupt or missing
-    one); False when there is no sidecar (a file exported elsewhere), True when all match."""
-    path = Path(path)
-    sidecar = sidecar_path(path)
-    if not sidecar.is_file():
-        return False
-    for line in sidecar.read_text(errors="replace").splitlines():
-        digest, _, name = line.partition("  ")
-        if len(digest) != 64 or not name or Path(name).name != name:
-            raise CheckpointError(f"{sidecar} is not a sha256 listing (line {line[:80]!r})")
-        file = path.parent / name
-        if not file.is_file():
-            raise CheckpointError(f"{file}, listed in {sidecar}, is missing")
-        if file_sha256(file) != digest:
-            raise CheckpointError(f"{file} is corrupt: its sha256 does not match {sidecar}")
-    return True
-
-
 def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The metadata `to_onnx` wrote into a file (format, exporter, weights digest, ...), without its weights."""
     onnx = _import("onnx")
@@ -490,13 +493,6 @@ def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
     except Exception as err:
         raise CheckpointError(f"{path} is not a readable ONNX model: {_first_line(err)}") from err
     return {entry.key: entry.value for entry in proto.metadata_props}
-
-
-@dataclass(frozen=True)
-class Port:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int | None, ...]  # None for a dynamic axis
 
 
 def ports_of(args: Sequence[Any]) -> list[Port]:
@@ -508,145 +504,6 @@ def ports_of(args: Sequence[Any]) -> list[Port]:
             Port(a.name, _ONNX_TYPES[a.type], tuple(d if isinstance(d, int) else None for d in a.shape))
         )
     return ports
-
-
-def check_input(port_name: str, value: torch.Tensor, dtype: torch.dtype, shape: Sequence[int | None]) -> None:
-    """ValueError naming the input when `value` does not have `dtype` and `shape` (None: any size)."""
-    if value.dtype != dtype:
-        raise ValueError(f"input {port_name!r} must have dtype {dtype}, got {value.dtype}")
-    if value.dim() != len(shape) or any(
-        d is not None and d != s for d, s in zip(shape, value.shape, strict=True)
-    ):
-        want = "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
-        raise ValueError(f"input {port_name!r} must have shape {want}, got {tuple(value.shape)}")
-
-
-def denoiser_feeds(
-    x: torch.Tensor,
-    t: torch.Tensor | float,
-    cond: Mapping[str, Any],
-    inputs: Sequence[Port],
-    null_label: int | None,
-) -> dict[str, torch.Tensor]:
-    """Validated, typed tensors for every graph input, on x's device (shared by the ONNX and TensorRT runners).
-
-    `t` may be a number, a 0-d / 1-element tensor or (B,): it is broadcast and cast to the graph's timestep dtype.
-    Integer conditioning (class labels) of any integer dtype is cast; float inputs must match the graph's dtype.
-    A missing `class_labels` means the null label when the model has one.
-    """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    by_name = {p.name: p for p in inputs}
-    unknown = sorted(set(cond) - set(by_name) - set(RESERVED))
-    if unknown or set(RESERVED) & set(cond):
-        raise ValueError(
-            f"unexpected conditioning input(s) {unknown or sorted(set(RESERVED) & set(cond))}; "
-            f"this graph takes {[p.name for p in inputs[2:]]}"
-        )
-    sample, timestep = by_name["sample"], by_name["timestep"]
-    check_input("sample", x, sample.dtype, sample.shape)
-    batch = x.shape[0]
-    if sample.shape[0] is not None and sample.shape[0] != batch:
-        raise ValueError(
-            f"input 'sample' must have batch {sample.shape[0]} (static batch graph), got {batch}"
-        )
-    if isinstance(t, torch.Tensor):
-        if t.numel() == 1:
-            t = t.reshape(1).expand(batch)
-        if t.shape != (batch,):
-            raise ValueError(
-                f"input 'timestep' must be a number or have shape ({batch},), got {tuple(t.shape)}"
-            )
-    elif isinstance(t, (int, float)) and not isinstance(t, bool):
-        t = torch.full((batch,), float(t))
-    else:
-        raise TypeError(f"t must be a tensor or a number, got {type(t).__name__}")
-    feeds = {"sample": x, "timestep": t.to(x.device, timestep.dtype)}
-    for port in inputs[2:]:
-        value = cond.get(port.name)
-        if value is None and port.name == "class_labels" and null_label is not None:
-            value = torch.full((batch,), null_label, dtype=torch.int64)
-        if value is None:
-            raise ValueError(f"missing conditioning input {port.name!r}")
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"input {port.name!r} must be a torch.Tensor, got {type(value).__name__}")
-        if not port.dtype.is_floating_point:
-            if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
-                raise ValueError(f"input {port.name!r} must be an integer tensor, got {value.dtype}")
-            value = value.to(port.dtype)
-        check_input(port.name, value, port.dtype, (batch, *port.shape[1:]))
-        feeds[port.name] = value.to(x.device)
-    return feeds
-
-
-class GraphDenoiser:
-    """What the ONNX and TensorRT denoisers share: ports (sample, timestep, *cond), the null class label, and the
-    module the graph was exported from, when given (`source`), whose weights every call checks.
-
-    An exported graph holds a copy of the weights. With `source`, a call after the source's weights changed (the
-    cheap `fastdiff.weights` fingerprint, then the full digest to tell a real change from a rewrite of the same
-    values) raises `StaleWeightsError` naming the call that makes the graph right again (`_stale_fix`); without
-    it, the denoiser cannot know. `param.data.copy_()` leaves no trace in the fingerprint (no version bump):
-    write weights with `load_state_dict` or `fastdiff.update_weights`, or call `check_source()`.
-    """
-
-    inputs: list[Port]
-    null_label: int | None
-    _no_null_label = "this graph has no null class label (exported from a model without one)"
-    _watch: WeightsWatch | None = None
-    _stale_fix = (
-        "re-export it: fastdiff.export.to_onnx(model, path, ...), then OnnxDenoiser(path, source=model)"
-    )
-
-    @property
-    def cond_names(self) -> list[str]:
-        """Names of the conditioning inputs, in graph order."""
-        return [p.name for p in self.inputs[2:]]
-
-    @property
-    def null_cond(self):
-        """`null_cond(cond)` for classifier-free guidance; only with a null class label."""
-        if self.null_label is None:
-            raise AttributeError(self._no_null_label)
-        return self._null_cond
-
-    def _null_cond(self, cond: Mapping[str, Any]) -> dict[str, Any]:
-        return null_class_cond(cond, self.null_label)
-
-    def _bind_source(self, source: nn.Module | None, digest: str | None) -> None:
-        """Watch `source` (None: nothing). `digest`: the weights the graph holds, when its file says."""
-        if source is None:
-            return
-        module = wrapped_module(source)
-        if not isinstance(module, nn.Module):
-            raise TypeError(
-                f"source must be the nn.Module the graph was exported from, got {type(source).__name__}"
-            )
-        self._watch = WeightsWatch(module)
-        self._state = self._watch.state()
-        self._digest = state_sha256(module.state_dict())
-        if digest is not None and digest != self._digest:
-            raise StaleWeightsError(
-                f"{self.path} was exported from other weights than source's; {self._stale_fix}"
-            )
-
-    def check_source(self, *, full: bool = False) -> None:
-        """Raise `StaleWeightsError` if the source's weights differ from those in the graph (a no-op without a
-        source). `full` compares the digest even when the fingerprint saw no change."""
-        if self._watch is None:
-            return
-        state = self._watch.state()
-        if state == self._state and not full:
-            return
-        if state_sha256(self._watch.module.state_dict()) != self._digest:
-            raise StaleWeightsError(
-                f"the weights of the module {self.path} was exported from have changed; {self._stale_fix}"
-            )
-        self._state = state
-
-    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
-        """An exported graph cannot take new weights in place: raises `StaleWeightsError` saying what to call."""
-        raise StaleWeightsError(f"{type(self).__name__} holds its own copy of the weights; {self._stale_fix}")
 
 
 class OnnxDenoiser(GraphDenoiser):
@@ -708,16 +565,8 @@ class OnnxDenoiser(GraphDenoiser):
             self.outputs = ports_of(self.session.get_outputs())
         except ValueError as err:
             raise CheckpointError(f"{self.path}: {err}") from err
-        if [p.name for p in self.inputs[:2]] != list(RESERVED) or len(self.outputs) != 1:
-            raise CheckpointError(
-                f"{self.path} is not a denoiser graph: expected inputs (sample, timestep, *cond) and one output, "
-                f"got inputs {[p.name for p in self.inputs]} and {len(self.outputs)} outputs"
-            )
-        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
-        null = self.metadata.get("fastdiff.null_class_label")
-        self.null_label = int(null) if null is not None else None
-        n = self.metadata.get("fastdiff.num_classes")
-        self.num_classes = int(n) if n is not None else None
+        check_signature(self.path, "graph", self.inputs, self.outputs)
+        self._read_metadata(self.session.get_modelmeta().custom_metadata_map)
         self.cuda = "CUDAExecutionProvider" in self.session.get_providers()
         self._bind_source(source, self.metadata.get("fastdiff.weights_sha256"))
 

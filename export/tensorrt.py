@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from fastdiff.errors import CheckpointError, FastdiffError, missing_extra
-from fastdiff.export.onnx import GraphDenoiser, Port, denoiser_feeds, onnx_metadata
+from fastdiff.export.onnx import onnx_metadata
+from fastdiff.export.runtime import GraphDenoiser, Port, check_signature, denoiser_feeds
 from fastdiff.output import atomic_path, check_output_path, write_bytes_atomic
 
 # TensorRT DataType names -> torch dtypes (names, so this table needs no tensorrt import).
@@ -183,12 +184,7 @@ class TensorRTDenoiser(GraphDenoiser):
             port = Port(name, _TRT_DTYPES[dtype_name], shape)
             is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
             (inputs if is_input else outputs).append(port)
-        names = [p.name for p in inputs]
-        if names[:2] != ["sample", "timestep"] or len(outputs) != 1:
-            raise CheckpointError(
-                f"{self.path} is not a denoiser engine: expected inputs (sample, timestep, *cond) and one output, "
-                f"got inputs {names} and {len(outputs)} outputs"
-            )
+        check_signature(self.path, "engine", inputs, outputs)
         self.inputs, self.output = inputs, outputs[0]
         self.null_label = null_label
         lo, _, hi = self.engine.get_tensor_profile_shape("sample", 0)

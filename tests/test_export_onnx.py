@@ -24,7 +24,7 @@ import onnx
 
 from fastdiff.errors import CheckpointError, FastdiffError
 from fastdiff.export import ExportReport, OnnxDenoiser, to_onnx
-from fastdiff.export.onnx import sidecar_path
+from fastdiff.export.runtime import sidecar_path
 from fastdiff.kernels import attention, attention_reference, group_norm_silu
 from fastdiff.kernels.backend import decomposed, decomposing
 from fastdiff.models import UNet, UNetConfig

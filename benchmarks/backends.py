@@ -8,6 +8,7 @@
 | `fastdiff`        | `fastdiff.accelerate(model)`                   | `fastdiff.sample` (table + fused sampler step)  |
 | `fastdiff-graphs` | `fastdiff.accelerate(model)`                   | `SamplingEngine`: CUDA graphs on GPU, `compile=True` on CPU |
 | `onnxruntime`     | `fastdiff.export.to_onnx` + `OnnxDenoiser`     | `fastdiff.sample`                               |
+| `openvino`        | `fastdiff.export.to_openvino` + `OpenVinoDenoiser` (f32 precision hint) | `fastdiff.sample`      |
 | `tensorrt`        | ONNX -> `build_tensorrt_engine` + `TensorRTDenoiser` | `fastdiff.sample`                         |
 
 The eager loop is what a diffusers pipeline does per step: concatenate cond/uncond, call the model, combine the
@@ -43,7 +44,16 @@ from fastdiff.samplers import batch_conds, run_table
 
 from .workloads import Workload
 
-BACKENDS = ("eager", "eager-sdpa", "torch-compile", "fastdiff", "fastdiff-graphs", "onnxruntime", "tensorrt")
+BACKENDS = (
+    "eager",
+    "eager-sdpa",
+    "torch-compile",
+    "fastdiff",
+    "fastdiff-graphs",
+    "onnxruntime",
+    "openvino",
+    "tensorrt",
+)
 
 
 class BackendSkipped(Exception):
@@ -337,10 +347,14 @@ class OnnxRuntimeBackend(FastdiffBackend):
             from fastdiff.export import to_onnx
         except ImportError as err:
             raise BackendSkipped(f"fastdiff.export.to_onnx is not available: {err}") from None
-        path = self.workdir / f"{self.workload.name}-{str(self.dtype).removeprefix('torch.')}.onnx"
+        return self._export_with(to_onnx, ".onnx")
+
+    def _export_with(self, export: Callable[..., Any], suffix: str) -> tuple[Path, float]:
+        """(file, seconds): `export(model, path, sample_shape=..., cond_shapes=...)` into the work folder."""
+        path = self.workdir / f"{self.workload.name}-{str(self.dtype).removeprefix('torch.')}{suffix}"
         sample_shape, cond_shapes = _export_shapes(self.workload)
         start = time.perf_counter()
-        to_onnx(self.workload.model_as(self.dtype), path, sample_shape=sample_shape, cond_shapes=cond_shapes)
+        export(self.workload.model_as(self.dtype), path, sample_shape=sample_shape, cond_shapes=cond_shapes)
         return path, time.perf_counter() - start
 
     def _denoiser(self) -> tuple[Callable, dict[str, Any], float]:
@@ -355,6 +369,35 @@ class OnnxRuntimeBackend(FastdiffBackend):
         denoiser = OnnxDenoiser(path)
         providers = getattr(getattr(denoiser, "session", None), "get_providers", lambda: None)()
         info = {"export_s": export_s, "onnxruntime": _version("onnxruntime"), "providers": providers}
+        return denoiser, info, export_s + time.perf_counter() - start
+
+
+class OpenVinoBackend(OnnxRuntimeBackend):
+    """The model exported with `fastdiff.export.to_openvino` (via ONNX), run by `OpenVinoDenoiser` at the f32
+    precision hint inside `fastdiff.sample`: what a CPU user would pick instead of PyTorch."""
+
+    name = "openvino"
+
+    def _denoiser(self) -> tuple[Callable, dict[str, Any], float]:
+        if self.dtype != torch.float32:
+            raise BackendSkipped(
+                "OpenVINO IR is exported in float32 (its precision is a runtime hint, measured here at f32)"
+            )
+        if _version("openvino") is None:
+            raise BackendSkipped('openvino is not installed (pip install "fastdiff[openvino]")')
+        try:
+            from fastdiff.export import OpenVinoDenoiser, to_openvino
+        except ImportError as err:
+            raise BackendSkipped(f"fastdiff.export's OpenVINO support is not available: {err}") from None
+        path, export_s = self._export_with(to_openvino, ".xml")
+        start = time.perf_counter()
+        denoiser = OpenVinoDenoiser(path)
+        info = {
+            "export_s": export_s,
+            "openvino": _version("openvino"),
+            "precision": denoiser.precision,
+            "threads": int(denoiser.compiled.get_property("INFERENCE_NUM_THREADS")),
+        }
         return denoiser, info, export_s + time.perf_counter() - start
 
 
@@ -407,9 +450,9 @@ def prepare(
     """
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    if name in ("onnxruntime", "tensorrt"):
-        cls = OnnxRuntimeBackend if name == "onnxruntime" else TensorRTBackend
-        return cls(workload, dtype, workdir, max_batch)
+    exported = {"onnxruntime": OnnxRuntimeBackend, "openvino": OpenVinoBackend, "tensorrt": TensorRTBackend}
+    if name in exported:
+        return exported[name](workload, dtype, workdir, max_batch)
     if name == "fastdiff-graphs":
         return FastdiffGraphsBackend(workload, dtype, graph_mode)
     classes = {

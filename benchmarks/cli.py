@@ -28,6 +28,7 @@ from .report import (
     parse_threshold,
     plot,
     validation_errors,
+    validator,
     write_results,
     write_text,
 )
@@ -189,6 +190,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for path in (args.out, args.markdown, args.plot):
         if path is not None:
             check_output_path(path)  # fail now, not after minutes of measuring
+    if args.out is not None:
+        validator()  # the results are validated before they are written: jsonschema must be there
     config = BenchConfig(
         workloads=args.workloads,
         backends=args.backends,

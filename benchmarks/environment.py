@@ -11,7 +11,17 @@ from typing import Any
 
 import torch
 
-PACKAGES = ("fastdiff", "torch", "triton", "onnx", "onnxruntime", "tensorrt", "diffusers", "numpy")
+PACKAGES = (
+    "fastdiff",
+    "torch",
+    "triton",
+    "onnx",
+    "onnxruntime",
+    "openvino",
+    "tensorrt",
+    "diffusers",
+    "numpy",
+)
 # Environment variables that change what is measured (threads, interpreter, compile caches).
 ENV_VARS = (
     "OMP_NUM_THREADS",

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastdiff.errors import FastdiffError
+from fastdiff.errors import FastdiffError, missing_extra
 from fastdiff.output import write_bytes_atomic
 
 from .scaling import markdown_lines as scaling_lines
@@ -30,66 +30,6 @@ def schema() -> dict[str, Any]:
     return json.loads(SCHEMA_PATH.read_text())
 
 
-_JSON_TYPES = {
-    "object": dict,
-    "array": list,
-    "string": str,
-    "boolean": bool,
-    "null": type(None),
-    "number": (int, float),
-    "integer": int,
-}
-
-
-def _is_type(value: Any, name: str) -> bool:
-    if isinstance(value, bool) and name in ("number", "integer"):
-        return False
-    return isinstance(value, _JSON_TYPES[name])
-
-
-def _structural_errors(value: Any, node: dict[str, Any], root: dict[str, Any], where: str) -> list[str]:
-    """The subset of JSON Schema that schema.json uses, for machines without `jsonschema`."""
-    if "$ref" in node:
-        target = root
-        for part in node["$ref"].removeprefix("#/").split("/"):
-            target = target[part]
-        node = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
-    errors: list[str] = []
-    if "const" in node and value != node["const"]:
-        return [f"{where}: expected {node['const']!r}, got {value!r}"]
-    if "enum" in node and value not in node["enum"]:
-        return [f"{where}: {value!r} is not one of {node['enum']}"]
-    if "type" in node:
-        types = node["type"] if isinstance(node["type"], list) else [node["type"]]
-        if not any(_is_type(value, t) for t in types):
-            return [f"{where}: expected {' or '.join(types)}, got {type(value).__name__}"]
-    if _is_type(value, "number"):
-        if "minimum" in node and value < node["minimum"]:
-            errors.append(f"{where}: {value} is below the minimum {node['minimum']}")
-        if "exclusiveMinimum" in node and value <= node["exclusiveMinimum"]:
-            errors.append(f"{where}: {value} must be greater than {node['exclusiveMinimum']}")
-    if isinstance(value, list):
-        if len(value) < node.get("minItems", 0):
-            errors.append(f"{where}: expected at least {node['minItems']} items")
-        if "items" in node:
-            for i, item in enumerate(value):
-                errors += _structural_errors(item, node["items"], root, f"{where}[{i}]")
-    if isinstance(value, dict):
-        errors += [f"{where}: missing key {key!r}" for key in node.get("required", []) if key not in value]
-        props = node.get("properties", {})
-        extra = node.get("additionalProperties")
-        for key, item in value.items():
-            if key in props:
-                errors += _structural_errors(item, props[key], root, f"{where}.{key}")
-            elif isinstance(extra, dict):
-                errors += _structural_errors(item, extra, root, f"{where}.{key}")
-    if "if" in node and not _structural_errors(value, node["if"], root, where):
-        errors += _structural_errors(value, node.get("then", {}), root, where)
-    elif "if" in node:
-        errors += _structural_errors(value, node.get("else", {}), root, where)
-    return errors
-
-
 def _non_finite(value: Any, where: str) -> list[str]:
     """NaN and infinities, which JSON cannot hold (Python's json would write them anyway)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -101,18 +41,22 @@ def _non_finite(value: Any, where: str) -> list[str]:
     return []
 
 
-def validation_errors(report: Any) -> list[str]:
-    """Every way `report` violates schema.json ([] when valid); uses `jsonschema` when it is installed."""
-    spec = schema()
+def validator() -> Any:
+    """A JSON Schema (draft 2020-12) validator of schema.json; ImportError naming the `bench` extra without
+    `jsonschema`."""
     try:
-        try:
-            import jsonschema
-        except ImportError:
-            return _structural_errors(report, spec, spec, "$") + _non_finite(report, "$")
-        validator = jsonschema.Draft202012Validator(spec)
+        import jsonschema
+    except ImportError as err:
+        raise missing_extra("jsonschema", "bench") from err
+    return jsonschema.Draft202012Validator(schema())
+
+
+def validation_errors(report: Any) -> list[str]:
+    """Every way `report` violates schema.json, and every NaN or infinity in it ([] when valid)."""
+    try:
         return [
             f"${''.join(f'[{p}]' if isinstance(p, int) else f'.{p}' for p in e.absolute_path)}: {e.message}"
-            for e in sorted(validator.iter_errors(report), key=lambda e: list(map(str, e.absolute_path)))
+            for e in sorted(validator().iter_errors(report), key=lambda e: list(map(str, e.absolute_path)))
         ] + _non_finite(report, "$")
     except RecursionError:  # the checks recurse into the document; no results file is nested this deeply
         return ["$: nested too deeply to be a results file"]
@@ -169,7 +113,9 @@ def header(report: dict[str, Any]) -> list[str]:
     driver = f", driver {dev['driver']}, CUDA {dev['cuda']}" if dev["type"] == "cuda" else ""
     load = env["load_average"]
     libs = ", ".join(
-        f"{k} {ver[k]}" for k in ("torch", "triton", "diffusers", "onnxruntime", "tensorrt") if ver.get(k)
+        f"{k} {ver[k]}"
+        for k in ("torch", "triton", "diffusers", "onnxruntime", "openvino", "tensorrt")
+        if ver.get(k)
     )
     s = report["settings"]
     return [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -24,7 +25,7 @@ from fastdiff.cli import main as cli
 SAME_MODEL_ATOL = 1e-4
 # ONNX Runtime runs its own kernels for every op (to_onnx itself checks one call at 1e-4); a few steps compound it.
 ONNX_ATOL = 1e-3
-SMOKE_BACKENDS = "eager,eager-sdpa,fastdiff,onnxruntime,tensorrt"
+SMOKE_BACKENDS = "eager,eager-sdpa,fastdiff,onnxruntime,openvino,tensorrt"
 
 
 @pytest.fixture(autouse=True)
@@ -97,7 +98,7 @@ def test_smoke_run_writes_valid_results(smoke):
     assert len(doc["environment"]["load_average"]["start"]) == 3
     assert doc["command"].startswith("fastdiff bench --workloads digits,swissroll,sd15-unet")
     # every combination is recorded, measured or not
-    assert len(doc["results"]) == 3 * 5 * 2
+    assert len(doc["results"]) == 3 * 6 * 2
 
 
 def test_smoke_run_measures_eager_and_fastdiff(smoke):
@@ -139,6 +140,16 @@ def test_smoke_run_records_skips_with_reasons(smoke):
             assert row["numerics"]["max_abs"] < ONNX_ATOL and row["setup_s"] > 0
         else:
             assert row["status"] == "skipped" and row["reason"], row
+    openvino_installed = importlib.util.find_spec("openvino") is not None
+    for workload in ("digits", "swissroll"):
+        for row in _rows(doc, backend="openvino", workload=workload):
+            if not openvino_installed:
+                assert row["status"] == "skipped" and "fastdiff[openvino]" in row["reason"], row
+                continue
+            # OpenVINO at the f32 hint: like onnxruntime, its own kernels, ~1e-6 per call
+            assert row["status"] == "ok", row["reason"]
+            assert row["numerics"]["max_abs"] < ONNX_ATOL and row["setup_s"] >= row["info"]["export_s"] > 0
+            assert row["info"]["precision"] == "f32" and row["profile"]["model_s"] > 0
 
 
 def test_smoke_run_writes_markdown_and_png(smoke):
@@ -217,11 +228,13 @@ def test_parse_threshold_rejects(text):
         report.parse_threshold(text)
 
 
-@pytest.mark.parametrize("with_jsonschema", [True, False])
-def test_validation_catches_broken_documents(smoke, monkeypatch, with_jsonschema):
+def test_schema_is_valid_json_schema():
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.Draft202012Validator.check_schema(report.schema())
+
+
+def test_validation_catches_broken_documents(smoke):
     _, _, doc = smoke
-    if not with_jsonschema:
-        monkeypatch.setitem(sys.modules, "jsonschema", None)  # the minimal structural check instead
     assert report.validation_errors(doc) == []
     broken = []
     for edit in (
@@ -238,6 +251,19 @@ def test_validation_catches_broken_documents(smoke, monkeypatch, with_jsonschema
         edit(bad)
         broken.append(report.validation_errors(bad))
     assert all(broken), broken
+
+
+def test_validation_without_jsonschema_names_the_extra(smoke, tmp_path, monkeypatch, capsys):
+    _, paths, doc = smoke
+    monkeypatch.setitem(sys.modules, "jsonschema", None)
+    with pytest.raises(ImportError, match=r"fastdiff\[bench\]"):
+        report.validation_errors(doc)
+    assert cli(["bench", "validate", str(paths["results.json"])]) == 2
+    assert "fastdiff[bench]" in capsys.readouterr().err
+    # a run that would write results fails before measuring anything
+    out = tmp_path / "r.json"
+    assert cli(["bench", "--workloads", "swissroll", "--backends", "eager", "--out", str(out)]) == 2
+    assert "fastdiff[bench]" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
 
 
 def test_validate_command(smoke, tmp_path, capsys):

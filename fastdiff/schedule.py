@@ -1,4 +1,6 @@
-"""Noise schedules: betas, cumulative alphas, the closed-form forward process and timestep spacing."""
+"""Noise schedules: betas, cumulative alphas, the closed-form forward process and timestep spacing
+(`NoiseSchedule`); the sigma schedules of flow matching (`FlowSchedule`); and the sigma spacings that
+diffusers' sigma-space schedulers share (Karras, exponential, beta)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ MAX_TRAIN_TIMESTEPS = 100_000
 
 KINDS = ("linear", "scaled_linear", "cosine")
 SPACINGS = ("leading", "trailing", "linspace")
+SIGMA_SPACINGS = ("karras", "exponential", "beta")
+TIME_SHIFTS = ("exponential", "linear")
 _DIFFUSERS_KINDS = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
 
 
@@ -156,6 +160,23 @@ class NoiseSchedule:
             raise ValueError(f"steps_offset={steps_offset} moves timesteps outside [0, {T})")
         return torch.from_numpy(ts.copy())
 
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """sigma_t = sqrt((1 - abar_t) / abar_t) per training timestep (float64): the noise level of the
+        variance-exploding state x_t / sqrt(abar_t) that Euler-type samplers integrate."""
+        abar = self.alphas_cumprod
+        return ((1.0 - abar) / abar).sqrt()
+
+    def sigma_to_t(self, sigmas: np.ndarray) -> np.ndarray:
+        """The fractional training timestep of each sigma: linear interpolation in log sigma between the two
+        neighbouring training timesteps (diffusers' `_sigma_to_t`, clamped to [0, T - 1])."""
+        log_sigmas = np.log(self.sigmas.numpy())
+        log_sigma = np.log(np.maximum(np.asarray(sigmas, dtype=np.float64), 1e-10))
+        below = np.cumsum(log_sigma[None, :] >= log_sigmas[:, None], axis=0).argmax(axis=0)
+        low = below.clip(max=log_sigmas.shape[0] - 2)
+        w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0.0, 1.0)
+        return (1.0 - w) * low + w * (low + 1)
+
     def q_sample(self, x0: torch.Tensor, t: int | torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Closed-form forward process: sqrt(abar_t) x0 + sqrt(1 - abar_t) noise; `t` is an int or a (B,) tensor."""
         if noise.shape != x0.shape:
@@ -172,3 +193,187 @@ class NoiseSchedule:
         sa = abar.sqrt().to(device=x0.device, dtype=x0.dtype).reshape(view)
         sb = (1 - abar).sqrt().to(device=x0.device, dtype=x0.dtype).reshape(view)
         return sa * x0 + sb * noise
+
+
+def spaced_sigmas(spacing: str, sigma_min: float, sigma_max: float, num_steps: int) -> np.ndarray:
+    """`num_steps` descending sigmas from sigma_max to sigma_min (float64), spaced as diffusers' `use_karras_sigmas`
+    ("karras": Karras et al. 2022 eq. 5, rho = 7), `use_exponential_sigmas` ("exponential": uniform in log sigma)
+    or `use_beta_sigmas` ("beta": beta(0.6, 0.6) quantiles, Lee et al. 2024)."""
+    if spacing not in SIGMA_SPACINGS:
+        raise ValueError(f"sigma spacing must be one of {SIGMA_SPACINGS}, got {spacing!r}")
+    ramp = np.linspace(0.0, 1.0, num_steps)
+    if spacing == "karras":
+        rho = 7.0
+        lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+        return (hi + ramp * (lo - hi)) ** rho
+    if spacing == "exponential":
+        return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_steps))
+    try:
+        from scipy.stats import beta
+    except ImportError:
+        raise ImportError("beta sigmas need scipy; install it with: pip install scipy") from None
+    return sigma_min + beta.ppf(1.0 - ramp, 0.6, 0.6) * (sigma_max - sigma_min)
+
+
+def sigma_spacing_of(config: Mapping[str, Any]) -> str | None:
+    """Which of diffusers' `use_karras_sigmas` / `use_exponential_sigmas` / `use_beta_sigmas` a config sets."""
+    chosen = [name for name in SIGMA_SPACINGS if config.get(f"use_{name}_sigmas", False)]
+    if len(chosen) > 1:
+        raise ValueError(
+            f"only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, got {chosen}"
+        )
+    return chosen[0] if chosen else None
+
+
+class FlowSchedule:
+    """A flow-matching (rectified flow) schedule: x_sigma = (1 - sigma) x0 + sigma noise, sigma from 1 to 0, and the
+    model predicts the velocity noise - x0 at timestep sigma * num_train_timesteps (SD3, Flux).
+
+    The sigmas of `num_steps` steps follow diffusers' FlowMatchEulerDiscreteScheduler: evenly spaced between the
+    shifted training sigmas, then shifted by `shift` (sigma' = shift s / (1 + (shift - 1) s)), or, with
+    `use_dynamic_shifting`, by the resolution-dependent `mu` (`time_shift_type` "exponential":
+    e^mu / (e^mu + 1/s - 1); "linear": mu / (mu + 1/s - 1)); optionally stretched so the last one is
+    `shift_terminal`, respaced by `sigma_spacing` (see `spaced_sigmas`), and inverted (`invert_sigmas`).
+    """
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        shift: float = 1.0,
+        *,
+        use_dynamic_shifting: bool = False,
+        time_shift_type: str = "exponential",
+        shift_terminal: float | None = None,
+        sigma_spacing: str | None = None,
+        invert_sigmas: bool = False,
+        base_shift: float = 0.5,
+        max_shift: float = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+    ):
+        if (
+            isinstance(num_train_timesteps, bool)
+            or not isinstance(num_train_timesteps, int)
+            or num_train_timesteps < 1
+        ):
+            raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
+        if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
+            raise ValueError(f"shift must be a positive number, got {shift!r}")
+        if time_shift_type not in TIME_SHIFTS:
+            raise ValueError(f"time_shift_type must be one of {TIME_SHIFTS}, got {time_shift_type!r}")
+        if shift_terminal is not None and not 0 <= shift_terminal < 1:
+            raise ValueError(f"shift_terminal must be None or in [0, 1), got {shift_terminal!r}")
+        if sigma_spacing is not None and sigma_spacing not in SIGMA_SPACINGS:
+            raise ValueError(f"sigma_spacing must be None or one of {SIGMA_SPACINGS}, got {sigma_spacing!r}")
+        self.num_train_timesteps = num_train_timesteps
+        self.shift = float(shift)
+        self.use_dynamic_shifting = bool(use_dynamic_shifting)
+        self.time_shift_type = time_shift_type
+        self.shift_terminal = shift_terminal or None
+        self.sigma_spacing = sigma_spacing
+        self.invert_sigmas = bool(invert_sigmas)
+        self.base_shift, self.max_shift = float(base_shift), float(max_shift)
+        self.base_image_seq_len, self.max_image_seq_len = int(base_image_seq_len), int(max_image_seq_len)
+        # The training sigmas N/N .. 1/N, shifted unless the shift is dynamic: their ends bound every schedule.
+        train = np.arange(num_train_timesteps, 0, -1, dtype=np.float64) / num_train_timesteps
+        if not self.use_dynamic_shifting:
+            train = self._shift(train, self.shift)
+        self.sigma_max, self.sigma_min = float(train[0]), float(train[-1])
+
+    def __repr__(self) -> str:
+        shift = "dynamic" if self.use_dynamic_shifting else self.shift
+        return f"FlowSchedule(num_train_timesteps={self.num_train_timesteps}, shift={shift})"
+
+    @classmethod
+    def from_diffusers(cls, scheduler_or_config: Any) -> FlowSchedule:
+        """The schedule of a diffusers FlowMatchEulerDiscreteScheduler (its current `shift`, which `set_shift`
+        may have changed) or of its config."""
+        config = getattr(scheduler_or_config, "config", scheduler_or_config)
+        if not isinstance(config, Mapping):
+            raise TypeError(
+                "scheduler_or_config must be a diffusers scheduler or its config, "
+                f"got {type(scheduler_or_config).__name__}"
+            )
+        shift = getattr(scheduler_or_config, "shift", None)
+        return cls(
+            int(config.get("num_train_timesteps", 1000)),
+            float(config.get("shift", 1.0) if shift is None else shift),
+            use_dynamic_shifting=bool(config.get("use_dynamic_shifting", False)),
+            time_shift_type=config.get("time_shift_type", "exponential"),
+            shift_terminal=config.get("shift_terminal"),
+            sigma_spacing=sigma_spacing_of(config),
+            invert_sigmas=bool(config.get("invert_sigmas", False)),
+            base_shift=float(config.get("base_shift") or 0.5),
+            max_shift=float(config.get("max_shift") or 1.15),
+            base_image_seq_len=int(config.get("base_image_seq_len", 256)),
+            max_image_seq_len=int(config.get("max_image_seq_len", 4096)),
+        )
+
+    @staticmethod
+    def _shift(sigmas: np.ndarray, shift: float) -> np.ndarray:
+        return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
+
+    def mu(self, image_seq_len: int) -> float:
+        """The dynamic shift of an image of `image_seq_len` latent tokens: linear from base_shift at
+        base_image_seq_len to max_shift at max_image_seq_len (what diffusers' Flux pipelines pass as `mu`)."""
+        slope = (self.max_shift - self.base_shift) / (self.max_image_seq_len - self.base_image_seq_len)
+        return image_seq_len * slope + self.base_shift - slope * self.base_image_seq_len
+
+    def sigmas(
+        self,
+        num_steps: int | None = None,
+        *,
+        mu: float | None = None,
+        sigmas: Any = None,
+        timesteps: Any = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(timesteps, sigmas) of a sampling run, float64: one timestep per step and num_steps + 1 sigmas (the last
+        one 0, or 1 when inverted). `sigmas` / `timesteps` replace the evenly spaced ones before shifting, as in
+        diffusers' `set_timesteps`; given timesteps are also the model's timesteps as they are."""
+        if self.use_dynamic_shifting and mu is None:
+            raise ValueError("mu must be given when use_dynamic_shifting is set (see FlowSchedule.mu)")
+        given = [np.asarray(v, dtype=np.float64).reshape(-1) for v in (sigmas, timesteps) if v is not None]
+        if any(len(v) != len(given[0]) for v in given) or any(len(v) < 1 for v in given):
+            raise ValueError("sigmas and timesteps must be non-empty and of the same length")
+        if num_steps is None:
+            if not given:
+                raise ValueError("give num_steps, sigmas or timesteps")
+            num_steps = len(given[0])
+        if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        if given and len(given[0]) != num_steps:
+            raise ValueError(f"{len(given[0])} sigmas or timesteps for num_steps={num_steps}")
+        n = self.num_train_timesteps
+        if sigmas is not None:
+            sig = np.asarray(sigmas, dtype=np.float64).reshape(-1)
+        elif timesteps is not None:
+            sig = np.asarray(timesteps, dtype=np.float64).reshape(-1) / n
+        else:
+            sig = np.linspace(self.sigma_max * n, self.sigma_min * n, num_steps) / n
+        if self.use_dynamic_shifting:
+            r = 1.0 / sig - 1.0
+            sig = (
+                math.exp(mu) / (math.exp(mu) + r) if self.time_shift_type == "exponential" else mu / (mu + r)
+            )
+        else:
+            sig = self._shift(sig, self.shift)
+        if self.shift_terminal is not None:
+            if num_steps < 2:
+                raise ValueError("shift_terminal stretches the sigmas of at least 2 steps, got num_steps=1")
+            one_minus = 1.0 - sig
+            sig = 1.0 - one_minus / (one_minus[-1] / (1.0 - self.shift_terminal))
+        if self.sigma_spacing is not None:
+            sig = spaced_sigmas(self.sigma_spacing, sig[-1], sig[0], num_steps)
+        ts = np.asarray(timesteps, dtype=np.float64).reshape(-1) if timesteps is not None else sig * n
+        if self.invert_sigmas:
+            sig = 1.0 - sig
+            ts = sig * n
+        return ts, np.append(sig, 1.0 if self.invert_sigmas else 0.0)
+
+    def q_sample(self, x0: torch.Tensor, sigma: float, noise: torch.Tensor) -> torch.Tensor:
+        """The state at noise level `sigma`: (1 - sigma) x0 + sigma noise (diffusers' `scale_noise`)."""
+        if noise.shape != x0.shape:
+            raise ValueError(f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
+        if not 0 <= sigma <= 1:
+            raise ValueError(f"sigma must lie in [0, 1], got {sigma!r}")
+        return (1.0 - sigma) * x0 + sigma * noise

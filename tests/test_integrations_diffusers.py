@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from fastdiff.accelerate import report
+from fastdiff.integrations import diffusers as integration
 
 diffusers = pytest.importorskip("diffusers")
 from fastdiff.engine import _CaptureError  # noqa: E402
@@ -152,7 +153,7 @@ def test_every_step_matches_diffusers(case):
     assert torch.equal(prev, out.prev_sample) and torch.equal(x0, out.pred_original_sample)
 
 
-def test_ddim_variance_noise_and_diffusers_fallbacks():
+def test_ddim_variance_noise_and_no_diffusers_fallback():
     ref = diffusers.DDIMScheduler(clip_sample=True)
     fast = FastDDIMScheduler.from_config(ref.config)
     for s in (ref, fast):
@@ -167,10 +168,10 @@ def test_ddim_variance_noise_and_diffusers_fallbacks():
     )
     with pytest.raises(ValueError, match="Cannot pass both generator and variance_noise"):
         fast.step(m, t, x, eta=0.7, variance_noise=z, generator=gen)
-    # epsilon re-derived from the clipped x0, and a timestep between the table's rows, run diffusers' own step
-    for kwargs in (dict(timestep=t, use_clipped_model_output=True), dict(timestep=int(t) + 3)):
-        a = ref.step(m, sample=x, eta=0.0, **kwargs).prev_sample
-        assert torch.equal(fast.step(m, sample=x, eta=0.0, **kwargs).prev_sample, a)
+    # what the table cannot express is refused, never handed to diffusers' own step: a timestep between the
+    # table's rows
+    with pytest.raises(ValueError, match="is not one of this scheduler's timesteps"):
+        fast.step(m, int(t) + 3, x)
     # a plain int timestep finds its row by value
     a = ref.step(m, int(t), x).prev_sample
     torch.testing.assert_close(fast.step(m, int(t), x).prev_sample, a, rtol=0, atol=STEP_ATOL)
@@ -314,12 +315,19 @@ SD_SCHEDULER = dict(
 )
 
 
-@pytest.mark.parametrize("name", ["ddpm", "ddim", "stable-diffusion"])
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "stable-diffusion", "stable-diffusion-euler-a"])
 def test_accelerate_pipeline_matches_the_original(name):
-    if name == "stable-diffusion":
-        build = lambda: tiny_stable_diffusion(diffusers.DDIMScheduler(**SD_SCHEDULER))  # noqa: E731
+    if name.startswith("stable-diffusion"):
+        if name.endswith("euler-a"):
+            # a sigma-space scheduler: the pipeline scales x_T by init_noise_sigma and calls scale_model_input
+            config = {k: SD_SCHEDULER[k] for k in ("beta_schedule", "beta_start", "beta_end", "steps_offset")}
+            scheduler = lambda: diffusers.EulerAncestralDiscreteScheduler(**config)  # noqa: E731
+            fast_cls = integration.FastEulerAncestralDiscreteScheduler
+        else:
+            scheduler = lambda: diffusers.DDIMScheduler(**SD_SCHEDULER)  # noqa: E731
+            fast_cls = FastDDIMScheduler
+        build = lambda: tiny_stable_diffusion(scheduler())  # noqa: E731
         call = dict(prompt="a red cat", num_inference_steps=5, guidance_scale=4.0)
-        fast_cls = FastDDIMScheduler
     else:
         pipeline_cls = diffusers.DDPMPipeline if name == "ddpm" else diffusers.DDIMPipeline
         scheduler_cls = diffusers.DDPMScheduler if name == "ddpm" else diffusers.DDIMScheduler

@@ -22,6 +22,9 @@ from fastdiff.loop import (
 from fastdiff.samplers.base import PREDICTION_TYPES, Sampler
 from fastdiff.samplers.ddim import DDIMSampler
 from fastdiff.samplers.ddpm import DDPMSampler
+from fastdiff.samplers.euler import EulerAncestralSampler, EulerSampler
+from fastdiff.samplers.flow import FlowMatchEulerSampler
+from fastdiff.samplers.lcm import LCMSampler
 from fastdiff.samplers.registry import (
     DIFFUSERS_BUILDERS,
     SAMPLERS,
@@ -39,7 +42,11 @@ __all__ = [
     "TABLE_COLUMNS",
     "DDIMSampler",
     "DDPMSampler",
+    "EulerAncestralSampler",
+    "EulerSampler",
+    "FlowMatchEulerSampler",
     "Generator",
+    "LCMSampler",
     "Sampler",
     "SamplerEntry",
     "StepTable",

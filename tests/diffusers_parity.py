@@ -1,0 +1,174 @@
+"""Shared parts of the parity tests against diffusers' schedulers (not a test module).
+
+The criterion (issue 12, TABLE_V2.md): after the whole sampling loop, max |ours - diffusers_fp32| <= 1e-5, or, where
+diffusers' own float32 result is further than that from diffusers run in float64 (scheduler and model function
+in float64), at most twice diffusers' own distance to its float64 result. The model is a cheap deterministic
+analytic function (`AnalyticModel`: the exact prediction for Gaussian data plus tanh of a fixed random linear
+map of x and t), not a network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import types
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+ATOL = 1e-5
+SHAPE = (2, 3, 4, 4)
+
+
+class AnalyticModel:
+    """A cheap deterministic stand-in for a trained model: the exact prediction (`prediction_type`: epsilon, sample,
+    v_prediction, or flow's velocity) for Gaussian data x0 ~ N(0, 0.5^2 I), so that sampling ends near the data as
+    with a real model, plus a nonlinear term 0.1 tanh(x W + (t / 1000) u + v) of a fixed random linear map.
+
+    The noise level is read off the model timestep t: `noise_level` "discrete" (t indexes `alphas_cumprod`,
+    fractional t interpolated in log alpha_bar), "log_sigma" (t = 0.25 log sigma, Euler's continuous timesteps) or
+    "flow" (t = sigma * 1000). Computed in x's dtype; counts its calls.
+    """
+
+    def __init__(
+        self,
+        prediction_type: str,
+        alphas_cumprod: torch.Tensor | None = None,
+        noise_level: str = "discrete",
+        features: int = 48,
+        seed: int = 0,
+    ):
+        gen = torch.Generator().manual_seed(seed)
+        self.w = torch.randn(features, features, generator=gen, dtype=torch.float64) / features**0.5
+        self.u = torch.randn(features, generator=gen, dtype=torch.float64)
+        self.v = 0.1 * torch.randn(features, generator=gen, dtype=torch.float64)
+        self.prediction_type, self.noise_level = prediction_type, noise_level
+        self.log_abar = None if alphas_cumprod is None else alphas_cumprod.double().clamp_min(1e-30).log()
+        self.calls = 0
+
+    def _alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        if self.noise_level == "log_sigma":
+            return 1.0 / (1.0 + torch.exp(8.0 * t))
+        grid = self.log_abar.to(t.dtype)
+        pos = t.clamp(0, grid.numel() - 1)
+        low = pos.floor().long().clamp(max=grid.numel() - 2)
+        return torch.exp(grid[low] + (pos - low) * (grid[low + 1] - grid[low]))
+
+    def __call__(self, x: torch.Tensor, t: Any, **cond: Any) -> torch.Tensor:
+        self.calls += 1
+        flat = x.reshape(x.shape[0], -1)
+        t = torch.as_tensor(t, dtype=x.dtype).reshape(-1, 1).expand(x.shape[0], 1)
+        w, u, v = (p.to(x.dtype) for p in (self.w, self.u, self.v))
+        wiggle = 0.1 * torch.tanh(flat @ w + (t / 1000.0) * u + v)
+        var = 0.25
+        if self.noise_level == "flow":
+            sigma = (t / 1000.0).clamp(1e-6, 1.0)
+            x0 = (1 - sigma) * var / ((1 - sigma) ** 2 * var + sigma**2) * flat
+            m = (flat - (1 - sigma) * x0) / sigma - x0
+        else:
+            abar = self._alpha_bar(t)
+            sa, sb = abar.sqrt(), (1 - abar).clamp_min(1e-12).sqrt()
+            x0 = sa * var / (abar * var + 1 - abar) * flat
+            eps = (flat - sa * x0) / sb
+            m = {"epsilon": eps, "sample": x0, "v_prediction": sa * eps - sb * x0}[self.prediction_type]
+        return (m + wiggle).reshape(x.shape)
+
+
+@contextlib.contextmanager
+def diffusers_in_float64(scheduler_class: type) -> Iterator[None]:
+    """Make diffusers' `scheduler_class` compute in float64 while the context lasts: in its module, torch.float32 and
+    np.float32 mean float64 (so its betas, sigmas and step() arithmetic are float64), torch's default dtype is float64
+    (tensors made from Python numbers, as LCM's c_skip), and its noise is drawn in float32 (the numbers the float32
+    run draws) then widened. Construct the scheduler, set its timesteps and step it inside the context."""
+    base = next(c for c in scheduler_class.__mro__ if c.__module__.startswith("diffusers."))
+    module = sys.modules[base.__module__]
+    real = {name: getattr(module, name) for name in ("torch", "np", "randn_tensor") if hasattr(module, name)}
+    torch64 = types.SimpleNamespace(**{k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")})
+    torch64.float32 = torch.float64
+    np64 = types.SimpleNamespace(**{k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
+    np64.float32 = np.float64
+
+    def randn(
+        shape: Any, generator: Any = None, device: Any = None, dtype: Any = None, **kw: Any
+    ) -> torch.Tensor:
+        return real["randn_tensor"](shape, generator=generator, device=device, dtype=torch.float32).double()
+
+    patched = {"torch": torch64, "np": np64, "randn_tensor": randn}
+    default = torch.get_default_dtype()
+    for name in real:
+        setattr(module, name, patched[name])
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(default)
+        for name, value in real.items():
+            setattr(module, name, value)
+
+
+def diffusers_loop(
+    scheduler_class: type,
+    config: Mapping[str, Any],
+    model: Callable[..., torch.Tensor],
+    num_steps: int | None,
+    *,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+    set_timesteps: Mapping[str, Any] | None = None,
+    step_kwargs: Mapping[str, Any] | None = None,
+    shape: tuple[int, ...] = SHAPE,
+) -> torch.Tensor:
+    """A diffusers pipeline's loop with a new `scheduler_class(**config)`: x_T = init_noise_sigma * randn, then
+    scale_model_input / model / step per timestep, noise from one generator. dtype=float64 runs it all under
+    `diffusers_in_float64`."""
+    x = torch.randn(shape, generator=(gen := torch.Generator().manual_seed(seed)), dtype=torch.float32).to(
+        dtype
+    )
+    context = diffusers_in_float64(scheduler_class) if dtype == torch.float64 else contextlib.nullcontext()
+    with context:
+        scheduler = scheduler_class(**config)
+        scheduler.set_timesteps(num_steps, **(set_timesteps or {}))
+        x = x * getattr(scheduler, "init_noise_sigma", 1.0)
+        for t in scheduler.timesteps:
+            m = model(scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x, t)
+            x = scheduler.step(m, t, x, generator=gen, **(step_kwargs or {})).prev_sample
+    return x
+
+
+def parity(ours: torch.Tensor, fp32: torch.Tensor, fp64: torch.Tensor) -> tuple[bool, float, float]:
+    """(criterion met, max |ours - diffusers fp32|, max |diffusers fp32 - diffusers fp64|)."""
+    ours_err = (ours.double() - fp32.double()).abs().max().item()
+    own_err = (fp32.double() - fp64).abs().max().item()
+    return ours_err <= max(ATOL, 2.0 * own_err), ours_err, own_err
+
+
+def drop_in_loop(
+    base: type,
+    config: Mapping[str, Any],
+    model: Callable[..., torch.Tensor],
+    num_steps: int | None,
+    monkeypatch: Any,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, int]:
+    """`diffusers_loop` with the Fast drop-in of diffusers' `base` class, and how many steps ran the table path
+    (calls of `fastdiff.kernels.sampler_step` from the drop-in); diffusers' own `base.step` fails the test if
+    anything calls it."""
+    import pytest
+
+    from fastdiff.integrations import diffusers as integration
+
+    fast = integration._fast_schedulers()[f"Fast{base.__name__}"]  # built before base.step is replaced
+    calls = []
+    real_step = integration.sampler_step
+
+    def counted(*args: Any, **kw: Any) -> torch.Tensor:
+        calls.append(1)
+        return real_step(*args, **kw)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(integration, "sampler_step", counted)
+        patch.setattr(base, "step", lambda *a, **k: pytest.fail(f"diffusers' own {base.__name__}.step() ran"))
+        result = diffusers_loop(fast, config, model, num_steps, **kwargs)
+    return result, len(calls)

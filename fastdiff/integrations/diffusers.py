@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
+import sys
 import warnings
 from collections import OrderedDict
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -15,7 +18,7 @@ from fastdiff.engine import _CaptureError, _copy_leaves, _CudaGraphRunner, _leaf
 from fastdiff.errors import FastdiffError, missing_extra
 from fastdiff.kernels.sampler_step import sampler_step
 from fastdiff.samplers import DIFFUSERS_BUILDERS, Sampler, StepTable
-from fastdiff.table import COLUMN
+from fastdiff.table import COLUMN, TABLE_COLUMNS, apply_row
 from fastdiff.weights import WeightsWatch
 
 
@@ -36,40 +39,200 @@ def from_diffusers_scheduler(scheduler: Any, num_steps: int, **step_kwargs: Any)
     return DIFFUSERS_BUILDERS[name](scheduler, num_steps, **step_kwargs)
 
 
+# ---- drop-in schedulers -------------------------------------------------------------------------------------------
+
+
+def _noisy_row(sampler: Sampler, row: int, step_kwargs: Mapping[str, Any]) -> bool:
+    return bool(sampler.table.column("s")[row] != 0)
+
+
+def _pred_original(
+    sampler: Sampler, row: int, x: torch.Tensor, m: torch.Tensor, noise: torch.Tensor | None
+) -> tuple[torch.Tensor, ...]:
+    """(x0,) of the row, clipped or thresholded as the table says (diffusers' `pred_original_sample`)."""
+    return (_x0(sampler.table, row, x, m),)
+
+
+def _x0(table: StepTable, row: int, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    # The row reduced to x_prev = x0 runs through the reference row math, so clipping and thresholding are the
+    # table's own.
+    only_x0 = torch.zeros(len(TABLE_COLUMNS), dtype=torch.float64)
+    for name in ("a", "b"):
+        only_x0[COLUMN[name]] = table.coeffs[row, COLUMN[name]]
+    only_x0[COLUMN["c"]] = 1.0
+    return apply_row(only_x0, x, m, clip=table.clip, threshold=table.threshold)[0]
+
+
+def _euler_outputs(
+    sampler: Any, row: int, x: torch.Tensor, m: torch.Tensor, noise: torch.Tensor | None
+) -> tuple[torch.Tensor, ...]:
+    """Euler's pred_original_sample is read off the churned x: the churn noise's share a * churn * z is added."""
+    x0 = _x0(sampler.table, row, x, m)
+    if noise is not None:
+        x0 = x0 + float(sampler.table.column("a")[row] * sampler.churn[row]) * noise.to(x0.dtype)
+    return (x0,)
+
+
+def _lcm_outputs(
+    sampler: Any, row: int, x: torch.Tensor, m: torch.Tensor, noise: torch.Tensor | None
+) -> tuple[torch.Tensor, ...]:
+    """LCM's `denoised`, the consistency function c_out * x0 + c_skip * x (what its pipelines decode)."""
+    x0 = _x0(sampler.table, row, x, m)
+    return (float(sampler.c_out[row]) * x0 + float(sampler.c_skip[row]) * x.to(x0.dtype),)
+
+
+def _no_outputs(*args: Any) -> tuple[torch.Tensor, ...]:
+    return ()
+
+
+class DropIn(NamedTuple):
+    """One `Fast<name>` drop-in scheduler: the diffusers class it subclasses, and what its `step()` does beyond the
+    table's rows (every number of the update itself comes from the table)."""
+
+    name: str
+    # step() arguments that change the table (DDIM's eta, Euler's churn): one table per combination
+    table_kwargs: tuple[str, ...] = ()
+    # whether diffusers draws noise at this row (it sometimes draws noise it then multiplies by 0): drawing exactly
+    # when it does keeps the generator's stream, so a seed gives the same images
+    draws_noise: Callable[[Any, int, Mapping[str, Any]], bool] = _noisy_row
+    # the dtype diffusers draws that noise in (None: the model output's)
+    noise_dtype: torch.dtype | None = None
+    # the fields of diffusers' output after prev_sample (pred_original_sample, denoised), from (sampler, row, x, m, z)
+    outputs: Callable[..., tuple[torch.Tensor, ...]] = _pred_original
+    # True: prev_sample has the model output's dtype (diffusers casts it); False: the promoted dtype of both
+    model_dtype_output: bool = True
+    # set_timesteps arguments a config check passes (FlowMatch's dynamic shift needs a mu)
+    probe: Mapping[str, Any] = {}
+
+
+DROP_INS: list[DropIn] = [
+    DropIn(
+        "DDIMScheduler",
+        table_kwargs=("eta",),
+        draws_noise=lambda sampler, row, kw: kw["eta"] > 0,
+        model_dtype_output=False,
+    ),
+    DropIn(
+        "DDPMScheduler",
+        draws_noise=lambda sampler, row, kw: bool(sampler.table.timesteps[row] > 0),
+        model_dtype_output=False,
+    ),
+    DropIn(
+        "EulerDiscreteScheduler",
+        table_kwargs=("s_churn", "s_tmin", "s_tmax", "s_noise"),
+        draws_noise=lambda sampler, row, kw: bool(sampler.churn[row] > 0),
+        outputs=_euler_outputs,
+    ),
+    DropIn("EulerAncestralDiscreteScheduler", draws_noise=lambda sampler, row, kw: True),
+    DropIn("LCMScheduler", outputs=_lcm_outputs, model_dtype_output=False),
+    DropIn(
+        "FlowMatchEulerDiscreteScheduler",
+        draws_noise=lambda sampler, row, kw: sampler.stochastic,
+        noise_dtype=torch.float32,
+        outputs=_no_outputs,
+        probe={"mu": 1.0},
+    ),
+]
+
+
 class _TableScheduler:
-    """What FastDDIMScheduler and FastDDPMScheduler add to their diffusers base: a StepTable per eta for the
-    current timesteps, and `sampler_step` in place of diffusers' per-step arithmetic."""
+    """The table-stepping mixin of every `Fast<Name>` drop-in (placed before the diffusers class in the MRO).
+
+    `set_timesteps` runs diffusers' own (timesteps, sigmas, validation) and builds the fastdiff sampler of the same
+    schedule with `from_diffusers_scheduler` (a config or argument the table cannot express raises ValueError
+    there); `step` applies the row with `fastdiff.kernels.sampler_step`, keeping the history / xs buffers of
+    multistep samplers as scheduler state. diffusers' own `step()` never runs.
+    """
+
+    _drop_in: ClassVar[DropIn]
+    _diffusers_step: ClassVar[inspect.Signature]
+    _diffusers_set_timesteps: ClassVar[inspect.Signature]
+    _output_class: ClassVar[Callable[..., Any]]
+    _randn: ClassVar[Callable[..., torch.Tensor]]
 
     def set_timesteps(self, *args: Any, **kwargs: Any) -> None:
         super().set_timesteps(*args, **kwargs)
-        if getattr(self, "custom_timesteps", False):
-            raise ValueError(
-                f"{type(self).__name__} takes num_inference_steps, not custom timesteps; use diffusers' scheduler"
-            )
-        self._tables: dict[float, StepTable] = {}
-        self._table(0.0)  # an unsupported config or a timestep mismatch fails here, not at the first step
+        bound = self._diffusers_set_timesteps.bind(self, *args, **kwargs)
+        self._schedule_kwargs = {
+            name: value
+            for name, value in bound.arguments.items()
+            if name not in ("self", "num_inference_steps", "device") and value is not None
+        }
+        self._reset()
+        self._sampler(self._default_step_kwargs())  # an unsupported config fails here, not at the first step
 
-    def _table(self, eta: float) -> StepTable:
-        tables = self.__dict__.setdefault("_tables", {})
-        if eta not in tables:
-            table = from_diffusers_scheduler(self, self.num_inference_steps, eta=eta).table
-            if not torch.equal(table.timesteps, self.timesteps.cpu()):
-                raise FastdiffError(
-                    f"{type(self).__name__}: the StepTable's timesteps differ from diffusers' "
-                    f"({table.timesteps.tolist()} vs {self.timesteps.tolist()})"
+    def _reset(self) -> None:
+        self._samplers: dict[tuple, Sampler] = {}
+        self._rows: dict[float, int] = {}
+        self._state: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
+
+    def _default_step_kwargs(self) -> dict[str, Any]:
+        params = self._diffusers_step.parameters
+        return {name: params[name].default for name in self._drop_in.table_kwargs}
+
+    def _sampler(self, step_kwargs: Mapping[str, Any]) -> Sampler:
+        """The fastdiff sampler of the current schedule and these step() arguments (built once, then cached)."""
+        if (
+            "_samplers" not in self.__dict__
+        ):  # stepping before set_timesteps (DDPM steps through every timestep)
+            self._schedule_kwargs = {}
+            self._reset()
+        key = tuple(sorted(step_kwargs.items()))
+        sampler = self._samplers.get(key)
+        if sampler is None:
+            kwargs = {**self._schedule_kwargs, **step_kwargs}
+            name = next(c.__name__ for c in type(self).__mro__ if c.__name__ in DIFFUSERS_BUILDERS)
+            accepted = inspect.signature(DIFFUSERS_BUILDERS[name]).parameters
+            unsupported = sorted(k for k in self._schedule_kwargs if k not in accepted)
+            if unsupported:
+                raise ValueError(
+                    f"{type(self).__name__}.set_timesteps: fastdiff's {name} table takes no custom "
+                    + " / ".join(unsupported)
                 )
-            if not tables:
-                # The timesteps tensor the table was checked against, and each timestep's row.
-                self._checked = self.timesteps
-                self._rows = {t: i for i, t in enumerate(table.timesteps.tolist())}
-            tables[eta] = table
-        return tables[eta]
+            try:
+                sampler = from_diffusers_scheduler(self, self.num_inference_steps, **kwargs)
+            except ValueError as err:
+                if self.num_inference_steps is None and self._config_supported():
+                    raise ValueError(
+                        f"{type(self).__name__}: run 'set_timesteps' before 'step' ({err})"
+                    ) from None
+                raise
+            self._check_timesteps(sampler.table)
+            self._samplers[key] = sampler
+        return sampler
 
-    def _row(self, timestep: int | torch.Tensor) -> int | None:
-        """The table row of `timestep`, or None when it is not one of the table's timesteps."""
-        ts = self.__dict__.get("_checked")
-        if ts is None:
-            return None
+    def _config_supported(self) -> bool:
+        try:
+            from_diffusers_scheduler(self, 1, **self._drop_in.probe)
+        except ValueError:
+            return False
+        return True
+
+    def _check_timesteps(self, table: StepTable) -> None:
+        ours, theirs = table.timesteps, self.timesteps.detach().cpu()
+        if table.timesteps.is_floating_point() or theirs.is_floating_point():
+            # diffusers computes fractional timesteps in float32
+            same = ours.shape == theirs.shape and torch.allclose(
+                ours.double(), theirs.double(), rtol=1e-5, atol=1e-3
+            )
+        else:
+            same = torch.equal(ours, theirs)
+        if not same:
+            raise FastdiffError(
+                f"{type(self).__name__}: the StepTable's timesteps differ from diffusers' "
+                f"({ours.tolist()} vs {theirs.tolist()})"
+            )
+        if not self._rows:
+            self._rows = {t: i for i, t in enumerate(theirs.tolist())}
+
+    def _row(self, timestep: Any) -> int:
+        """The table row of this step: diffusers' own step counter where the scheduler has one, else the row of
+        the timestep's value (DDIM, DDPM)."""
+        if hasattr(self, "_init_step_index"):
+            if self.step_index is None:
+                self._init_step_index(timestep)
+            return self.step_index
+        ts = self.timesteps
         # Pipelines iterate over `scheduler.timesteps`: a 0-d view into it gives its row from its storage offset,
         # with no device sync (reading a CUDA timestep's value would be one per step).
         if (
@@ -81,152 +244,192 @@ class _TableScheduler:
             row = (timestep.storage_offset() - ts.storage_offset()) // ts.stride(0)
             if 0 <= row < ts.numel():
                 return row
-        return self._rows.get(int(timestep))
+        value = timestep.item() if isinstance(timestep, torch.Tensor) else timestep
+        if value not in self._rows:
+            raise ValueError(
+                f"{type(self).__name__}.step: timestep {value} is not one of this scheduler's timesteps "
+                "(fastdiff steps only through the rows of its table)"
+            )
+        return self._rows[value]
 
-    def _table_step(
-        self,
-        model_output: torch.Tensor,
-        sample: torch.Tensor,
-        row: int,
-        eta: float,
-        noise: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prev_sample, pred_original_sample) of step `row`, as the fused kernel computes them."""
-        table = self._table(eta)
-        model_output = model_output.to(sample.dtype)
+    def _history(
+        self, table: StepTable, sample: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The sampler state buffers (history, xs) of this sampling run, zeroed when a run starts."""
+        state = self._state
+        if state is None or any(
+            t is not None
+            and (
+                t.shape[-sample.dim() :] != sample.shape
+                or t.dtype != sample.dtype
+                or t.device != sample.device
+            )
+            for t in state
+        ):
+            state = self._state = table.new_state(sample.shape, sample.device, sample.dtype)
+        return state
+
+    def step(
+        self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> Any:
+        spec = self._drop_in
+        params = self._diffusers_step.parameters
+        arguments = self._diffusers_step.bind(self, model_output, timestep, sample, *args, **kwargs).arguments
+        handled = {"self", "model_output", "timestep", "sample", "generator", "return_dict", "variance_noise"}
+        for name, value in arguments.items():
+            default = params[name].default
+            if (
+                name not in handled
+                and name not in spec.table_kwargs
+                and value is not None
+                and value is not default
+                and value != default
+            ):
+                raise ValueError(
+                    f"{type(self).__name__}.step: {name}={value!r} is not supported by fastdiff's table"
+                )
+        step_kwargs = {name: arguments.get(name, params[name].default) for name in spec.table_kwargs}
+        sampler = self._sampler(step_kwargs)
+        table = sampler.table
+        row = self._row(timestep)
+        if not 0 <= row < len(table):
+            raise ValueError(f"{type(self).__name__}.step: step {row} is past the last of {len(table)} steps")
+        generator, noise = arguments.get("generator"), arguments.get("variance_noise")
+        if noise is not None and generator is not None:
+            raise ValueError(
+                "Cannot pass both generator and variance_noise. Please make sure that either `generator` or"
+                " `variance_noise` stays `None`."
+            )
+        if noise is None and spec.draws_noise(sampler, row, step_kwargs):
+            noise = self._randn(
+                sample.shape,  # the model output's, without learned-variance channels
+                generator=generator,
+                device=model_output.device,
+                dtype=spec.noise_dtype or model_output.dtype,
+            )
+        m, variance = model_output, None
+        if table.learned_variance is not None:
+            if model_output.shape[1] != 2 * sample.shape[1]:
+                raise ValueError(
+                    f"{type(self).__name__}.step: a learned-variance model returns {2 * sample.shape[1]} channels "
+                    f"(prediction and variance), got {model_output.shape[1]}"
+                )
+            m, variance = model_output.split(sample.shape[1], dim=1)
+            variance = variance.to(sample.dtype)
+        m = m.to(sample.dtype)
+        history, xs = self._history(table, sample)
         prev = sampler_step(
             sample,
-            model_output,
+            m,
             table.on(sample.device),
             row,
-            None if noise is None else noise.to(sample.dtype),
+            None if noise is None or table.column("s")[row] == 0 else noise.to(sample.dtype),
             clip=table.clip,
+            threshold=table.threshold,
+            history=history,
+            history_kind=table.history,
+            xs=xs,
+            variance=variance,
+            learned_variance=table.learned_variance,
         )
-        a, b = (float(table.coeffs[row, COLUMN[name]]) for name in ("a", "b"))
-        x0 = a * sample + b * model_output
-        if table.clip is not None:
-            x0 = x0.clamp(-table.clip, table.clip)
-        return prev, x0
+        extras = spec.outputs(sampler, row, sample, m, noise)
+        out_dtype = (
+            model_output.dtype
+            if spec.model_dtype_output
+            else torch.promote_types(sample.dtype, model_output.dtype)
+        )
+        prev = prev.to(out_dtype)
+        if hasattr(self, "_init_step_index"):
+            self._step_index += 1
+        if not arguments.get("return_dict", True):
+            return (prev, *extras)
+        return self._output_class(prev, *extras)
+
+
+def _output_class(base: type) -> type:
+    """diffusers' output dataclass of `base.step` (`<Name>Output` beside the class, else SchedulerOutput)."""
+    from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+    return getattr(sys.modules[base.__module__], f"{base.__name__}Output", SchedulerOutput)
+
+
+def _make_drop_in(spec: DropIn, base: type) -> type:
+    from diffusers.utils.torch_utils import randn_tensor
+
+    step = inspect.signature(base.step)
+    set_timesteps = inspect.signature(base.set_timesteps)
+
+    # Pipelines inspect step() and set_timesteps() for the arguments they may pass (eta, generator, timesteps,
+    # sigmas, mu): the drop-in's show diffusers' own signatures.
+    def step_method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return _TableScheduler.step(self, *args, **kwargs)
+
+    def set_timesteps_method(self: Any, *args: Any, **kwargs: Any) -> None:
+        _TableScheduler.set_timesteps(self, *args, **kwargs)
+
+    step_method.__signature__ = step
+    set_timesteps_method.__signature__ = set_timesteps
+    name = f"Fast{spec.name}"
+    step_method.__qualname__, set_timesteps_method.__qualname__ = f"{name}.step", f"{name}.set_timesteps"
+    namespace = {
+        "__module__": __name__,
+        "__qualname__": name,  # importable by name: pickle, diffusers' save_pretrained / from_pretrained
+        "__doc__": (
+            f"diffusers' {spec.name} (same config, timesteps, scale_model_input, init_noise_sigma, order and noise "
+            "draws) stepping with fastdiff's table: each step is one fused `fastdiff.kernels.sampler_step` on the "
+            f"StepTable that `fastdiff.from_diffusers_scheduler` builds in set_timesteps. A configuration the table "
+            "cannot express raises ValueError in set_timesteps; diffusers' own step() never runs."
+        ),
+        "_drop_in": spec,
+        # diffusers resolves compatible classes by name in its own namespace: the drop-in is compatible with
+        # what its base is compatible with, and with its base
+        "_compatibles": [*base._compatibles, base.__name__],
+        "_diffusers_step": step,
+        "_diffusers_set_timesteps": set_timesteps,
+        "_output_class": staticmethod(_output_class(base)),
+        "_randn": staticmethod(randn_tensor),
+        "step": step_method,
+        "set_timesteps": set_timesteps_method,
+    }
+    return type(name, (_TableScheduler, base), namespace)
 
 
 @functools.cache
 def _fast_schedulers() -> dict[str, type]:
-    """Build FastDDIMScheduler and FastDDPMScheduler on first use (they subclass diffusers' schedulers)."""
+    """Build the `Fast<Name>` classes of DROP_INS on first use (they subclass diffusers' schedulers)."""
     try:
         import diffusers
-        from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
-        from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
-        from diffusers.utils.torch_utils import randn_tensor
     except ImportError:
         raise missing_extra("diffusers", "diffusers") from None
-
-    class FastDDIMScheduler(_TableScheduler, diffusers.DDIMScheduler):
-        """diffusers' DDIMScheduler (same config, same numbers, same noise draws) stepping with the fused
-        `fastdiff.kernels.sampler_step` on a precomputed StepTable. `step()` with `use_clipped_model_output=True`
-        on a clipping config, or at a timestep outside `timesteps`, runs diffusers' own step."""
-
-        def step(
-            self,
-            model_output: torch.Tensor,
-            timestep: int | torch.Tensor,
-            sample: torch.Tensor,
-            eta: float = 0.0,
-            use_clipped_model_output: bool = False,
-            generator: torch.Generator | None = None,
-            variance_noise: torch.Tensor | None = None,
-            return_dict: bool = True,
-        ) -> Any:
-            row = None if self.num_inference_steps is None else self._row(timestep)
-            if row is None or (use_clipped_model_output and self.config.clip_sample):
-                return super().step(
-                    model_output,
-                    timestep,
-                    sample,
-                    eta,
-                    use_clipped_model_output,
-                    generator,
-                    variance_noise,
-                    return_dict,
-                )
-            noise = None
-            if eta > 0:
-                if variance_noise is not None and generator is not None:
-                    raise ValueError(
-                        "Cannot pass both generator and variance_noise. Please make sure that either `generator` or"
-                        " `variance_noise` stays `None`."
-                    )
-                noise = variance_noise
-                if noise is None:  # drawn exactly as diffusers draws it, so a seed gives the same images
-                    noise = randn_tensor(
-                        model_output.shape,
-                        generator=generator,
-                        device=model_output.device,
-                        dtype=model_output.dtype,
-                    )
-            prev, x0 = self._table_step(model_output, sample, row, float(eta), noise)
-            if not return_dict:
-                return prev, x0
-            return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
-
-    class FastDDPMScheduler(_TableScheduler, diffusers.DDPMScheduler):
-        """diffusers' DDPMScheduler (fixed_small / fixed_large variance; same config, same numbers, same noise
-        draws) stepping with the fused `fastdiff.kernels.sampler_step` on a precomputed StepTable. A timestep
-        outside `timesteps` runs diffusers' own step."""
-
-        def step(
-            self,
-            model_output: torch.Tensor,
-            timestep: int | torch.Tensor,
-            sample: torch.Tensor,
-            generator: torch.Generator | None = None,
-            return_dict: bool = True,
-        ) -> Any:
-            self._table(0.0)  # before any set_timesteps, diffusers steps through all training timesteps
-            row = self._row(timestep)
-            if row is None:
-                return super().step(model_output, timestep, sample, generator, return_dict)
-            noise = None
-            if self._tables[0.0].timesteps[row] > 0:  # diffusers draws noise for every t > 0
-                noise = randn_tensor(
-                    model_output.shape,
-                    generator=generator,
-                    device=model_output.device,
-                    dtype=model_output.dtype,
-                )
-            prev, x0 = self._table_step(model_output, sample, row, 0.0, noise)
-            if not return_dict:
-                return prev, x0
-            return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
-
-    classes = {"FastDDIMScheduler": FastDDIMScheduler, "FastDDPMScheduler": FastDDPMScheduler}
-    for name, cls in classes.items():
-        cls.__module__, cls.__qualname__ = __name__, name  # importable by name (pickle, diffusers' save/load)
-    return classes
+    return {f"Fast{spec.name}": _make_drop_in(spec, getattr(diffusers, spec.name)) for spec in DROP_INS}
 
 
 def __getattr__(name: str) -> Any:
     # The scheduler classes subclass diffusers' and are built on first access, so importing this module does not
     # import diffusers.
-    if name in ("FastDDIMScheduler", "FastDDPMScheduler"):
+    if name in {f"Fast{spec.name}" for spec in DROP_INS}:
         return _fast_schedulers()[name]
+    if name == "SchedulerMixin":
+        # diffusers' pipeline loader looks up the loadable base classes in the module a component's class comes
+        # from: with this, a pipeline saved with a Fast scheduler loads back with DiffusionPipeline.from_pretrained.
+        import diffusers
+
+        return diffusers.SchedulerMixin
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _fast_scheduler(scheduler: Any) -> Any:
-    """(the Fast counterpart of a diffusers DDIMScheduler / DDPMScheduler, same config, None) or (None, why not)."""
+    """(the drop-in counterpart of a diffusers scheduler, same config, None) or (None, why not)."""
     classes = _fast_schedulers()
     if isinstance(scheduler, tuple(classes.values())):
         return scheduler, None
-    fast = {"DDIMScheduler": classes["FastDDIMScheduler"], "DDPMScheduler": classes["FastDDPMScheduler"]}.get(
-        type(scheduler).__name__
-    )
+    name = type(scheduler).__name__
+    fast = classes.get(f"Fast{name}")
     if fast is None or type(scheduler).__module__.split(".")[0] != "diffusers":
-        return (
-            None,
-            f"{type(scheduler).__name__} has no fastdiff counterpart (DDIMScheduler and DDPMScheduler do)",
-        )
+        covered = ", ".join(spec.name for spec in DROP_INS)
+        return None, f"{name} has no fastdiff counterpart (these do: {covered})"
     try:
-        from_diffusers_scheduler(scheduler, 1)
+        from_diffusers_scheduler(scheduler, 1, **fast._drop_in.probe)
     except ValueError as err:
         return None, str(err)
     return fast.from_config(scheduler.config), None
@@ -343,8 +546,9 @@ def accelerate_pipeline(
     pipe: Any, *, dtype: torch.dtype | None = None, kernels: str = "auto", cuda_graphs: bool | str = "auto"
 ) -> Any:
     """Accelerate a diffusers pipeline in place and return it: `pipe.unet` through `fastdiff.accelerate()`
-    (`kernels` as there), and a DDIMScheduler / DDPMScheduler swapped for FastDDIMScheduler / FastDDPMScheduler
-    (other schedulers are kept, with a warning). Same seed, same images, up to floating-point rounding.
+    (`kernels` as there), and its scheduler swapped for the matching `Fast<Name>` drop-in of `DROP_INS` (same
+    config; a scheduler with no drop-in, or a config the table cannot express, is kept, with a one-line warning).
+    Same seed, same images, up to floating-point rounding.
 
     `dtype` casts the whole pipeline (`pipe.to(dtype=...)`) so the U-Net's inputs match it. `cuda_graphs`: "auto"
     or True replay the U-Net's forward from CUDA graphs (`graph_unet`) when the U-Net is on a CUDA device; on

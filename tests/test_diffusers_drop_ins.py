@@ -137,3 +137,24 @@ def test_euler_steps_before_set_timesteps_as_diffusers_does():
             a = ref.step(m, t, x, generator=torch.Generator().manual_seed(0)).prev_sample
             b = fast.step(m, t, x, generator=torch.Generator().manual_seed(0)).prev_sample
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-4)  # x ~ sigma_max z ~ 157 z
+
+
+def test_builders_that_take_begin_index_get_diffusers_begin_index(monkeypatch):
+    """img2img pipelines call set_begin_index after set_timesteps: a builder that takes begin_index (multistep
+    tables restart their warm-up there) is called again with it."""
+    from fastdiff.samplers import DIFFUSERS_BUILDERS
+
+    real = DIFFUSERS_BUILDERS["EulerDiscreteScheduler"]
+    seen = []
+
+    def builder(scheduler, num_steps, *, begin_index=0, **kwargs):
+        seen.append(begin_index)
+        return real(scheduler, num_steps, **kwargs)
+
+    monkeypatch.setitem(DIFFUSERS_BUILDERS, "EulerDiscreteScheduler", builder)
+    fast = integration.FastEulerDiscreteScheduler()
+    fast.set_timesteps(10)
+    fast.set_begin_index(4)
+    x = torch.zeros(1, 1, 2, 2)
+    fast.step(x, fast.timesteps[4], x)
+    assert seen == [0, 4] and fast.step_index == 5

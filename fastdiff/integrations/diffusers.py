@@ -162,7 +162,7 @@ class _TableScheduler:
         self._sampler(self._default_step_kwargs())  # an unsupported config fails here, not at the first step
 
     def _reset(self) -> None:
-        self._samplers: dict[tuple, Sampler] = {}
+        self._samplers: dict[tuple, Sampler] = {}  # by (begin_index, step() arguments)
         self._rows: dict[float, int] = {}
         self._state: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
 
@@ -171,24 +171,29 @@ class _TableScheduler:
         return {name: params[name].default for name in self._drop_in.table_kwargs}
 
     def _sampler(self, step_kwargs: Mapping[str, Any]) -> Sampler:
-        """The fastdiff sampler of the current schedule and these step() arguments (built once, then cached)."""
+        """The fastdiff sampler of the current schedule, begin index (img2img) and these step() arguments, built
+        once and cached. A builder that takes `begin_index` gets diffusers' (multistep tables restart their
+        warm-up there)."""
         if (
             "_samplers" not in self.__dict__
         ):  # stepping before set_timesteps (DDPM steps through every timestep)
             self._schedule_kwargs = {}
             self._reset()
-        key = tuple(sorted(step_kwargs.items()))
+        name = next(c.__name__ for c in type(self).__mro__ if c.__name__ in DIFFUSERS_BUILDERS)
+        accepted = inspect.signature(DIFFUSERS_BUILDERS[name]).parameters
+        unsupported = sorted(k for k in self._schedule_kwargs if k not in accepted)
+        if unsupported:
+            raise ValueError(
+                f"{type(self).__name__}.set_timesteps: fastdiff's {name} table takes no custom "
+                + " / ".join(unsupported)
+            )
+        kwargs = {**self._schedule_kwargs, **step_kwargs}
+        if "begin_index" in accepted and getattr(self, "begin_index", None) is not None:
+            kwargs["begin_index"] = self.begin_index
+        # the set_timesteps arguments are the same for every cached sampler (set_timesteps clears the cache)
+        key = (kwargs.get("begin_index"), *sorted(step_kwargs.items()))
         sampler = self._samplers.get(key)
         if sampler is None:
-            kwargs = {**self._schedule_kwargs, **step_kwargs}
-            name = next(c.__name__ for c in type(self).__mro__ if c.__name__ in DIFFUSERS_BUILDERS)
-            accepted = inspect.signature(DIFFUSERS_BUILDERS[name]).parameters
-            unsupported = sorted(k for k in self._schedule_kwargs if k not in accepted)
-            if unsupported:
-                raise ValueError(
-                    f"{type(self).__name__}.set_timesteps: fastdiff's {name} table takes no custom "
-                    + " / ".join(unsupported)
-                )
             try:
                 sampler = from_diffusers_scheduler(self, self.num_inference_steps, **kwargs)
             except ValueError as err:

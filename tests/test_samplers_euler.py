@@ -160,8 +160,14 @@ def test_registered_names_and_sampling_from_a_schedule():
     assert SAMPLERS["euler"].cls is EulerSampler and SAMPLERS["euler-a"].cls is EulerAncestralSampler
     euler = build_sampler("euler", schedule, 10, sigma_spacing="karras")
     ancestral = build_sampler("euler-a", schedule, 10)
+    # registered with leading spacing (as DDIM): a cosine schedule's sigma at t = T - 1 is ~2e4
+    assert SAMPLERS["euler"].defaults == SAMPLERS["euler-a"].defaults == {"spacing": "leading"}
     ref = diffusers.EulerDiscreteScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, use_karras_sigmas=True
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        use_karras_sigmas=True,
+        timestep_spacing="leading",
     )
     ref.set_timesteps(10)
     # a float64 schedule: diffusers' alphas_cumprod is a float32 cumulative product, ~1e-5 off

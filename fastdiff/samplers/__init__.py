@@ -22,6 +22,7 @@ from fastdiff.loop import (
 from fastdiff.samplers.base import PREDICTION_TYPES, Sampler
 from fastdiff.samplers.ddim import DDIMSampler
 from fastdiff.samplers.ddpm import DDPMSampler
+from fastdiff.samplers.dpm_solver import DPMSolverMultistepSampler
 from fastdiff.samplers.euler import EulerAncestralSampler, EulerSampler
 from fastdiff.samplers.flow import FlowMatchEulerSampler
 from fastdiff.samplers.lcm import LCMSampler
@@ -33,6 +34,7 @@ from fastdiff.samplers.registry import (
     register,
     register_diffusers,
 )
+from fastdiff.samplers.unipc import UniPCMultistepSampler
 from fastdiff.table import TABLE_COLUMNS, StepTable, sampler_table
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "TABLE_COLUMNS",
     "DDIMSampler",
     "DDPMSampler",
+    "DPMSolverMultistepSampler",
     "EulerAncestralSampler",
     "EulerSampler",
     "FlowMatchEulerSampler",
@@ -50,6 +53,7 @@ __all__ = [
     "Sampler",
     "SamplerEntry",
     "StepTable",
+    "UniPCMultistepSampler",
     "batch_conds",
     "build_sampler",
     "callback_info",

@@ -1,0 +1,159 @@
+"""The noise levels of diffusers' multistep solvers (DPMSolverMultistepScheduler, UniPCMultistepScheduler).
+
+Both step in the log-SNR lambda = log(alpha / sigma) between levels given as sigmas: variance-preserving ones
+(sigma_t = sqrt((1 - abar_t) / abar_t), alpha = 1 / sqrt(1 + sigma^2), sigma = sigma_t * alpha) or flow-matching
+ones (alpha = 1 - sigma). `set_timesteps` computes the levels of the steps in float32, then appends the final level
+(0, or the smallest training sigma). This module reproduces those float32 numbers exactly (the timesteps, which
+index the model, bit for bit); the solvers then compute their coefficients from them in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fastdiff.samplers.base import PREDICTION_TYPES
+from fastdiff.schedule import SPACINGS, NoiseSchedule
+
+FINAL_SIGMAS = ("zero", "sigma_min")
+# The solvers' prediction types: the table ones plus flow matching's velocity (x0 = x - sigma * m).
+SOLVER_PREDICTION_TYPES = (*PREDICTION_TYPES, "flow_prediction")
+SIGMA_SPACINGS = ("karras", "exponential", "beta")
+
+
+def train_sigmas(schedule: NoiseSchedule) -> np.ndarray:
+    """sqrt((1 - abar_t) / abar_t) per training timestep, in float32 torch arithmetic as diffusers computes it (its
+    `** 0.5` is not always numpy's correctly rounded sqrt)."""
+    abar = schedule.alphas_cumprod.float()
+    return (((1 - abar) / abar) ** 0.5).numpy()
+
+
+def spaced_timesteps(
+    num_train_timesteps: int, num_steps: int, spacing: str, steps_offset: int, last: int
+) -> np.ndarray:
+    """The solvers' `timestep_spacing` (num_steps + 1 points, the last dropped), up to training timestep `last`."""
+    if spacing == "linspace":
+        ts = np.linspace(0, last - 1, num_steps + 1).round()[::-1][:-1]
+    elif spacing == "leading":
+        ratio = last // (num_steps + 1)
+        ts = (np.arange(0, num_steps + 1) * ratio).round()[::-1][:-1] + steps_offset
+    elif spacing == "trailing":
+        ts = np.arange(last, 0, -num_train_timesteps / num_steps).round() - 1
+    else:
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    return ts.astype(np.int64)
+
+
+def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """The fractional training timestep of each sigma: linear in log sigma between the neighbouring training
+    timesteps, clamped to [0, T - 1] (diffusers' `_sigma_to_t`, with its float32 `log_sigmas`)."""
+    log_sigma = np.log(np.maximum(np.asarray(sigmas, dtype=np.float64), 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    lo, hi = log_sigmas[low], log_sigmas[low + 1]
+    w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def spaced_sigmas(spacing: str, sigma_min: float, sigma_max: float, num_steps: int) -> np.ndarray:
+    """`num_steps` sigmas from sigma_max down to sigma_min: "karras" (Karras et al. 2022, rho = 7), "exponential"
+    (uniform in log sigma) or "beta" (beta(0.6, 0.6) quantiles), as diffusers' `use_<spacing>_sigmas`."""
+    ramp = np.linspace(0, 1, num_steps)
+    if spacing == "karras":
+        lo, hi = sigma_min ** (1 / 7.0), sigma_max ** (1 / 7.0)
+        return (hi + ramp * (lo - hi)) ** 7.0
+    if spacing == "exponential":
+        return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_steps))
+    try:
+        from scipy.stats import beta
+    except ImportError:
+        raise ImportError("use_beta_sigmas needs scipy: pip install scipy") from None
+    return np.array([sigma_min + beta.ppf(u, 0.6, 0.6) * (sigma_max - sigma_min) for u in 1 - ramp])
+
+
+def sigma_spacing(use_karras_sigmas: bool, use_exponential_sigmas: bool, use_beta_sigmas: bool) -> str | None:
+    """Which sigma spacing the `use_*_sigmas` flags ask for (ValueError for more than one)."""
+    chosen = [
+        name
+        for name, flag in zip(
+            SIGMA_SPACINGS, (use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas), strict=True
+        )
+        if flag
+    ]
+    if len(chosen) > 1:
+        raise ValueError(
+            f"only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas may be set, got {chosen}"
+        )
+    return chosen[0] if chosen else None
+
+
+def flow_shift_sigmas(sigmas: np.ndarray, shift: float) -> np.ndarray:
+    """Flow matching's static shift sigma' = shift * sigma / (1 + (shift - 1) * sigma)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def check_custom_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> np.ndarray:
+    """User-given timesteps: a non-empty, strictly descending sequence of ints in [0, T)."""
+    ts = np.asarray(timesteps)
+    if ts.ndim != 1 or ts.size < 1 or not np.issubdtype(ts.dtype, np.integer):
+        raise ValueError(f"timesteps must be a non-empty 1-d sequence of ints, got {timesteps!r}")
+    if (np.diff(ts) >= 0).any() or ts.min() < 0 or ts.max() >= num_train_timesteps:
+        raise ValueError(
+            f"timesteps must be strictly descending ints in [0, {num_train_timesteps}), got {ts.tolist()}"
+        )
+    return ts.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class SolverGrid:
+    """The levels of a solver run: `timesteps[i]` (what the model sees at step i) and `sigmas[i]` for i = 0..n,
+    sigmas[n] being the final level; float32 values held in float64. `flow`: alpha = 1 - sigma (else VP)."""
+
+    timesteps: torch.Tensor
+    sigmas: np.ndarray
+    flow: bool
+
+    @classmethod
+    def of(cls, timesteps: np.ndarray, sigmas: np.ndarray, final_sigma: float, flow: bool) -> SolverGrid:
+        """The grid as diffusers stores it: int64 timesteps (truncated), sigmas + [final] rounded to float32."""
+        full = np.concatenate([np.asarray(sigmas, dtype=np.float64), [final_sigma]]).astype(np.float32)
+        return cls(torch.from_numpy(np.asarray(timesteps).astype(np.int64)), full.astype(np.float64), flow)
+
+    @property
+    def alpha_sigma(self) -> tuple[np.ndarray, np.ndarray]:
+        """(alpha, sigma) of each level: the state is alpha * x0 + sigma * noise."""
+        if self.flow:
+            return 1.0 - self.sigmas, self.sigmas
+        alpha = 1.0 / np.sqrt(self.sigmas**2 + 1.0)
+        return alpha, self.sigmas * alpha
+
+    @property
+    def lambdas(self) -> np.ndarray:
+        """log(alpha / sigma) of each level (+inf at sigma = 0)."""
+        alpha, sigma = self.alpha_sigma
+        with np.errstate(divide="ignore"):
+            return np.log(alpha) - np.log(sigma)
+
+    def prediction_columns(self, prediction_type: str) -> dict[str, np.ndarray]:
+        """(a, b, p, q) of the steps: x0 = a x + b m, eps = p x + q m for the model output m."""
+        alpha, sigma = (v[:-1] for v in self.alpha_sigma)
+        one, zero = np.ones_like(alpha), np.zeros_like(alpha)
+        if prediction_type == "epsilon":
+            a, b, p, q = 1.0 / alpha, -sigma / alpha, zero, one
+        elif prediction_type == "sample":
+            a, b, p, q = zero, one, 1.0 / sigma, -alpha / sigma
+        elif prediction_type == "v_prediction":
+            a, b, p, q = alpha, -sigma, sigma, alpha
+        elif prediction_type == "flow_prediction":
+            # diffusers: x0 = x - sigma_t * m with the level's raw sigma; eps follows from x = alpha x0 + sigma eps
+            raw = self.sigmas[:-1]
+            a, b, p, q = one, -raw, (1.0 - alpha) / sigma, alpha * raw / sigma
+        else:
+            raise ValueError(
+                f"prediction_type must be one of {SOLVER_PREDICTION_TYPES}, got {prediction_type!r}"
+            )
+        return {"a": a, "b": b, "p": p, "q": q}

@@ -15,6 +15,7 @@ import random
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -23,7 +24,7 @@ from fastdiff.loop import run_table
 
 TOL = 1e-5
 STEPS = (1, 4, 10, 25, 50)
-SHAPE = (4, 2, 3, 3)
+SHAPE = (16, 3, 4, 4)
 # Hidden configurations: a different FASTDIFF_PARITY_SEED draws a different set.
 BASE_SEED = int(os.environ.get("FASTDIFF_PARITY_SEED", "0"))
 
@@ -37,9 +38,7 @@ def analytic_model(alphas_cumprod: torch.Tensor, prediction_type: str, flow: boo
     """The optimal predictor for data ~ N(0.3, 0.5^2) plus a fixed random linear mix through tanh of x and t:
     smooth, deterministic, cheap, and realistic enough that samples stay O(1) (an absolute tolerance means
     something). Returns the model output in `prediction_type` at (x, integer timestep t)."""
-    g = torch.Generator().manual_seed(1234)
-    dim = SHAPE[1] * SHAPE[2] * SHAPE[3]
-    mix = torch.randn(dim, dim, generator=g, dtype=torch.float64) / dim**0.5
+    mixes: dict[int, torch.Tensor] = {}
     abar_all = alphas_cumprod.double()
     mu, s2 = 0.3, 0.25
 
@@ -53,7 +52,12 @@ def analytic_model(alphas_cumprod: torch.Tensor, prediction_type: str, flow: boo
             abar = abar_all[t.long()].reshape(view)
             alpha, sig = abar.sqrt(), (1 - abar).sqrt()
         alpha, sig = alpha.to(x.dtype), sig.to(x.dtype)
-        mixed = (x.flatten(1) @ mix.to(x.dtype).T).reshape(x.shape)
+        dim = x[0].numel()
+        if dim not in mixes:
+            mixes[dim] = torch.randn(
+                dim, dim, generator=torch.Generator().manual_seed(dim), dtype=torch.float64
+            )
+        mixed = (x.flatten(1) @ mixes[dim].to(x.dtype).T).reshape(x.shape) / dim**0.5
         eps = sig * (x - alpha * mu) / (alpha**2 * s2 + sig**2) + 0.05 * torch.tanh(
             mixed + tt.reshape(view).to(x.dtype) / num_train
         )
@@ -101,15 +105,21 @@ def float64_scheduler(module: types.ModuleType) -> Iterator[None]:
 def diffusers_loop(
     scheduler,
     module: types.ModuleType,
-    num_steps: int,
+    num_steps: int | None,
     x: torch.Tensor,
     model: Callable,
     seed: int | None,
     float64: bool,
+    *,
+    begin: int = 0,
+    **set_timesteps: Any,
 ) -> torch.Tensor:
-    """diffusers' own loop (`step` per timestep); float64=True: scheduler, state and model in float64."""
-    scheduler.set_timesteps(num_steps)
-    scheduler.set_begin_index(0)  # diffusers looks a duplicated first timestep up as its second occurrence
+    """diffusers' own loop (`step` per timestep from row `begin`, as an img2img pipeline runs it); float64=True:
+    scheduler, state and model in float64. `set_timesteps` are extra arguments of set_timesteps (mu, sigmas, ...)."""
+    scheduler.set_timesteps(num_steps, **set_timesteps)
+    scheduler.set_begin_index(
+        begin
+    )  # (diffusers looks a duplicated first timestep up as its second occurrence)
     g = None if seed is None else torch.Generator().manual_seed(seed)
     ctx = contextlib.nullcontext()
     if float64:
@@ -117,7 +127,7 @@ def diffusers_loop(
         x = x.double()
         ctx = float64_scheduler(module)
     with ctx:
-        for t in scheduler.timesteps:
+        for t in scheduler.timesteps[begin:]:
             out = model(x, t.expand(x.shape[0]))
             kwargs = {"generator": g} if "generator" in inspect.signature(scheduler.step).parameters else {}
             x = scheduler.step(out, t, x, **kwargs).prev_sample
@@ -125,9 +135,11 @@ def diffusers_loop(
 
 
 def ours(
-    sampler, x: torch.Tensor, model: Callable, seed: int | None, monkeypatch
+    sampler, x: torch.Tensor, model: Callable, seed: int | None, monkeypatch, *, begin: int = 0
 ) -> tuple[torch.Tensor, int]:
-    """Our loop (`fastdiff.loop.run_table`, float32) and how many rows went through `sampler_step`."""
+    """Our loop (`fastdiff.loop.run_table`, float32) and how many rows went through `sampler_step`. With
+    `begin` > 0 (img2img), the rows from `begin` on with fresh sampler state, stepped by `sampler_step` itself
+    (run_table starts a multistep table at row 0 only)."""
     calls = []
     step = fastdiff.loop.sampler_step
 
@@ -135,11 +147,30 @@ def ours(
         calls.append(1)
         return step(*args, **kwargs)
 
-    monkeypatch.setattr(fastdiff.loop, "sampler_step", counted)
     g = None if seed is None else torch.Generator().manual_seed(seed)
+    table = sampler.table
     with torch.inference_mode():
-        out = run_table(lambda x, t: model(x, t), sampler.table, x.clone(), generator=g)
-    monkeypatch.setattr(fastdiff.loop, "sampler_step", step)
+        if begin == 0:
+            monkeypatch.setattr(fastdiff.loop, "sampler_step", counted)
+            out = run_table(lambda x, t: model(x, t), table, x.clone(), generator=g)
+            monkeypatch.setattr(fastdiff.loop, "sampler_step", step)
+        else:
+            out = x.clone()
+            history, xs = table.new_state(x.shape, x.device, x.dtype)
+            for i in range(begin, len(table)):
+                noise = torch.randn(x.shape, generator=g) if table.column("s")[i] != 0 else None
+                m = model(out, table.timesteps[i].expand(x.shape[0]))
+                out = counted(
+                    out,
+                    m,
+                    table.on(x.device),
+                    i,
+                    noise,
+                    history=history,
+                    history_kind=table.history,
+                    xs=xs,
+                    threshold=table.threshold,
+                )
     return out.double(), len(calls)
 
 

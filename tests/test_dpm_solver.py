@@ -15,7 +15,8 @@ import torch
 from _solver_parity import SHAPE, STEPS, TOL, analytic_model, diffusers_loop, distances, ours, rng
 
 import fastdiff
-from fastdiff.samplers import DPMSolverMultistepSampler
+from fastdiff.samplers import SAMPLERS, DPMSolverMultistepSampler, build_sampler
+from fastdiff.samplers.dpm_solver import from_diffusers_dpm
 
 diffusers = pytest.importorskip("diffusers")
 dpm_module = pytest.importorskip("diffusers.schedulers.scheduling_dpmsolver_multistep")
@@ -105,3 +106,101 @@ def test_parity_with_diffusers(case, monkeypatch):
         assert dist.ours_fp64 <= TOL, f"{dist} for {config} at {steps} steps"
         return
     assert dist.ok(), f"{dist} for {config} at {steps} steps"
+
+
+def _parity(config: dict, steps: int | None, monkeypatch, *, seed=None, begin=0, channels=2, **set_timesteps):
+    """Run one configuration through ours and diffusers and assert the criterion; returns the distances."""
+    make = lambda: diffusers.DPMSolverMultistepScheduler(**config)  # noqa: E731
+    scheduler = make()
+    scheduler.set_timesteps(steps, **set_timesteps)
+    sampler = from_diffusers_dpm(scheduler, steps, begin_index=begin, **set_timesteps)
+    assert torch.equal(sampler.timesteps, scheduler.timesteps)
+    model = analytic_model(scheduler.alphas_cumprod, config.get("prediction_type", "epsilon"), False)
+    shape = (SHAPE[0], channels, *SHAPE[2:])
+    if config.get("variance_type"):
+        base = model
+        model = lambda x, t: torch.cat([base(x, t), torch.full_like(x, 7.0)], 1)  # noqa: E731
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    mine, table_steps = ours(sampler, x, model, seed, monkeypatch, begin=begin)
+    assert table_steps == len(sampler.timesteps) - begin
+    d64 = diffusers_loop(make(), dpm_module, steps, x, model, seed, True, begin=begin, **set_timesteps)
+    d32 = diffusers_loop(make(), dpm_module, steps, x, model, seed, False, begin=begin, **set_timesteps)
+    dist = distances(mine, d32, d64)
+    assert dist.ok(), dist
+    return dist
+
+
+@pytest.mark.parametrize("begin", [1, 4, 7])
+def test_img2img_restarts_the_warm_up_where_it_begins(begin, monkeypatch):
+    """A run that begins at row `begin` (diffusers' set_begin_index, img2img) warms up from first order there."""
+    config = {"solver_order": 3, "algorithm_type": "sde-dpmsolver++"}
+    _parity(config, 10, monkeypatch, seed=3, begin=begin)
+    orders_from_0 = DPMSolverMultistepSampler(fastdiff.NoiseSchedule.from_kind("linear"), 10, solver_order=3)
+    assert orders_from_0.table.column("f1")[begin] != 0  # from row 0, that row is a multistep row
+
+
+def test_custom_timesteps_and_dynamic_flow_shift(monkeypatch):
+    _parity({"solver_order": 2}, None, monkeypatch, timesteps=[901, 700, 420, 300, 99, 3])
+    flow = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "use_dynamic_shifting": True}
+    _parity(flow, 12, monkeypatch, mu=0.8)
+
+
+def test_learned_variance_model_output(monkeypatch):
+    """variance_type learned / learned_range: the model returns 2C channels, the solver uses the first C (diffusers
+    slices the first 3, so C = 3 here)."""
+    for variance in ("learned", "learned_range"):
+        _parity({"variance_type": variance}, 10, monkeypatch, channels=3)
+
+
+def test_registered_names_and_defaults():
+    schedule = fastdiff.NoiseSchedule.from_kind("scaled_linear", beta_start=0.00085, beta_end=0.012)
+    two, three = build_sampler("dpmpp-2m", schedule, 20), build_sampler("dpmpp-3m", schedule, 20)
+    assert (two.solver_order, three.solver_order) == (2, 3)
+    assert two.algorithm_type == "dpmsolver++" and two.table.history == "x0"
+    assert two.table.history_slots == 1 and three.table.history_slots == 2
+    assert SAMPLERS["dpmpp-2m"].accepts("use_karras_sigmas")
+    noise = build_sampler("dpmpp-2m", schedule, 20, algorithm_type="sde-dpmsolver++")
+    assert noise.stochastic and noise.table.noisy_steps() == list(
+        range(19)
+    )  # the last step lands on sigma = 0
+
+
+def test_sample_draws_the_sde_noise_from_the_generator():
+    schedule = fastdiff.NoiseSchedule.from_kind("linear")
+    sampler = DPMSolverMultistepSampler(schedule, 8, algorithm_type="sde-dpmsolver++")
+    model = analytic_model(schedule.alphas_cumprod.float(), "epsilon", False)
+    run = lambda seed: fastdiff.sample(model, sampler, SHAPE, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    assert torch.equal(run(0), run(0)) and not torch.equal(run(0), run(1))
+    assert torch.isfinite(run(0)).all()
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"algorithm_type": "deis"}, "algorithm_type"),
+        ({"solver_order": 4}, "solver_order"),
+        ({"solver_type": "bh2"}, "solver_type"),
+        ({"algorithm_type": "dpmsolver"}, "final_sigmas_type"),
+        (
+            {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min", "solver_order": 3},
+            "third order",
+        ),
+        (
+            {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min", "thresholding": True},
+            "thresholding",
+        ),
+        ({"use_karras_sigmas": True, "use_beta_sigmas": True}, "only one of"),
+        ({"prediction_type": "x0"}, "prediction_type"),
+        ({"spacing": "uniform"}, "spacing"),
+        ({"begin_index": 20}, "begin_index"),
+        ({"timesteps": [10, 500]}, "descending"),
+        ({"variance_type": "learned", "prediction_type": "sample"}, "variance_type"),
+    ],
+)
+def test_bad_options_raise_value_error(options, match):
+    with pytest.raises(ValueError, match=match):
+        DPMSolverMultistepSampler(
+            fastdiff.NoiseSchedule.from_kind("linear"),
+            options.pop("num_steps", 20) if "timesteps" not in options else None,
+            **options,
+        )

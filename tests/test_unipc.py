@@ -9,12 +9,15 @@ thresholding, beta schedules) at 1/4/10/25/50 steps, using an analytic model; Un
 "with generator noise" half of the criterion does not apply. Every step must run through the table (`sampler_step`).
 """
 
+import numpy as np
 import pytest
 import torch
 from _solver_parity import SHAPE, STEPS, TOL, analytic_model, diffusers_loop, distances, ours, rng
 
 import fastdiff
-from fastdiff.samplers import UniPCMultistepSampler
+import fastdiff.table
+from fastdiff.samplers import UniPCMultistepSampler, build_sampler
+from fastdiff.samplers.unipc import from_diffusers_unipc
 
 diffusers = pytest.importorskip("diffusers")
 unipc_module = pytest.importorskip("diffusers.schedulers.scheduling_unipc_multistep")
@@ -96,3 +99,99 @@ def test_parity_with_diffusers(case, monkeypatch):
         assert dist.ours_fp64 <= TOL, f"{dist} for {config} at {steps} steps"
         return
     assert dist.ok(), f"{dist} for {config} at {steps} steps"
+
+
+def _parity(config: dict, steps: int | None, monkeypatch, *, begin=0, **set_timesteps):
+    make = lambda: diffusers.UniPCMultistepScheduler(**config)  # noqa: E731
+    scheduler = make()
+    scheduler.set_timesteps(steps, **set_timesteps)
+    sampler = from_diffusers_unipc(scheduler, steps, begin_index=begin, **set_timesteps)
+    assert torch.equal(sampler.timesteps, scheduler.timesteps)
+    assert (sampler.grid.sigmas == scheduler.sigmas.double().numpy()).all()
+    flow = config.get("use_flow_sigmas", False)
+    model = analytic_model(scheduler.alphas_cumprod, config.get("prediction_type", "epsilon"), flow)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    mine, table_steps = ours(sampler, x, model, None, monkeypatch, begin=begin)
+    assert table_steps == len(sampler.timesteps) - begin
+    d64 = diffusers_loop(make(), unipc_module, steps, x, model, None, True, begin=begin, **set_timesteps)
+    d32 = diffusers_loop(make(), unipc_module, steps, x, model, None, False, begin=begin, **set_timesteps)
+    dist = distances(mine, d32, d64)
+    assert dist.ok(), dist
+
+
+@pytest.mark.parametrize("begin", [1, 3, 8])
+def test_img2img_skips_the_first_corrector_and_restarts_the_warm_up(begin, monkeypatch):
+    _parity({"solver_order": 3}, 10, monkeypatch, begin=begin)
+    _parity(
+        {"solver_order": 2, "predict_x0": False, "final_sigmas_type": "sigma_min"},
+        10,
+        monkeypatch,
+        begin=begin,
+    )
+
+
+def test_flow_sigmas_dynamic_shift_terminal_and_custom_sigmas(monkeypatch):
+    flow = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
+    _parity({**flow, "flow_shift": 3.0, "shift_terminal": 0.1}, 12, monkeypatch)
+    _parity({**flow, "use_dynamic_shifting": True}, 12, monkeypatch, mu=0.7)
+    _parity({**flow, "use_dynamic_shifting": True, "time_shift_type": "linear"}, 12, monkeypatch, mu=1.3)
+    _parity(flow, None, monkeypatch, sigmas=np.array([1.0, 0.8, 0.55, 0.3, 0.12]))
+    _parity({**flow, "use_karras_sigmas": True, "sigma_min": 0.01, "sigma_max": 200.0}, 5, monkeypatch)
+
+
+def test_karras_sigma_range_from_the_config(monkeypatch):
+    _parity({"use_karras_sigmas": True, "sigma_min": 0.05, "sigma_max": 40.0}, 10, monkeypatch)
+
+
+def test_bh1_with_a_final_sigma_of_zero_is_finite_where_diffusers_returns_nan():
+    """diffusers multiplies B(h) = -inf by a zero residual at the last step (NaN); the step is the x0 prediction."""
+    config = {"solver_type": "bh1", "solver_order": 2}
+    scheduler = diffusers.UniPCMultistepScheduler(**config)
+    scheduler.set_timesteps(10)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    model = analytic_model(scheduler.alphas_cumprod, "epsilon", False)
+    assert not torch.isfinite(diffusers_loop(scheduler, unipc_module, 10, x, model, None, False)).all()
+    sampler = UniPCMultistepSampler(fastdiff.NoiseSchedule.from_diffusers(scheduler), 10, **config)
+    last = dict(zip(fastdiff.table.TABLE_COLUMNS, sampler.table.coeffs[-1].tolist(), strict=True))
+    assert (last["c"], last["e"], last["f1"], last["f2"]) == (
+        1.0,
+        0.0,
+        0.0,
+        0.0,
+    )  # x_0 = the corrected x0 estimate
+    assert torch.isfinite(fastdiff.sample(model, sampler, SHAPE, x_T=x)).all()
+
+
+def test_registered_name_and_defaults():
+    sampler = build_sampler("unipc", fastdiff.NoiseSchedule.from_kind("linear"), 10)
+    assert isinstance(sampler, UniPCMultistepSampler)
+    table = sampler.table
+    assert table.uses_xs and table.history == "x0" and table.history_slots == 2
+    assert table.kind == "unipc-bh2-2"
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"solver_type": "midpoint"}, "solver_type"),
+        ({"solver_order": 0}, "solver_order"),
+        ({"predict_x0": False}, "final_sigmas_type"),
+        ({"lower_order_final": False}, "lower_order_final"),
+        ({"predict_x0": False, "prediction_type": "flow_prediction"}, "flow_prediction"),
+        ({"use_karras_sigmas": True, "use_exponential_sigmas": True}, "only one of"),
+        ({"sigmas": [1.0, 0.5]}, "use_flow_sigmas"),
+        ({"begin_index": -1}, "begin_index"),
+        ({"time_shift_type": "cubic"}, "time_shift_type"),
+    ],
+)
+def test_bad_options_raise_value_error(options, match):
+    steps = None if "sigmas" in options else 10
+    with pytest.raises(ValueError, match=match):
+        UniPCMultistepSampler(fastdiff.NoiseSchedule.from_kind("linear"), steps, **options)
+
+
+def test_diffusers_configs_fastdiff_cannot_run_are_refused():
+    with pytest.raises(ValueError, match="solver_p"):
+        from_diffusers_unipc({"solver_p": object()}, 10)
+    with pytest.raises(ValueError, match="mu"):
+        from_diffusers_unipc({"use_dynamic_shifting": True, "use_flow_sigmas": True}, 10)

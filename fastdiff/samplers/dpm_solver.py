@@ -27,6 +27,7 @@ from fastdiff.samplers.solver_grid import (
     SOLVER_PREDICTION_TYPES,
     SolverGrid,
     check_custom_timesteps,
+    compensated,
     flow_shift_sigmas,
     sigma_spacing,
     sigma_to_t,
@@ -184,6 +185,8 @@ def dpm_columns(
             p = g1 * (1 + r0 / (r0 + r1)) + g2 / (r0 + r1)
             q = -g1 * r0 / (r0 + r1) - g2 / (r0 + r1)
             w0[i], w1[i], w2[i] = g0 + p / r0, -p / r0 + q / r1, -q / r1
+    if not data:  # e = alpha_t / alpha_s is large at high noise, against w0 * eps
+        w0 = compensated(e, w0, sigma[:-1])
     return {"e": e, "c" if data else "d": w0, "f1": w1, "f2": w2, "s": s}
 
 
@@ -194,7 +197,8 @@ class DPMSolverMultistepSampler(Sampler):
     The option names are diffusers' config keys (`spacing` is `timestep_spacing`). `use_karras_sigmas`,
     `use_exponential_sigmas`, `use_beta_sigmas`, `use_lu_lambdas` and `use_flow_sigmas` choose the levels; the model
     is called at diffusers' int64 timesteps. `thresholding` (dynamic, Imagen) needs a data-prediction algorithm.
-    `begin_index`: the row a run starts at (img2img), where the warm-up to full order restarts.
+    `begin_index`: the row a run starts at (img2img), where the warm-up to full order restarts (rows before it
+    are first order).
     `variance_type` "learned" / "learned_range": the model returns 2C channels; the variance half is not used.
     """
 

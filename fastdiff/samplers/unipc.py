@@ -26,6 +26,7 @@ from fastdiff.samplers.solver_grid import (
     FINAL_SIGMAS,
     SOLVER_PREDICTION_TYPES,
     SolverGrid,
+    compensated,
     flow_shift_sigmas,
     sigma_spacing,
     sigma_to_t,
@@ -106,7 +107,7 @@ def unipc_grid(
 def unipc_orders(num_steps: int, solver_order: int, lower_order_final: bool, begin: int) -> list[int]:
     """The order of each step's predictor as diffusers' step() picks it, warming up from row `begin`."""
     return [
-        min(min(solver_order, num_steps - i) if lower_order_final else solver_order, i - begin + 1)
+        min(min(solver_order, num_steps - i) if lower_order_final else solver_order, max(i - begin, 0) + 1)
         for i in range(num_steps)
     ]
 
@@ -198,6 +199,10 @@ def unipc_columns(
         cols["c" if predict_x0 else "d"][i] = w0 + e * k_i
         for j in range(1, order):
             cols[f"f{j}"][i] = k * rhos[j - 1] / rks[j - 1]
+    if (
+        not predict_x0
+    ):  # e = alpha_t / alpha_s is large at high noise, against d * eps (xc ~ alpha x0 + sigma eps)
+        cols["d"] = compensated(cols["e"], cols["d"], sigma[:-1])
     return cols
 
 
@@ -208,7 +213,8 @@ class UniPCMultistepSampler(Sampler):
 
     Option names are diffusers' config keys (`spacing` is `timestep_spacing`). `predict_x0` chooses the data (x0)
     or noise (eps) formulation; `thresholding` applies to the data one. `begin_index`: the row a run starts at
-    (img2img), where the warm-up to full order restarts and the first corrector is skipped.
+    (img2img), where the warm-up to full order restarts and the first corrector is skipped (rows before it are
+    first order, without corrector).
     """
 
     def __init__(

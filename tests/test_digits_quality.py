@@ -5,6 +5,7 @@ import torch
 
 import fastdiff
 from fastdiff.data import load_digits
+from fastdiff.samplers import build_sampler
 
 sklearn_linear = pytest.importorskip("sklearn.linear_model")
 
@@ -24,9 +25,13 @@ def classifier():
     return clf
 
 
-def test_class_conditional_samples_are_recognised(pretrained, classifier):
+@pytest.mark.parametrize(
+    ("name", "steps"),
+    [("ddim", 50), ("dpmpp-2m", 10), ("unipc", 10)],  # the multistep solvers at few steps (issue 12)
+)
+def test_class_conditional_samples_are_recognised(pretrained, classifier, name, steps):
     labels = torch.arange(200) % 10
-    sampler = fastdiff.DDIMSampler(pretrained.schedule, 50)
+    sampler = build_sampler(name, pretrained.schedule, steps)
     images = fastdiff.sample(
         pretrained.model,
         sampler,
@@ -38,7 +43,9 @@ def test_class_conditional_samples_are_recognised(pretrained, classifier):
     assert images.min() >= -1.5 and images.max() <= 1.5
     predicted = classifier.predict(images.clamp(-1, 1).flatten(1).numpy())
     accuracy = (torch.from_numpy(predicted) == labels).float().mean().item()
-    print(f"digits quality: {accuracy:.1%} of 200 samples classified as the requested class")
+    print(
+        f"digits quality, {name} {steps} steps: {accuracy:.1%} of 200 samples classified as the requested class"
+    )
     assert accuracy >= 0.90
 
 

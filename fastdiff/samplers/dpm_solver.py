@@ -378,6 +378,9 @@ def from_diffusers_dpm(
     )
 
 
-register("dpmpp-2m", DPMSolverMultistepSampler, solver_order=2)
-register("dpmpp-3m", DPMSolverMultistepSampler, solver_order=3)
+# The names use Stable Diffusion's scheduler spacing ("leading": the first step at T - T // (n + 1)); diffusers'
+# class default "linspace" starts at t = T - 1, where a cosine schedule's x0 = (x - sigma eps) / alpha divides by
+# alpha ~ 5e-5 and 10-step samples of our digits model come out wrong.
+register("dpmpp-2m", DPMSolverMultistepSampler, solver_order=2, spacing="leading")
+register("dpmpp-3m", DPMSolverMultistepSampler, solver_order=3, spacing="leading")
 register_diffusers("DPMSolverMultistepScheduler", from_diffusers_dpm)

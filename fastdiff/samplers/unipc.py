@@ -372,5 +372,5 @@ def from_diffusers_unipc(
     )
 
 
-register("unipc", UniPCMultistepSampler)
+register("unipc", UniPCMultistepSampler, spacing="leading")  # as dpmpp-2m (see dpm_solver.py)
 register_diffusers("UniPCMultistepScheduler", from_diffusers_unipc)

@@ -167,10 +167,12 @@ class NoiseSchedule:
         abar = self.alphas_cumprod
         return ((1.0 - abar) / abar).sqrt()
 
-    def sigma_to_t(self, sigmas: np.ndarray) -> np.ndarray:
+    def sigma_to_t(self, sigmas: np.ndarray, log_sigmas: np.ndarray | None = None) -> np.ndarray:
         """The fractional training timestep of each sigma: linear interpolation in log sigma between the two
-        neighbouring training timesteps (diffusers' `_sigma_to_t`, clamped to [0, T - 1])."""
-        log_sigmas = np.log(self.sigmas.numpy())
+        neighbouring training timesteps (diffusers' `_sigma_to_t`, clamped to [0, T - 1]). `log_sigmas`: the
+        training log sigmas to interpolate (default: from `sigmas` in float64; diffusers' own are float32)."""
+        if log_sigmas is None:
+            log_sigmas = np.log(self.sigmas.numpy())
         log_sigma = np.log(np.maximum(np.asarray(sigmas, dtype=np.float64), 1e-10))
         below = np.cumsum(log_sigma[None, :] >= log_sigmas[:, None], axis=0).argmax(axis=0)
         low = below.clip(max=log_sigmas.shape[0] - 2)

@@ -100,8 +100,8 @@ class StepTable:
             raise ValueError(f"clip must be None or a positive number, got {self.clip!r}")
         if self.threshold is not None:
             ratio, top = self.threshold
-            if not 0 < ratio <= 1 or not top > 0:
-                raise ValueError(f"threshold must be (ratio in (0, 1], max > 0), got {self.threshold!r}")
+            if not 0 <= ratio <= 1 or not top > 0:
+                raise ValueError(f"threshold must be (ratio in [0, 1], max > 0), got {self.threshold!r}")
             if self.clip is not None:
                 raise ValueError("a table either clips x0 or thresholds it dynamically, not both")
         if self.history not in (None, *HISTORY_KINDS):

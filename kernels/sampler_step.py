@@ -353,8 +353,8 @@ def _check_state(x, history, history_kind, xs, variance, learned_variance, thres
         if clip is not None:
             raise ValueError("pass clip= or threshold=, not both")
         ratio, top = threshold
-        if not 0 < ratio <= 1 or not top > 0:
-            raise ValueError(f"threshold must be (ratio in (0, 1], max > 0), got {threshold!r}")
+        if not 0 <= ratio <= 1 or not top > 0:
+            raise ValueError(f"threshold must be (ratio in [0, 1], max > 0), got {threshold!r}")
 
 
 def _row(table: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ map of x and t), not a network.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 import types
 from collections.abc import Callable, Iterator, Mapping
@@ -119,10 +120,13 @@ def diffusers_loop(
     set_timesteps: Mapping[str, Any] | None = None,
     step_kwargs: Mapping[str, Any] | None = None,
     shape: tuple[int, ...] = SHAPE,
+    begin: int | None = None,
 ) -> torch.Tensor:
     """A diffusers pipeline's loop with a new `scheduler_class(**config)`: x_T = init_noise_sigma * randn, then
-    scale_model_input / model / step per timestep, noise from one generator. dtype=float64 runs it all under
-    `diffusers_in_float64`."""
+    scale_model_input / model / step per timestep, noise from one generator (for a step() that takes one).
+    dtype=float64 runs it all under `diffusers_in_float64`. `begin`: `set_begin_index(begin)` and the loop over
+    timesteps[begin:] (an img2img pipeline's; also keeps diffusers from looking a duplicated first timestep up as
+    its second occurrence)."""
     x = torch.randn(shape, generator=(gen := torch.Generator().manual_seed(seed)), dtype=torch.float32).to(
         dtype
     )
@@ -130,10 +134,13 @@ def diffusers_loop(
     with context:
         scheduler = scheduler_class(**config)
         scheduler.set_timesteps(num_steps, **(set_timesteps or {}))
+        if begin is not None:
+            scheduler.set_begin_index(begin)
         x = x * getattr(scheduler, "init_noise_sigma", 1.0)
-        for t in scheduler.timesteps:
+        noise = {"generator": gen} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        for t in scheduler.timesteps[begin or 0 :]:
             m = model(scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x, t)
-            x = scheduler.step(m, t, x, generator=gen, **(step_kwargs or {})).prev_sample
+            x = scheduler.step(m, t, x, **noise, **(step_kwargs or {})).prev_sample
     return x
 
 
@@ -172,3 +179,96 @@ def drop_in_loop(
         patch.setattr(base, "step", lambda *a, **k: pytest.fail(f"diffusers' own {base.__name__}.step() ran"))
         result = diffusers_loop(fast, config, model, num_steps, **kwargs)
     return result, len(calls)
+
+
+def table_loop(
+    sampler: Any,
+    model: Callable[..., torch.Tensor],
+    *,
+    seed: int,
+    monkeypatch: Any,
+    begin: int = 0,
+    shape: tuple[int, ...] = SHAPE,
+) -> tuple[torch.Tensor, int]:
+    """fastdiff's loop on `sampler`'s table with `diffusers_loop`'s x_T and noise (one generator), and how many rows
+    ran through `sampler_step`. `begin` > 0: the rows from `begin` on with fresh sampler state (an img2img run;
+    `fastdiff.sample` starts a multistep table at row 0 only)."""
+    import fastdiff
+    import fastdiff.loop
+
+    calls = []
+    real_step = fastdiff.loop.sampler_step
+
+    def counted(*args: Any, **kw: Any) -> torch.Tensor:
+        calls.append(1)
+        return real_step(*args, **kw)
+
+    gen = torch.Generator().manual_seed(seed)
+    table = sampler.table
+    with monkeypatch.context() as patch, torch.inference_mode():
+        patch.setattr(fastdiff.loop, "sampler_step", counted)
+        if begin == 0:
+            return fastdiff.sample(model, sampler, shape, generator=gen), len(calls)
+        x = torch.randn(shape, generator=gen)
+        history, xs = table.new_state(x.shape, x.device, x.dtype)
+        for i in range(begin, len(table)):
+            m = model(x, table.timesteps[i].expand(x.shape[0]))
+            noise = torch.randn(shape, generator=gen) if table.column("s")[i] != 0 else None
+            x = counted(
+                x,
+                m,
+                table.on(x.device),
+                i,
+                noise,
+                threshold=table.threshold,
+                history=history,
+                history_kind=table.history,
+                xs=xs,
+            )
+    return x, len(calls)
+
+
+def check_table_parity(
+    base: type,
+    config: Mapping[str, Any],
+    num_steps: int | None,
+    *,
+    seed: int,
+    monkeypatch: Any,
+    set_timesteps: Mapping[str, Any] | None = None,
+    begin: int = 0,
+    shape: tuple[int, ...] = SHAPE,
+    model: Callable[..., torch.Tensor] | None = None,
+) -> str:
+    """The sampler `fastdiff.from_diffusers_scheduler` builds for `base(**config)` against diffusers' own loop:
+    same timesteps, every row through `sampler_step`, and the criterion. Returns "ok", or "diffusers-nan" where
+    diffusers' own float64 run is not finite and "diffusers-fp32-nan" where only its float32 run is not (ours
+    must be finite in both)."""
+    import fastdiff
+
+    scheduler = base(**config)
+    scheduler.set_timesteps(num_steps, **(set_timesteps or {}))
+    extra = {"begin_index": begin} if begin else {}
+    sampler = fastdiff.from_diffusers_scheduler(scheduler, num_steps, **(set_timesteps or {}), **extra)
+    assert torch.equal(sampler.timesteps, scheduler.timesteps.cpu()), "timesteps differ from diffusers'"
+    if model is None:
+        flow = config.get("use_flow_sigmas", False)
+        model = AnalyticModel(
+            config.get("prediction_type", "epsilon"),
+            scheduler.alphas_cumprod,
+            "flow" if flow else "discrete",
+            features=int(np.prod(shape[1:])),
+        )
+    ours, rows = table_loop(sampler, model, seed=seed, monkeypatch=monkeypatch, begin=begin, shape=shape)
+    assert rows == len(sampler.timesteps) - begin, "every step must run through the table (sampler_step)"
+    assert torch.isfinite(ours).all()
+    kw = {"seed": seed, "set_timesteps": set_timesteps, "shape": shape, "begin": begin}
+    fp64 = diffusers_loop(base, config, model, num_steps, dtype=torch.float64, **kw)
+    if not torch.isfinite(fp64).all():
+        return "diffusers-nan"
+    fp32 = diffusers_loop(base, config, model, num_steps, **kw)
+    if not torch.isfinite(fp32).all():  # diffusers' own error is infinite: the criterion holds for ours (finite)
+        return "diffusers-fp32-nan"
+    ok, ours_err, own_err = parity(ours, fp32, fp64)
+    assert ok, f"|ours - diffusers fp32| = {ours_err:.3g}, diffusers' own error {own_err:.3g}: {dict(config)}"
+    return "ok"

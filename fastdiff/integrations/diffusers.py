@@ -132,6 +132,18 @@ DROP_INS: list[DropIn] = [
         outputs=_no_outputs,
         probe={"mu": 1.0},
     ),
+    DropIn(
+        "DPMSolverMultistepScheduler",
+        draws_noise=lambda sampler, row, kw: sampler.stochastic,  # the SDE variants draw at every step
+        noise_dtype=torch.float32,
+        outputs=_no_outputs,
+    ),
+    DropIn(
+        "UniPCMultistepScheduler",
+        outputs=_no_outputs,
+        model_dtype_output=False,
+        probe={"mu": 1.0},  # (used only by configs with use_dynamic_shifting)
+    ),
 ]
 
 
@@ -165,6 +177,7 @@ class _TableScheduler:
         self._samplers: dict[tuple, Sampler] = {}  # by (begin_index, step() arguments)
         self._rows: dict[float, int] = {}
         self._state: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
+        self._run_begin = 0
 
     def _default_step_kwargs(self) -> dict[str, Any]:
         params = self._diffusers_step.parameters
@@ -188,8 +201,12 @@ class _TableScheduler:
                 + " / ".join(unsupported)
             )
         kwargs = {**self._schedule_kwargs, **step_kwargs}
-        if "begin_index" in accepted and getattr(self, "begin_index", None) is not None:
-            kwargs["begin_index"] = self.begin_index
+        # where this run began: diffusers' begin_index, else the row its first step() found for its timestep
+        # (an img2img loop over timesteps[t_start:] without set_begin_index)
+        begin = getattr(self, "begin_index", None)
+        begin = self.__dict__.get("_run_begin") if begin is None else begin
+        if "begin_index" in accepted and begin:
+            kwargs["begin_index"] = begin
         # the set_timesteps arguments are the same for every cached sampler (set_timesteps clears the cache)
         key = (kwargs.get("begin_index"), *sorted(step_kwargs.items()))
         sampler = self._samplers.get(key)
@@ -294,9 +311,11 @@ class _TableScheduler:
                     f"{type(self).__name__}.step: {name}={value!r} is not supported by fastdiff's table"
                 )
         step_kwargs = {name: arguments.get(name, params[name].default) for name in spec.table_kwargs}
+        row = self._row(timestep)
+        if self.__dict__.get("_state") is None:  # the first step of a run
+            self._run_begin = row
         sampler = self._sampler(step_kwargs)
         table = sampler.table
-        row = self._row(timestep)
         if not 0 <= row < len(table):
             raise ValueError(f"{type(self).__name__}.step: step {row} is past the last of {len(table)} steps")
         generator, noise = arguments.get("generator"), arguments.get("variance_noise")

@@ -29,13 +29,10 @@ from fastdiff.samplers.solver_grid import (
     check_custom_timesteps,
     compensated,
     flow_shift_sigmas,
-    sigma_spacing,
-    sigma_to_t,
-    spaced_sigmas,
     spaced_timesteps,
     train_sigmas,
 )
-from fastdiff.schedule import SPACINGS, NoiseSchedule
+from fastdiff.schedule import SPACINGS, NoiseSchedule, sigma_spacing_of, spaced_sigmas
 from fastdiff.table import StepTable
 
 ALGORITHM_TYPES = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
@@ -72,13 +69,13 @@ def dpm_grid(
         sigmas = np.interp(ts, np.arange(T), sig32)
     elif sigmas_spacing is not None:
         sigmas = spaced_sigmas(sigmas_spacing, float(sig32[0]), float(sig32[-1]), num_steps)
-        ts = sigma_to_t(sigmas, log_sigmas)
+        ts = schedule.sigma_to_t(sigmas, log_sigmas)
         if sigmas_spacing == "karras" and rounds:
             ts = ts.round()
     elif use_lu_lambdas:
         lam_min, lam_max = float(log_sigmas[0]), float(log_sigmas[-1])
         sigmas = np.exp(lam_max + np.linspace(0, 1, num_steps) * (lam_min - lam_max))
-        ts = sigma_to_t(sigmas, log_sigmas)
+        ts = schedule.sigma_to_t(sigmas, log_sigmas)
         if rounds:
             ts = ts.round()
     elif use_flow_sigmas:
@@ -283,7 +280,13 @@ class DPMSolverMultistepSampler(Sampler):
             steps_offset=steps_offset,
             final_sigmas_type=final_sigmas_type,
             lambda_min_clipped=lambda_min_clipped,
-            sigmas_spacing=sigma_spacing(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas),
+            sigmas_spacing=sigma_spacing_of(
+                {
+                    "use_karras_sigmas": use_karras_sigmas,
+                    "use_exponential_sigmas": use_exponential_sigmas,
+                    "use_beta_sigmas": use_beta_sigmas,
+                }
+            ),
             use_lu_lambdas=use_lu_lambdas,
             use_flow_sigmas=use_flow_sigmas,
             flow_shift=flow_shift,

@@ -9,7 +9,6 @@ index the model, bit for bit); the solvers then compute their coefficients from 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,7 +21,6 @@ from fastdiff.schedule import SPACINGS, NoiseSchedule
 FINAL_SIGMAS = ("zero", "sigma_min")
 # The solvers' prediction types: the table ones plus flow matching's velocity (x0 = x - sigma * m).
 SOLVER_PREDICTION_TYPES = (*PREDICTION_TYPES, "flow_prediction")
-SIGMA_SPACINGS = ("karras", "exponential", "beta")
 
 
 def train_sigmas(schedule: NoiseSchedule) -> np.ndarray:
@@ -46,49 +44,6 @@ def spaced_timesteps(
     else:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
     return ts.astype(np.int64)
-
-
-def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
-    """The fractional training timestep of each sigma: linear in log sigma between the neighbouring training
-    timesteps, clamped to [0, T - 1] (diffusers' `_sigma_to_t`, with its float32 `log_sigmas`)."""
-    log_sigma = np.log(np.maximum(np.asarray(sigmas, dtype=np.float64), 1e-10))
-    dists = log_sigma - log_sigmas[:, np.newaxis]
-    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
-    lo, hi = log_sigmas[low], log_sigmas[low + 1]
-    w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
-    return (1 - w) * low + w * (low + 1)
-
-
-def spaced_sigmas(spacing: str, sigma_min: float, sigma_max: float, num_steps: int) -> np.ndarray:
-    """`num_steps` sigmas from sigma_max down to sigma_min: "karras" (Karras et al. 2022, rho = 7), "exponential"
-    (uniform in log sigma) or "beta" (beta(0.6, 0.6) quantiles), as diffusers' `use_<spacing>_sigmas`."""
-    ramp = np.linspace(0, 1, num_steps)
-    if spacing == "karras":
-        lo, hi = sigma_min ** (1 / 7.0), sigma_max ** (1 / 7.0)
-        return (hi + ramp * (lo - hi)) ** 7.0
-    if spacing == "exponential":
-        return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_steps))
-    try:
-        from scipy.stats import beta
-    except ImportError:
-        raise ImportError("use_beta_sigmas needs scipy: pip install scipy") from None
-    return np.array([sigma_min + beta.ppf(u, 0.6, 0.6) * (sigma_max - sigma_min) for u in 1 - ramp])
-
-
-def sigma_spacing(use_karras_sigmas: bool, use_exponential_sigmas: bool, use_beta_sigmas: bool) -> str | None:
-    """Which sigma spacing the `use_*_sigmas` flags ask for (ValueError for more than one)."""
-    chosen = [
-        name
-        for name, flag in zip(
-            SIGMA_SPACINGS, (use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas), strict=True
-        )
-        if flag
-    ]
-    if len(chosen) > 1:
-        raise ValueError(
-            f"only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas may be set, got {chosen}"
-        )
-    return chosen[0] if chosen else None
 
 
 def flow_shift_sigmas(sigmas: np.ndarray, shift: float) -> np.ndarray:
@@ -147,10 +102,18 @@ class SolverGrid:
 
     @property
     def lambdas(self) -> np.ndarray:
-        """log(alpha / sigma) of each level (+inf at sigma = 0)."""
+        """log(alpha / sigma) of each level (+inf at sigma = 0). Consecutive levels within a few float32 steps of
+        lambda count as one: karras / lu sigmas end on sigma_min up to rounding, and final_sigmas_type="sigma_min"
+        appends it again; that step's length is rounding (diffusers' float32 lambdas make it 0; an SDE step would
+        add noise of sqrt(h)), not a step to take."""
         alpha, sigma = self.alpha_sigma
-        with np.errstate(divide="ignore"):
-            return np.log(alpha) - np.log(sigma)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lam = np.log(alpha) - np.log(sigma)
+            resolution = 4 * np.spacing(np.abs(lam).astype(np.float32)).astype(np.float64)
+        for i in range(len(lam) - 1):
+            if np.isfinite(lam[i + 1]) and abs(lam[i + 1] - lam[i]) <= resolution[i]:
+                lam[i + 1] = lam[i]
+        return lam
 
     def prediction_columns(self, prediction_type: str) -> dict[str, np.ndarray]:
         """(a, b, p, q) of the steps: x0 = a x + b m, eps = p x + q m for the model output m."""

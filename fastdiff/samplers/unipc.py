@@ -28,13 +28,10 @@ from fastdiff.samplers.solver_grid import (
     SolverGrid,
     compensated,
     flow_shift_sigmas,
-    sigma_spacing,
-    sigma_to_t,
-    spaced_sigmas,
     spaced_timesteps,
     train_sigmas,
 )
-from fastdiff.schedule import SPACINGS, NoiseSchedule
+from fastdiff.schedule import SPACINGS, NoiseSchedule, sigma_spacing_of, spaced_sigmas
 from fastdiff.table import StepTable
 
 SOLVER_TYPES = ("bh1", "bh2")
@@ -74,7 +71,7 @@ def unipc_grid(
             levels = levels / (levels + 1)
             ts = levels * T
         else:
-            ts = sigma_to_t(levels, np.log(sig32))
+            ts = schedule.sigma_to_t(levels, np.log(sig32))
             if sigmas_spacing == "karras":
                 ts = ts.round()
         final = float(levels[-1])
@@ -289,7 +286,13 @@ class UniPCMultistepSampler(Sampler):
             spacing=spacing,
             steps_offset=steps_offset,
             final_sigmas_type=final_sigmas_type,
-            sigmas_spacing=sigma_spacing(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas),
+            sigmas_spacing=sigma_spacing_of(
+                {
+                    "use_karras_sigmas": use_karras_sigmas,
+                    "use_exponential_sigmas": use_exponential_sigmas,
+                    "use_beta_sigmas": use_beta_sigmas,
+                }
+            ),
             sigma_min=sigma_min,
             sigma_max=sigma_max,
             use_flow_sigmas=use_flow_sigmas,

@@ -48,6 +48,9 @@ def unipc_case(case: int) -> tuple[dict, int]:
     }
     if config["beta_schedule"] == "scaled_linear":
         config.update(beta_start=0.00085, beta_end=0.012)
+    if config["beta_schedule"] != "linear" and r.random() < 0.15:
+        # (diffusers' float32 alphas_cumprod of linear betas rescaled to zero SNR rise at the end: not a schedule)
+        config["rescale_betas_zero_snr"] = True
     levels = r.choice(["train"] * 3 + ["karras"] * 2 + ["exponential", "beta", "flow"])
     if levels == "flow":
         config.update(use_flow_sigmas=True, flow_shift=r.choice([1.0, 3.0]))

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from fastdiff.samplers.base import Sampler, check_choice
+from fastdiff.samplers.euler import diffusers_schedule
 from fastdiff.samplers.registry import register, register_diffusers
 from fastdiff.samplers.solver_grid import (
     FINAL_SIGMAS,
@@ -59,7 +60,7 @@ def dpm_grid(
     sig32 = train_sigmas(schedule)
     log_sigmas = np.log(sig32)
     # Karras / lu timesteps are rounded, except for the cosine schedule (diffusers' squaredcos_cap_v2 exception).
-    rounds = schedule.kind != "cosine"
+    rounds = schedule.kind not in ("cosine", "squaredcos_cap_v2")
     if timesteps is not None:
         if sigmas_spacing is not None or use_lu_lambdas or use_flow_sigmas:
             raise ValueError(
@@ -363,7 +364,7 @@ def from_diffusers_dpm(
 ) -> DPMSolverMultistepSampler:
     """The DPMSolverMultistepSampler of a diffusers DPMSolverMultistepScheduler (or its config); `timesteps` and
     `mu` are set_timesteps' (mu: the dynamic flow shift, flow_shift = e^mu)."""
-    config = getattr(scheduler_or_config, "config", scheduler_or_config)
+    schedule, config = diffusers_schedule(scheduler_or_config, "DPMSolverMultistepScheduler")
     options = diffusers_options(config, DIFFUSERS_OPTIONS)
     if mu is not None:
         if not (
@@ -373,7 +374,7 @@ def from_diffusers_dpm(
             raise ValueError("mu needs use_dynamic_shifting=True with time_shift_type='exponential'")
         options["flow_shift"] = math.exp(mu)
     return DPMSolverMultistepSampler(
-        NoiseSchedule.from_diffusers(scheduler_or_config),
+        schedule,
         num_steps,
         timesteps=timesteps,
         begin_index=begin_index,

@@ -14,13 +14,14 @@ row's corrector through h1 (where eps_i then is). The states each row returns ar
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from fastdiff.samplers.base import Sampler, check_choice
 from fastdiff.samplers.dpm_solver import diffusers_options
+from fastdiff.samplers.euler import diffusers_schedule
 from fastdiff.samplers.registry import register, register_diffusers
 from fastdiff.samplers.solver_grid import (
     FINAL_SIGMAS,
@@ -360,13 +361,13 @@ def from_diffusers_unipc(
 ) -> UniPCMultistepSampler:
     """The UniPCMultistepSampler of a diffusers UniPCMultistepScheduler (or its config); `sigmas` and `mu` are
     set_timesteps' (custom flow sigmas; the dynamic shift of `use_dynamic_shifting`)."""
-    config: Mapping[str, Any] = getattr(scheduler_or_config, "config", scheduler_or_config)
+    schedule, config = diffusers_schedule(scheduler_or_config, "UniPCMultistepScheduler")
     if config.get("solver_p") is not None:
         raise ValueError("solver_p (a second scheduler as the predictor) is not supported")
     if config.get("use_dynamic_shifting", False) and mu is None:
         raise ValueError("use_dynamic_shifting=True needs mu (set_timesteps(..., mu=...))")
     return UniPCMultistepSampler(
-        NoiseSchedule.from_diffusers(scheduler_or_config),
+        schedule,
         num_steps,
         sigmas=sigmas,
         mu=mu if config.get("use_dynamic_shifting", False) else None,

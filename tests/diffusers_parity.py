@@ -267,8 +267,8 @@ def check_table_parity(
     if not torch.isfinite(fp64).all():
         return "diffusers-nan"
     fp32 = diffusers_loop(base, config, model, num_steps, **kw)
-    if not torch.isfinite(fp32).all():  # diffusers' own error is infinite: the criterion holds for ours (finite)
-        return "diffusers-fp32-nan"
+    if not torch.isfinite(fp32).all():
+        return "diffusers-fp32-nan"  # diffusers' own error is infinite: the criterion holds for ours (finite)
     ok, ours_err, own_err = parity(ours, fp32, fp64)
     assert ok, f"|ours - diffusers fp32| = {ours_err:.3g}, diffusers' own error {own_err:.3g}: {dict(config)}"
     return "ok"

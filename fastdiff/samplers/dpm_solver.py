@@ -29,11 +29,11 @@ from fastdiff.samplers.solver_grid import (
     SolverGrid,
     check_custom_timesteps,
     compensated,
-    flow_shift_sigmas,
+    distinct_order,
     spaced_timesteps,
     train_sigmas,
 )
-from fastdiff.schedule import SPACINGS, NoiseSchedule, sigma_spacing_of, spaced_sigmas
+from fastdiff.schedule import SPACINGS, FlowSchedule, NoiseSchedule, sigma_spacing_of, spaced_sigmas
 from fastdiff.table import StepTable
 
 ALGORITHM_TYPES = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
@@ -80,8 +80,8 @@ def dpm_grid(
         if rounds:
             ts = ts.round()
     elif use_flow_sigmas:
-        shifted = flow_shift_sigmas(1.0 - np.linspace(1, 1 / T, num_steps + 1), flow_shift)
-        sigmas = np.flip(shifted)[:-1].copy()
+        base = np.flip(1.0 - np.linspace(1, 1 / T, num_steps + 1))[:-1].copy()
+        sigmas = FlowSchedule(T, flow_shift).sigmas(num_steps, sigmas=base)[1][:-1]
         ts = sigmas * T
     else:
         # lambda_min_clipped: the last usable training timestep (diffusers searches its float32 lambdas)
@@ -162,10 +162,7 @@ def dpm_columns(
         if h == 0:  # a zero-length step (e.g. karras sigmas ending on sigma_min twice): x stays
             e[i] = 1.0
             continue
-        # Two equal levels among those the step uses (duplicate timesteps) have no divided difference, where
-        # diffusers divides by zero: lower the order.
-        while order > 1 and len(set(lam[i - order + 1 : i + 1].tolist())) < order:
-            order -= 1
+        order = distinct_order(lam, i, order)
         e[i] = sigma[i + 1] / sigma[i] if data else alpha[i + 1] / alpha[i]
         if algorithm_type.startswith("sde") and data:
             e[i] *= math.exp(-h)

@@ -46,11 +46,6 @@ def spaced_timesteps(
     return ts.astype(np.int64)
 
 
-def flow_shift_sigmas(sigmas: np.ndarray, shift: float) -> np.ndarray:
-    """Flow matching's static shift sigma' = shift * sigma / (1 + (shift - 1) * sigma)."""
-    return shift * sigmas / (1 + (shift - 1) * sigmas)
-
-
 def check_custom_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> np.ndarray:
     """User-given timesteps: a non-empty, strictly descending sequence of ints in [0, T)."""
     ts = np.asarray(timesteps)
@@ -75,6 +70,14 @@ def compensated(x_coef: np.ndarray, other_coef: np.ndarray, share: np.ndarray) -
     by about 1e-8 relative, within float32's rounding.
     """
     return other_coef + (x_coef - x_coef.astype(np.float32).astype(np.float64)) * share
+
+
+def distinct_order(lam: np.ndarray, newest: int, order: int) -> int:
+    """The highest order <= `order` whose levels newest - order + 1 .. newest are distinct: two equal levels
+    (duplicate timesteps) have no divided difference, where diffusers divides by zero."""
+    while order > 1 and len(set(lam[newest - order + 1 : newest + 1].tolist())) < order:
+        order -= 1
+    return order
 
 
 @dataclass(frozen=True)

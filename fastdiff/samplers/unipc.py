@@ -28,11 +28,11 @@ from fastdiff.samplers.solver_grid import (
     SOLVER_PREDICTION_TYPES,
     SolverGrid,
     compensated,
-    flow_shift_sigmas,
+    distinct_order,
     spaced_timesteps,
     train_sigmas,
 )
-from fastdiff.schedule import SPACINGS, NoiseSchedule, sigma_spacing_of, spaced_sigmas
+from fastdiff.schedule import SPACINGS, FlowSchedule, NoiseSchedule, sigma_spacing_of, spaced_sigmas
 from fastdiff.table import StepTable
 
 SOLVER_TYPES = ("bh1", "bh2")
@@ -77,19 +77,15 @@ def unipc_grid(
                 ts = ts.round()
         final = float(levels[-1])
     elif use_flow_sigmas:
-        levels = (
-            np.linspace(1, 1 / T, num_steps + 1)[:-1]
-            if sigmas is None
-            else np.array(sigmas, dtype=np.float64)
+        base = np.linspace(1, 1 / T, num_steps + 1)[:-1] if sigmas is None else np.asarray(sigmas, np.float64)
+        flow = FlowSchedule(
+            T,
+            flow_shift,
+            use_dynamic_shifting=mu is not None,
+            time_shift_type=time_shift_type,
+            shift_terminal=shift_terminal,
         )
-        if mu is not None:
-            shifted = math.exp(mu) if time_shift_type == "exponential" else mu
-            levels = shifted / (shifted + (1 / levels - 1))
-        else:
-            levels = flow_shift_sigmas(levels, flow_shift)
-        if shift_terminal:
-            one_minus = 1 - levels
-            levels = 1 - one_minus / (one_minus[-1] / (1 - shift_terminal))
+        levels = flow.sigmas(len(base), mu=mu, sigmas=base)[1][:-1]
         if abs(levels[0] - 1) < 1e-6:
             levels[0] -= 1e-6
         ts = levels * T
@@ -108,14 +104,6 @@ def unipc_orders(num_steps: int, solver_order: int, lower_order_final: bool, beg
         min(min(solver_order, num_steps - i) if lower_order_final else solver_order, max(i - begin, 0) + 1)
         for i in range(num_steps)
     ]
-
-
-def _distinct_order(lam: np.ndarray, newest: int, order: int) -> int:
-    """The highest order <= `order` whose levels newest-order+1..newest are distinct (duplicate timesteps have no
-    divided difference; diffusers divides by zero there)."""
-    while order > 1 and len(set(lam[newest - order + 1 : newest + 1].tolist())) < order:
-        order -= 1
-    return order
 
 
 def _rhos(
@@ -168,7 +156,7 @@ def unipc_columns(
     for i in range(n):
         k_i = 0.0
         if i > begin and (i - 1) not in disable_corrector and lam[i] != lam[i - 1]:
-            order = _distinct_order(lam, i - 1, orders[i - 1])
+            order = distinct_order(lam, i - 1, orders[i - 1])
             h_phi_1, b_h, rks, rhos = _rhos(lam, i - 1, i, order, predict_x0, solver_type, True)
             scale = alpha[i] if predict_x0 else sigma[i]
             k = -scale * b_h
@@ -187,7 +175,7 @@ def unipc_columns(
         if lam[i + 1] == lam[i]:  # a zero-length step: the state stays
             cols["e"][i], cols["d"][i] = 1.0, k_i
             continue
-        order = _distinct_order(lam, i, orders[i])
+        order = distinct_order(lam, i, orders[i])
         h_phi_1, b_h, rks, rhos = _rhos(lam, i, i + 1, order, predict_x0, solver_type, False)
         scale = alpha[i + 1] if predict_x0 else sigma[i + 1]
         k = -scale * b_h

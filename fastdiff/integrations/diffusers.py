@@ -311,10 +311,11 @@ class _TableScheduler:
                     f"{type(self).__name__}.step: {name}={value!r} is not supported by fastdiff's table"
                 )
         step_kwargs = {name: arguments.get(name, params[name].default) for name in spec.table_kwargs}
-        row = self._row(timestep)
-        if self.__dict__.get("_state") is None:  # the first step of a run
-            self._run_begin = row
         sampler = self._sampler(step_kwargs)
+        row = self._row(timestep)
+        if self._state is None and row != self._run_begin:  # a run's first step, not at row 0
+            self._run_begin = row
+            sampler = self._sampler(step_kwargs)
         table = sampler.table
         if not 0 <= row < len(table):
             raise ValueError(f"{type(self).__name__}.step: step {row} is past the last of {len(table)} steps")

@@ -32,5 +32,9 @@ def test_report_of_a_tiny_run(tmp_path):
     result = report["results"]["ddim"]["2"]
     assert 0 <= result["accuracy"] <= 1 and result["swd"] > report["swd"]["real_floor"] > 0
     assert report["num_samples"] == 10 and report["command"].endswith(f"--out {out}")
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "quality.png"
+    assert main(["--from-json", str(out), "--plot", str(png)]) == 0
+    assert png.read_bytes().startswith(b"\x89PNG")
     with pytest.raises(ValueError, match="not registered"):
         main(["--samplers", "heun", "--out", str(out)])

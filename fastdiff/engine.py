@@ -3,7 +3,8 @@
 Per call key (mode, device, dtype, batch and sample shape, CFG on/off, conditioning structure and shapes, and the
 layout of the denoiser's weights: see `fastdiff.weights`) the engine allocates once: the sample buffer `x` (updated in place
 by `fastdiff.kernels.sampler_step(..., out=x)`), the conditioning, the guidance scale (a 0-d device tensor, so changing it needs no new graph), a device-side step counter
-and a noise buffer (rows of pre-drawn noise plus a zero row, and the row each step reads). One step reads everything
+and a noise buffer (rows of pre-drawn noise plus a zero row, and the row each step reads), and for multistep tables
+the sampler state (history slots and UniPC's xs, zeroed at the start of every call, updated in place by the step). One step reads everything
 it needs from device memory through the counter: the timestep (gathered from the timesteps on the device), the table
 row (read by the kernel) and the noise row; it then increments the counter. On CUDA that step is captured as a graph
 and replayed once per step (`graph_mode="step"`), or the whole loop is captured as one graph and replayed once
@@ -47,14 +48,15 @@ from fastdiff.kernels.sampler_step import sampler_step
 from fastdiff.loop import (
     Generator,
     callback_info,
-    check_model_output,
     check_shape,
     check_x,
     infer_device,
+    initial_state,
+    model_outputs,
     randn,
 )
 from fastdiff.samplers.base import Sampler
-from fastdiff.table import sampler_table
+from fastdiff.table import COLUMN, apply_row, sampler_table, table_row_kwargs
 from fastdiff.weights import WeightsWatch
 
 GRAPH_MODES = ("auto", "step", "loop")
@@ -150,6 +152,9 @@ class _Entry:
     noise_row: torch.Tensor | None
     rows: int
     counter: torch.Tensor
+    # The sampler state of multistep tables (None where the table has none), zeroed at the start of each call.
+    history: torch.Tensor | None
+    xs: torch.Tensor | None
     coeffs: torch.Tensor
     timesteps: torch.Tensor
     denoise: Callable[..., torch.Tensor]
@@ -246,16 +251,6 @@ class SamplingEngine:
                 f"denoiser must be callable as denoiser(x, t, **cond), got {type(denoiser).__name__}"
             )
         self.table = sampler_table(sampler)
-        if (
-            self.table.multistep
-            or self.table.scales_input
-            or self.table.learned_variance
-            or self.table.init_sigma != 1
-        ):
-            raise ValueError(
-                f"SamplingEngine does not run {self.table.kind} tables yet (history, xs, k_in, learned variance or "
-                "init_sigma); use fastdiff.sample"
-            )
         if cuda_graphs not in (True, False, "auto") or not isinstance(cuda_graphs, (bool, str)):
             raise ValueError(f"cuda_graphs must be True, False or 'auto', got {cuda_graphs!r}")
         if not isinstance(compile, bool):
@@ -324,8 +319,7 @@ class SamplingEngine:
             )
             self._fill_noise(entry, 0, generator)
             self._ensure_runner(entry)
-            entry.x.copy_(x_init)
-            entry.counter.zero_()
+            self._reset(entry, initial_state(self.table, x_init))
             watch = FiniteWatch(self.table.timesteps)
             self._drive(entry, generator, guidance_scale, progress, callback, watch)
             # A loop run as one graph is only seen at its end: the step reported is then the last.
@@ -477,6 +471,7 @@ class SamplingEngine:
             noise, noise_row = None, None
         if device not in self._timesteps:
             self._timesteps[device] = self.table.timesteps.to(device)
+        history, xs = self.table.new_state(shape, device, dtype)
         return _Entry(
             mode=mode,
             x=torch.zeros(shape, device=device, dtype=dtype),
@@ -487,6 +482,8 @@ class SamplingEngine:
             noise_row=noise_row,
             rows=rows,
             counter=torch.zeros((), device=device, dtype=torch.long),
+            history=history,
+            xs=xs,
             coeffs=self.table.on(device),
             timesteps=self._timesteps[device],
             denoise=self._denoiser_for(device, graphs),
@@ -603,36 +600,61 @@ class SamplingEngine:
     # -- one step, the loop, and the host driver --------------------------------------------------------------
 
     def _advance(
-        self, e: _Entry, step: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Step `step` (a 0-d device tensor) from `x`: (the next x, written into `out` if given, and the model's
-        cond and uncond outputs). Every per-step value is read from device memory through `step`."""
+        self,
+        e: _Entry,
+        step: torch.Tensor,
+        x: torch.Tensor,
+        out: torch.Tensor | None,
+        history: torch.Tensor | None,
+        xs: torch.Tensor | None,
+        functional: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """Row `step` (a 0-d device tensor) from `x`: (the next x, written into `out` if given; the history and xs
+        after the row; the model output m and its unconditional branch). Every per-row value is read from device
+        memory through `step`. The fused step updates `history` and `xs` in place; `functional` computes new ones
+        instead (`apply_row`, the same math: the carried state of the compiled while_loop cannot be mutated)."""
+        table = self.table
         index = step.view(1)
         t = e.timesteps.index_select(0, index).expand(x.shape[0])
-        if e.guidance is None:
-            model_out, model_out_u = e.denoise(x, t, **e.kwargs), None
-        else:
-            model_out, model_out_u = e.denoise(torch.cat([x, x]), torch.cat([t, t]), **e.kwargs).chunk(2)
-        check_model_output(model_out, x)
+        row = e.coeffs.index_select(0, index)[0]
+        x_in = row[COLUMN["k_in"]] * x if table.scales_input else x
+        m, m_u, variance = model_outputs(e.denoise, table, x_in, t, e.kwargs, e.guidance is not None)
         noise = None if e.noise is None else e.noise.index_select(0, e.noise_row.index_select(0, index))[0]
+        guidance = 1.0 if e.guidance is None else e.guidance
+        if functional:
+            x_next, history, xs = apply_row(
+                row,
+                x,
+                m,
+                m_uncond=m_u,
+                guidance_scale=guidance,
+                noise=noise,
+                variance=variance,
+                history=history,
+                xs=xs,
+                **table_row_kwargs(table),
+            )
+            return x_next, history, xs, m, m_u
         x_next = sampler_step(
             x,
-            model_out,
+            m,
             e.coeffs,
             step,
             noise,
-            eps_uncond=model_out_u,
-            guidance_scale=1.0 if e.guidance is None else e.guidance,
-            clip=self.table.clip,
-            threshold=self.table.threshold,
+            eps_uncond=m_u,
+            guidance_scale=guidance,
+            history=history,
+            xs=xs,
+            variance=variance,
             out=out,
             backend=e.backend,
+            **table_row_kwargs(table),
         )
-        return x_next, model_out, model_out_u
+        return x_next, history, xs, m, m_u
 
     def _step(self, e: _Entry) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One sampler step on the static buffers, in place, advancing the device counter."""
-        _, out, out_u = self._advance(e, e.counter, e.x, e.x)
+        *_, out, out_u = self._advance(e, e.counter, e.x, e.x, e.history, e.xs)
         e.counter.add_(1)
         return out, out_u
 
@@ -644,18 +666,35 @@ class SamplingEngine:
 
     def _while(self, e: _Entry) -> None:
         """All remaining steps as one `torch.while_loop` (for the CPU compile): functional steps over a carried
-        (counter, x), written back into the static buffers once at the end."""
+        (counter, x, history, xs), written back into the static buffers once at the end."""
         n = len(self.table)
+        has_h, has_xs = e.history is not None, e.xs is not None
 
-        def cond(i: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        def cond(i: torch.Tensor, x: torch.Tensor, *state: torch.Tensor) -> torch.Tensor:
             return i < n
 
-        def body(i: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return i + 1, self._advance(e, i, x, None)[0]
+        def body(i: torch.Tensor, x: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            h = state[0] if has_h else None
+            xs = state[-1] if has_xs else None
+            x_next, h, xs, _, _ = self._advance(e, i, x, None, h, xs, functional=True)
+            return (i + 1, x_next, *(b for b in (h, xs) if b is not None))
 
-        i, x = torch.while_loop(cond, body, (e.counter.clone(), e.x.clone()))
+        buffers = [b for b in (e.history, e.xs) if b is not None]
+        i, x, *state = torch.while_loop(
+            cond, body, (e.counter.clone(), e.x.clone(), *(b.clone() for b in buffers))
+        )
         e.x.copy_(x)
         e.counter.copy_(i)
+        for buf, value in zip(buffers, state, strict=True):
+            buf.copy_(value)
+
+    def _reset(self, e: _Entry, x: torch.Tensor) -> None:
+        """Start a run: the state buffer from `x`, the counter and the sampler state (history, xs) at zero."""
+        e.x.copy_(x)
+        e.counter.zero_()
+        for buf in (e.history, e.xs):
+            if buf is not None:
+                buf.zero_()
 
     def _fill_noise(self, e: _Entry, first: int, generator: Generator) -> None:
         """Draw the noise of noisy steps first..first+rows (draw order) into their rows."""

@@ -17,7 +17,7 @@ from fastdiff.checks import FiniteWatch, check_denoiser_matches, check_device, c
 from fastdiff.guidance import batch_conds, guidance_conds
 from fastdiff.kernels.backend import memory_format
 from fastdiff.kernels.sampler_step import sampler_step
-from fastdiff.table import COLUMN, StepTable, sampler_table
+from fastdiff.table import COLUMN, StepTable, sampler_table, table_row_kwargs
 
 if TYPE_CHECKING:
     from fastdiff.samplers.base import Sampler
@@ -171,14 +171,11 @@ def run_table(
             noise,
             eps_uncond=m_u,
             guidance_scale=guidance_scale,
-            clip=table.clip,
-            threshold=table.threshold,
             history=history,
-            history_kind=table.history,
             xs=xs,
             variance=variance,
-            learned_variance=table.learned_variance,
             backend=backend,
+            **table_row_kwargs(table),
         )
         if callback is not None:
             callback(callback_info(table, coeffs, i, x, x_next, m, m_u, guidance_scale))

@@ -19,7 +19,7 @@ This module imports nothing from the kernels; the kernel imports the schema and 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +82,8 @@ class StepTable:
     learned_variance: str | None = None
     init_sigma: float = 1.0
     _on_device: dict = field(default_factory=dict, repr=False, compare=False)
+    # Computed once: a traced step (torch.compile, torch.while_loop) reads it as a constant, not a tensor test.
+    _scales_input: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = self.timesteps.numel() if isinstance(self.timesteps, torch.Tensor) else -1
@@ -134,6 +136,7 @@ class StepTable:
             raise ValueError(
                 "column 'xc_x' must be 1 in every row of a table without xs (the corrector is off)"
             )
+        object.__setattr__(self, "_scales_input", not bool((self.column("k_in") == 1).all()))
 
     @classmethod
     def from_columns(
@@ -200,7 +203,7 @@ class StepTable:
     @property
     def scales_input(self) -> bool:
         """Whether some row's model input is not x itself (k_in != 1)."""
-        return not bool((self.column("k_in") == 1).all())
+        return self._scales_input
 
     @property
     def multistep(self) -> bool:
@@ -329,7 +332,7 @@ def apply_row(
     return out.to(x.dtype), new_history, new_xs
 
 
-def table_row_kwargs(table: StepTable) -> Mapping[str, object]:
+def table_row_kwargs(table: StepTable) -> dict[str, Any]:
     """The keyword arguments of `apply_row` (and `sampler_step`) that come from the table's constants."""
     return {
         "clip": table.clip,

@@ -70,12 +70,16 @@ def check_shape(shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def check_model_output(out: Any, x: torch.Tensor, learned_variance: bool = False) -> None:
-    """The denoiser must return a tensor shaped like its input (twice the channels with learned variance)."""
-    expected = (x.shape[0], 2 * x.shape[1], *x.shape[2:]) if learned_variance else tuple(x.shape)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        what = " (model output and variance channels)" if learned_variance else ""
-        raise ValueError(f"the denoiser returned {got}, expected a tensor of shape {expected}{what}")
+    """The denoiser must return a tensor shaped like its input, or with twice its channels (model output and
+    variance); the latter only with learned variance when `learned_variance` is set."""
+    two_c = (x.shape[0], 2 * x.shape[1], *x.shape[2:]) if x.dim() > 1 else None
+    got = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+    if got is not None and (got == two_c or (got == tuple(x.shape) and not learned_variance)):
+        return
+    expected = f"{two_c} (model output and variance channels)" if learned_variance else f"{tuple(x.shape)}"
+    raise ValueError(
+        f"the denoiser returned {got or type(out).__name__}, expected a tensor of shape {expected}"
+    )
 
 
 def model_outputs(
@@ -88,8 +92,9 @@ def model_outputs(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One denoiser call on the model input (both guidance branches batched): (m, m_uncond, variance).
 
-    With learned variance the model returns 2C channels: the first C are m, the rest the variance channels
-    (taken from the conditional branch).
+    A model with learned variance returns 2C channels: the first C are m, the rest the variance channels (taken
+    from the conditional branch), which a table with learned variance reads and any other table ignores (so a
+    `UNetConfig(learn_sigma=True)` model samples with DDIM too).
     """
     learned = table.learned_variance is not None
     if cfg:
@@ -97,11 +102,11 @@ def model_outputs(
     else:
         out, out_u = denoise(x_in, t, **kwargs), None
     check_model_output(out, x_in, learned)
-    if not learned:
+    channels = x_in.shape[1] if x_in.dim() > 1 else None
+    if channels is None or out.shape[1] == channels:
         return out, out_u, None
-    channels = x_in.shape[1]
     m, variance = out.split(channels, dim=1)
-    return m, None if out_u is None else out_u[:, :channels], variance
+    return m, None if out_u is None else out_u[:, :channels], variance if learned else None
 
 
 def callback_info(

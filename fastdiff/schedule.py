@@ -48,8 +48,9 @@ class NoiseSchedule:
             raise ValueError(
                 f"alphas_cumprod must be a non-empty 1-D sequence, got shape {tuple(abar.shape)}"
             )
-        if not torch.isfinite(abar).all() or (abar <= 0).any() or (abar >= 1).any():
-            raise ValueError("alphas_cumprod must lie strictly between 0 and 1")
+        # The last value may be 0: a schedule with zero terminal SNR (rescale_zero_terminal_snr).
+        if not torch.isfinite(abar).all() or (abar[:-1] <= 0).any() or abar[-1] < 0 or (abar >= 1).any():
+            raise ValueError("alphas_cumprod must lie strictly between 0 and 1 (the last value may be 0)")
         if (abar[1:] > abar[:-1]).any():
             raise ValueError("alphas_cumprod must be non-increasing")
         self.kind = kind
@@ -108,6 +109,15 @@ class NoiseSchedule:
             betas = _cosine_betas(num_train_timesteps)
         return cls.from_betas(betas, kind=kind)
 
+    def rescale_zero_terminal_snr(self) -> NoiseSchedule:
+        """This schedule rescaled to zero terminal SNR (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample
+        Steps are Flawed", Algorithm 1; diffusers' `rescale_betas_zero_snr=True`): sqrt(alphas_cumprod) shifted so
+        that its last value is 0 and scaled so that its first is unchanged. Computed in float64."""
+        root = self.alphas_cumprod.sqrt()
+        first, last = root[0].clone(), root[-1].clone()
+        root = (root - last) * (first / (first - last))
+        return NoiseSchedule(root**2, kind=self.kind)
+
     @classmethod
     def from_diffusers(cls, scheduler_or_config: Any) -> NoiseSchedule:
         """Schedule of a diffusers scheduler (its own `alphas_cumprod`, bit for bit) or of a scheduler config."""
@@ -117,23 +127,25 @@ class NoiseSchedule:
             raise TypeError(
                 f"scheduler_or_config must be a diffusers scheduler or its config, got {type(scheduler_or_config).__name__}"
             )
-        if config.get("rescale_betas_zero_snr", False):
-            raise ValueError("rescale_betas_zero_snr=True is not supported (alphas_cumprod would reach 0)")
         name = config.get("beta_schedule", "linear")
         kind = _DIFFUSERS_KINDS.get(name, "custom")
-        if isinstance(abar, torch.Tensor):
+        if isinstance(abar, torch.Tensor):  # already rescaled by the scheduler when it was asked to
             return cls(abar.double().cpu(), kind=kind)
         if config.get("trained_betas") is not None:
-            return cls.from_betas(config["trained_betas"])
-        if name not in _DIFFUSERS_KINDS:
+            schedule = cls.from_betas(config["trained_betas"])
+        elif name not in _DIFFUSERS_KINDS:
             raise ValueError(
                 f"beta_schedule {name!r} is not supported; use one of {sorted(_DIFFUSERS_KINDS)}"
             )
-        return cls.from_kind(
-            kind,
-            int(config.get("num_train_timesteps", 1000)),
-            float(config.get("beta_start", 1e-4)),
-            float(config.get("beta_end", 0.02)),
+        else:
+            schedule = cls.from_kind(
+                kind,
+                int(config.get("num_train_timesteps", 1000)),
+                float(config.get("beta_start", 1e-4)),
+                float(config.get("beta_end", 0.02)),
+            )
+        return (
+            schedule.rescale_zero_terminal_snr() if config.get("rescale_betas_zero_snr", False) else schedule
         )
 
     def timesteps(self, num_steps: int, spacing: str = "leading", steps_offset: int = 0) -> torch.Tensor:

@@ -253,8 +253,19 @@ def threshold_scale(x0: torch.Tensor, ratio: float, max_value: float) -> torch.T
     return s.clamp(min=1.0, max=max_value)
 
 
-def _per_sample(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return s.reshape(-1, *([1] * (like.dim() - 1)))
+def limit_x0(
+    x0: torch.Tensor,
+    clip: float | None = None,
+    threshold: tuple[float, float] | None = None,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x0 clipped to [-clip, clip], or dynamically thresholded (`threshold` = (ratio, max), or its per-sample
+    `scale` precomputed by `threshold_scale`): clamp(x0, -s, s) / s per sample."""
+    if threshold is not None or scale is not None:
+        s = threshold_scale(x0, *threshold) if scale is None else scale
+        s = s.to(x0.dtype).reshape(-1, *([1] * (x0.dim() - 1)))
+        return torch.minimum(torch.maximum(x0, -s), s) / s
+    return x0 if clip is None else x0.clamp(-clip, clip)
 
 
 def apply_row(
@@ -291,13 +302,7 @@ def apply_row(
     if m_uncond is not None:
         u = m_uncond.to(xf.dtype)
         mf = u + guidance_scale * (mf - u)
-    x0 = col[k["a"]] * xf + col[k["b"]] * mf
-    if threshold is not None or scale is not None:
-        s = threshold_scale(x0, *threshold) if scale is None else scale
-        s = _per_sample(s.to(xf.dtype), x0)
-        x0 = torch.minimum(torch.maximum(x0, -s), s) / s
-    elif clip is not None:
-        x0 = x0.clamp(-clip, clip)
+    x0 = limit_x0(col[k["a"]] * xf + col[k["b"]] * mf, clip, threshold, scale)
     eps = col[k["p"]] * xf + col[k["q"]] * mf
     slots = 0 if history is None else history.shape[0]
     hs = [history[j].to(xf.dtype) for j in range(slots)]

@@ -188,12 +188,12 @@ def test_ddpm_without_set_timesteps_steps_through_training_timesteps():
 
 
 def test_unsupported_configs_fail_at_set_timesteps():
-    with pytest.raises(ValueError, match="thresholding"):
-        FastDDIMScheduler(thresholding=True).set_timesteps(10)
-    with pytest.raises(ValueError, match="variance_type 'learned_range' is not supported"):
-        FastDDPMScheduler(variance_type="learned_range").set_timesteps(10)
-    with pytest.raises(ValueError, match="custom timesteps"):
-        FastDDPMScheduler().set_timesteps(timesteps=[900, 500, 100])
+    # thresholding, learned variances and custom timesteps are supported (tests/test_samplers.py); epsilon
+    # prediction at the zero-SNR timestep is not (x0 = x / 0)
+    with pytest.raises(ValueError, match="zero-SNR"):
+        FastDDIMScheduler(rescale_betas_zero_snr=True, timestep_spacing="trailing").set_timesteps(10)
+    with pytest.raises(ValueError, match="variance must be one of"):
+        FastDDPMScheduler(variance_type="fixed_tiny").set_timesteps(10)
     with pytest.raises(ValueError, match="run 'set_timesteps'"):
         FastDDIMScheduler().step(torch.zeros(1, 1, 2, 2), 10, torch.zeros(1, 1, 2, 2))
 
@@ -355,10 +355,10 @@ def test_accelerate_pipeline_keeps_schedulers_it_has_no_counterpart_for():
         accelerate_pipeline(pipe, kernels="torch")
     assert type(pipe.scheduler) is diffusers.PNDMScheduler and report(pipe.unet).complete
     assert np.abs(images(pipe, prompt="a cat", num_inference_steps=3) - ref).max() <= ATOL_ACCELERATED
-    # a DDIM config fastdiff cannot run as a table (dynamic thresholding) is kept too
+    # a DDIM config fastdiff refuses (epsilon prediction at the zero-SNR timestep: x0 = x / 0) is kept too
     pipe = diffusers.DDIMPipeline(tiny_unet(), diffusers.DDIMScheduler())
-    pipe.scheduler = diffusers.DDIMScheduler(thresholding=True)
-    with pytest.warns(UserWarning, match="thresholding"):
+    pipe.scheduler = diffusers.DDIMScheduler(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    with pytest.warns(UserWarning, match="zero-SNR"):
         accelerate_pipeline(pipe, kernels="torch")
     assert type(pipe.scheduler) is diffusers.DDIMScheduler
 

@@ -306,7 +306,7 @@ def test_ddim_inversion_round_trip_with_a_linear_model():
         (lambda s: DDIMSampler(NoiseSchedule.from_kind("linear", 10), 11), ValueError, "num_steps"),
         (lambda s: DDIMSampler(NoiseSchedule.from_kind("linear", 10), 5, eta=-1), ValueError, "eta"),
         (
-            lambda s: DDPMSampler(NoiseSchedule.from_kind("linear", 10), variance="learned"),
+            lambda s: DDPMSampler(NoiseSchedule.from_kind("linear", 10), variance="bogus"),
             ValueError,
             "variance",
         ),
@@ -328,3 +328,211 @@ def test_bad_input(call, exc, match):
     sampler = DDIMSampler(NoiseSchedule.from_kind("linear", 100), 5)
     with pytest.raises(exc, match=match):
         call(sampler)
+
+
+# -- DDPM / DDIM options of issue 12: every variance_type (learned ones: the model returns 2C channels), dynamic
+# thresholding, rescale_betas_zero_snr, custom timesteps. Parity criterion (binding, as above): after the whole loop
+# max |ours - diffusers_fp32| <= 1e-5, or, where diffusers' own float32 result is further than that from diffusers
+# run in float64 (scheduler and model function in float64), at most 2x diffusers' own distance to its float64
+# result. Random configurations over every option, 1/4/10/25/50 steps, with and without noise (DDIM eta 0 / > 0;
+# DDPM always draws), on a cheap analytic model: a fixed random linear map + tanh of x and t.
+
+
+def analytic_model(variance_type=None, dim=9, seed=0):
+    """m = tanh(W x + 1e-3 t - 0.1) on the flattened sample; with a learned variance type, also C variance channels
+    (v in [-1, 1] for learned_range, a positive variance for learned)."""
+    g = torch.Generator().manual_seed(seed)
+    w, w2 = (torch.randn(dim, dim, generator=g, dtype=torch.float64) / dim**0.5 for _ in range(2))
+
+    def model(x, t, **_):
+        flat = x.reshape(x.shape[0], -1)
+        tt = 1e-3 * t.to(flat.dtype).reshape(-1, 1)
+        m = torch.tanh(flat @ w.to(flat.dtype) + tt - 0.1).reshape(x.shape)
+        if variance_type not in ("learned", "learned_range"):
+            return m
+        v = torch.tanh(flat @ w2.to(flat.dtype) - tt).reshape(x.shape)
+        if variance_type == "learned":
+            v = 1e-3 * (1.5 + v)  # a positive variance of the order of the betas
+        return torch.cat([m, v], dim=1)
+
+    return model
+
+
+def diffusers_run(scheduler, x, seed, model, steps=None, timesteps=None, eta=None, float64=False):
+    """diffusers' own loop with `model`; float64=True runs scheduler and model in double (same float32 noise)."""
+    if float64:
+        scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
+        for name in ("final_alpha_cumprod", "one"):
+            if hasattr(scheduler, name):
+                setattr(scheduler, name, getattr(scheduler, name).double())
+        x = x.double()
+    scheduler.set_timesteps(steps, timesteps=timesteps) if timesteps is not None else scheduler.set_timesteps(
+        steps
+    )
+    g = torch.Generator().manual_seed(seed)
+    kwargs = {"eta": eta} if eta is not None else {}
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(x, t.expand(x.shape[0])), t, x, generator=g, **kwargs).prev_sample
+    return x.float()
+
+
+def assert_loop_parity(make, sampler, model, steps=None, timesteps=None, eta=None, seed=5):
+    x = _x_T()
+    expected = diffusers_run(make(), x, seed, model, steps, timesteps, eta)
+    truth = diffusers_run(make(), x, seed, model, steps, timesteps, eta, float64=True)
+    got = fastdiff.sample(model, sampler, x.shape, x_T=x, generator=torch.Generator().manual_seed(seed))
+    assert torch.isfinite(expected).all() and torch.isfinite(got).all()
+    err = (got - expected).abs().max().item()
+    own_err = (expected - truth).abs().max().item()
+    assert err <= max(TOL, 2 * own_err), (err, own_err)
+    return got
+
+
+def _random_configs(family, count, seed):
+    rng = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=rng))]
+
+    out = []
+    for _ in range(count):
+        cfg = {
+            "beta_schedule": pick(list(KINDS.values())),
+            "prediction_type": pick(["epsilon", "sample", "v_prediction"]),
+            "timestep_spacing": pick(["leading", "trailing", "linspace"]),
+            "clip_sample": pick([True, False]),
+            "thresholding": pick([True, False]),
+            "dynamic_thresholding_ratio": pick([0.995, 0.9, 0.6]),
+            "sample_max_value": pick([1.0, 1.5, 3.0]),
+            "rescale_betas_zero_snr": pick([True, False]),
+        }
+        if family == "ddpm":
+            cfg["variance_type"] = pick(list(VARIANCE_TYPES))
+        if cfg["rescale_betas_zero_snr"] and cfg["prediction_type"] == "epsilon":
+            cfg["timestep_spacing"] = "leading"  # x0 = x / 0 at the zero-SNR timestep (tested separately)
+        out.append((cfg, pick([1, 4, 10, 25, 50]), pick([0.0, 0.0, 0.5, 1.0])))
+    return out
+
+
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
+
+
+@pytest.mark.parametrize(("config", "steps", "eta"), _random_configs("ddpm", 24, seed=1))
+def test_ddpm_options_match_diffusers(config, steps, eta):
+    make = lambda: diffusers.DDPMScheduler(**config)  # noqa: E731
+    sampler = from_diffusers_scheduler(make(), steps)
+    assert sampler.table.learned_variance == (
+        config["variance_type"] if "learned" in config["variance_type"] else None
+    )
+    assert (sampler.table.threshold is not None) == config["thresholding"]
+    assert_loop_parity(make, sampler, analytic_model(config["variance_type"]), steps)
+
+
+@pytest.mark.parametrize(("config", "steps", "eta"), _random_configs("ddim", 16, seed=2))
+def test_ddim_options_match_diffusers(config, steps, eta):
+    make = lambda: diffusers.DDIMScheduler(**config)  # noqa: E731
+    sampler = from_diffusers_scheduler(make(), steps, eta=eta)
+    assert_loop_parity(make, sampler, analytic_model(), steps, eta=eta)
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "learned_range"])
+@pytest.mark.parametrize("timesteps", [[999, 700, 420, 100, 3], [800, 799, 10], [0]])
+def test_ddpm_custom_timesteps_match_diffusers(variance_type, timesteps):
+    make = lambda: diffusers.DDPMScheduler(variance_type=variance_type, thresholding=True)  # noqa: E731
+    ref = make()
+    ref.set_timesteps(timesteps=timesteps)
+    sampler = from_diffusers_scheduler(ref, len(timesteps))
+    assert sampler.timesteps.tolist() == timesteps
+    assert torch.equal(
+        sampler.table.coeffs,
+        DDPMSampler(
+            sampler.schedule, variance=variance_type, thresholding=True, timesteps=timesteps
+        ).table.coeffs,
+    )
+    assert_loop_parity(make, sampler, analytic_model(variance_type), timesteps=timesteps)
+
+
+def test_fixed_large_log_is_the_glide_std_where_diffusers_returns_nan():
+    # diffusers takes sqrt(log(beta)) for fixed_large_log (NaN for every beta < 1); we use exp(log(beta) / 2).
+    config = {"variance_type": "fixed_large_log"}
+    sampler = from_diffusers_scheduler(diffusers.DDPMScheduler(**config), 10)
+    large = DDPMSampler(sampler.schedule, 10, variance="fixed_large").table
+    torch.testing.assert_close(sampler.table.column("s"), large.column("s"), rtol=1e-12, atol=0)
+    x = _x_T()
+    theirs = diffusers_run(diffusers.DDPMScheduler(**config), x, 0, analytic_model(), 10)
+    assert theirs.isnan().all()
+    ref_large = diffusers_run(
+        diffusers.DDPMScheduler(variance_type="fixed_large"), x, 0, analytic_model(), 10
+    )
+    ours = fastdiff.sample(
+        analytic_model(), sampler, x.shape, x_T=x, generator=torch.Generator().manual_seed(0)
+    )
+    assert (ours - ref_large).abs().max() <= TOL
+
+
+def test_zero_snr_schedule_and_epsilon_at_the_zero_snr_step():
+    for kind in KINDS.values():
+        ref = diffusers.DDIMScheduler(beta_schedule=kind, rescale_betas_zero_snr=True)
+        ours = NoiseSchedule.from_diffusers(dict(ref.config)).alphas_cumprod  # from the config alone
+        assert ours[-1] == 0 and ref.alphas_cumprod[-1] == 0
+        assert (ours - ref.alphas_cumprod.double()).abs().max() <= 1e-6  # diffusers computes in float32
+    with pytest.raises(ValueError, match="zero-SNR"):
+        from_diffusers_scheduler(
+            diffusers.DDIMScheduler(rescale_betas_zero_snr=True, timestep_spacing="trailing"), 10
+        )
+
+
+def test_drop_ins_run_the_new_options_on_the_table_path(monkeypatch):
+    # The Fast drop-ins in diffusers' own loop: the same numbers as fastdiff.sample, and diffusers' step() never
+    # runs (a fallback would call the base class's step).
+    from fastdiff.integrations.diffusers import FastDDIMScheduler, FastDDPMScheduler
+
+    calls = []
+    for cls in (diffusers.DDPMScheduler, diffusers.DDIMScheduler):
+        original = cls.step
+        monkeypatch.setattr(
+            cls, "step", lambda self, *a, _o=original, **k: calls.append(1) or _o(self, *a, **k)
+        )
+    x = _x_T()
+    cases = [
+        (FastDDPMScheduler, {"variance_type": "learned_range", "thresholding": True}, {"steps": 10}),
+        (
+            FastDDPMScheduler,
+            {"variance_type": "learned", "rescale_betas_zero_snr": True, "prediction_type": "v_prediction"},
+            {"steps": 25},
+        ),
+        (FastDDPMScheduler, {"variance_type": "fixed_small_log"}, {"timesteps": [900, 450, 20]}),
+        (
+            FastDDIMScheduler,
+            {"thresholding": True, "sample_max_value": 2.0, "timestep_spacing": "trailing"},
+            {"steps": 4, "eta": 0.5},
+        ),
+    ]
+    for cls, config, run in cases:
+        model = analytic_model(config.get("variance_type"))
+        fast = cls(**config)
+        got = diffusers_run(fast, x, 3, model, run.get("steps"), run.get("timesteps"), run.get("eta"))
+        sampler = from_diffusers_scheduler(
+            fast, len(fast.timesteps), **({"eta": run["eta"]} if "eta" in run else {})
+        )
+        ours = fastdiff.sample(model, sampler, x.shape, x_T=x, generator=torch.Generator().manual_seed(3))
+        assert (got - ours).abs().max() <= TOL, config
+    assert calls == []
+
+
+def test_learn_sigma_unet_samples_with_learned_range_and_with_ddim():
+    from fastdiff.models.unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    model = UNet(
+        UNetConfig.preset("digits", model_channels=16, num_res_blocks=1, num_groups=4, learn_sigma=True)
+    ).eval()
+    shape = (2, 1, 8, 8)
+    with torch.no_grad():
+        out = model(torch.randn(shape), torch.tensor([5, 5]), class_labels=torch.tensor([1, 2]))
+    assert out.shape == (2, 2, 8, 8)  # eps, then the variance interpolation
+    cond = {"class_labels": torch.tensor([1, 2])}
+    schedule = NoiseSchedule.from_kind("linear", 1000)
+    for sampler in (DDPMSampler(schedule, 10, variance="learned_range"), DDIMSampler(schedule, 10)):
+        x = fastdiff.sample(model, sampler, shape, cond=cond, generator=torch.Generator().manual_seed(0))
+        assert x.shape == shape and torch.isfinite(x).all()

@@ -126,15 +126,16 @@ def test_out_channels_differ_from_in_channels():
     assert model(torch.randn(2, 2, 16, 16), 5).shape == (2, 3, 16, 16)
 
 
-def test_learn_sigma_returns_the_epsilon_half():
+def test_learn_sigma_returns_eps_and_the_variance_channels():
+    # ADM's learned variance: 2C output channels, epsilon first, then the variance interpolation (issue 12)
     model = build(tiny_config(learn_sigma=True))
     assert model.out_conv.out_channels == 2
     captured = {}
     model.out_conv.register_forward_hook(lambda mod, inp, out: captured.setdefault("out", out))
     with torch.no_grad():
-        eps = model(torch.randn(2, 1, 16, 16), 5)
-    assert eps.shape == (2, 1, 16, 16)
-    assert torch.equal(eps, captured["out"][:, :1])
+        out = model(torch.randn(2, 1, 16, 16), 5)
+    assert out.shape == (2, 2, 16, 16)
+    assert torch.equal(out, captured["out"])
 
 
 # ---- timesteps ----------------------------------------------------------------------------------------------

@@ -33,8 +33,9 @@ class UNetConfig:
     downsample and the second); the middle block always has attention. `num_head_channels > 0` overrides
     `num_heads`. `low_res_channels > 0` makes an SR3-style super-resolution model: `forward` takes `low_res`,
     upsamples it bilinearly to `image_size` and concatenates it to `x` along channels. `learn_sigma=True` gives the
-    output conv `2 * out_channels` channels as ADM's learned-variance checkpoints have; `forward` returns only the
-    first half (the epsilon prediction) because our samplers use fixed variances. `rescale_residual` scales every
+    output conv `2 * out_channels` channels as ADM's learned-variance checkpoints have, and `forward` returns them
+    all: the epsilon prediction, then the variance interpolation v of improved DDPM (for
+    `DDPMSampler(variance="learned_range")`; fixed-variance samplers use the first half). `rescale_residual` scales every
     residual sum (ResBlock and attention) by 1/sqrt(2).
     """
 
@@ -534,8 +535,7 @@ class UNet(nn.Module):
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        out = self.out_conv(self.out_norm(h))
-        return out[:, : cfg.out_channels] if cfg.learn_sigma else out
+        return self.out_conv(self.out_norm(h))
 
     def _check_inputs(
         self, x: torch.Tensor, class_labels: torch.Tensor | None, low_res: torch.Tensor | None

@@ -15,6 +15,12 @@ PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 def prediction_coeffs(abar: np.ndarray, prediction_type: str) -> tuple[np.ndarray, ...]:
     """(a, b, p, q) with x0 = a x + b m and eps = p x + q m at cumulative alpha `abar` (the state is alpha-space x)."""
+    if prediction_type == "epsilon" and (abar == 0).any():
+        raise ValueError(
+            "prediction_type='epsilon' cannot reach the zero-SNR timestep of a rescale_betas_zero_snr schedule "
+            "(x0 = x / sqrt(alphas_cumprod) = x / 0; diffusers returns NaN there): use v_prediction, as the "
+            "zero-SNR paper does, or timesteps that skip the last one"
+        )
     sa, sb = np.sqrt(abar), np.sqrt(1.0 - abar)
     one, zero = np.ones_like(abar), np.zeros_like(abar)
     if prediction_type == "epsilon":
@@ -35,6 +41,46 @@ def clip_value(clip_sample: bool, clip_sample_range: float) -> float | None:
     if clip_sample and not clip_sample_range > 0:
         raise ValueError(f"clip_sample_range must be positive, got {clip_sample_range!r}")
     return float(clip_sample_range) if clip_sample else None
+
+
+def threshold_value(
+    thresholding: bool, dynamic_thresholding_ratio: float, sample_max_value: float
+) -> tuple[float, float] | None:
+    """The table's `threshold` for diffusers' (thresholding, dynamic_thresholding_ratio, sample_max_value)."""
+    if not thresholding:
+        return None
+    if not 0 < dynamic_thresholding_ratio <= 1:
+        raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {dynamic_thresholding_ratio!r}")
+    if not sample_max_value > 0:
+        raise ValueError(f"sample_max_value must be positive, got {sample_max_value!r}")
+    return float(dynamic_thresholding_ratio), float(sample_max_value)
+
+
+def sampler_timesteps(
+    schedule: NoiseSchedule,
+    num_steps: int | None,
+    spacing: str,
+    steps_offset: int,
+    timesteps: Sequence[int] | torch.Tensor | None,
+) -> torch.Tensor:
+    """The timesteps of a discrete sampler: `num_steps` spaced by `spacing`, or the given strictly descending
+    `timesteps` (diffusers' `set_timesteps(timesteps=[...])`; then `num_steps` must be None or their count)."""
+    if timesteps is None:
+        return schedule.timesteps(
+            schedule.num_train_timesteps if num_steps is None else num_steps, spacing, steps_offset
+        )
+    ts = torch.as_tensor(timesteps)
+    T = schedule.num_train_timesteps
+    if ts.dim() != 1 or ts.numel() < 1 or ts.is_floating_point() or ts.dtype == torch.bool:
+        raise ValueError(f"timesteps must be a non-empty 1-d sequence of ints, got {timesteps!r}")
+    ts = ts.long().cpu()
+    if (ts[1:] >= ts[:-1]).any():
+        raise ValueError(f"timesteps must be strictly descending, got {ts.tolist()}")
+    if ts.min() < 0 or ts.max() >= T:
+        raise ValueError(f"timesteps must lie in [0, {T}), got {ts.tolist()}")
+    if num_steps is not None and num_steps != ts.numel():
+        raise ValueError(f"num_steps={num_steps!r} does not match the {ts.numel()} timesteps given")
+    return ts
 
 
 class Sampler:

@@ -7,7 +7,14 @@ from typing import Any
 
 import numpy as np
 
-from fastdiff.samplers.base import PREDICTION_TYPES, Sampler, check_choice, clip_value, prediction_coeffs
+from fastdiff.samplers.base import (
+    PREDICTION_TYPES,
+    Sampler,
+    check_choice,
+    clip_value,
+    prediction_coeffs,
+    threshold_value,
+)
 from fastdiff.samplers.ddpm import diffusers_sampler_kwargs
 from fastdiff.samplers.registry import register, register_diffusers
 from fastdiff.schedule import NoiseSchedule
@@ -18,7 +25,8 @@ class DDIMSampler(Sampler):
     """DDIM (Song et al. 2021, eq. 12) with stochasticity `eta` (0: deterministic, 1: DDPM-like).
 
     Numbers match diffusers' DDIMScheduler, including its previous timestep t - T // num_steps for every spacing
-    and `set_alpha_to_one` for the final step.
+    and `set_alpha_to_one` for the final step. `thresholding` is Imagen's dynamic thresholding of x0 (instead of
+    clipping).
     """
 
     def __init__(
@@ -33,6 +41,9 @@ class DDIMSampler(Sampler):
         steps_offset: int = 0,
         clip_sample_range: float = 1.0,
         set_alpha_to_one: bool = True,
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
     ):
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
@@ -53,10 +64,12 @@ class DDIMSampler(Sampler):
             raise ValueError(
                 f"eta={eta!r} is too large: the noise scale overflows float32 (eta is normally in [0, 1])"
             )
+        threshold = threshold_value(thresholding, dynamic_thresholding_ratio, sample_max_value)
         self.table = StepTable.from_columns(
             ts,
             kind="ddim",
-            clip=clip_value(clip_sample, clip_sample_range),
+            clip=None if threshold else clip_value(clip_sample, clip_sample_range),
+            threshold=threshold,
             a=a,
             b=b,
             p=p,

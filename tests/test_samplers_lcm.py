@@ -127,5 +127,5 @@ def test_registered_name_and_rows():
         LCMSampler(schedule, None, timesteps=[100, 500])
     with pytest.raises(ValueError, match="timestep_scaling"):
         LCMSampler(schedule, 4, timestep_scaling=0)
-    with pytest.raises(ValueError, match="not supported"):  # alphas_cumprod reaches 0
+    with pytest.raises(ValueError, match="zero-SNR"):  # alphas_cumprod reaches 0 at t=999: x0 = x / 0
         fastdiff.from_diffusers_scheduler(diffusers.LCMScheduler(rescale_betas_zero_snr=True), 4)

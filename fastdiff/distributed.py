@@ -301,8 +301,10 @@ def _check_folder(out_dir: Path, settings: Mapping[str, Any] | None) -> list[dic
     ]
     if strays:
         raise ShardError(f"out_dir {str(out_dir)!r}: {strays[0]} is a folder, where fastdiff writes a file")
-    if not (out_dir / MANIFEST).exists():
-        foreign = sorted(p for p in os.listdir(out_dir) if p != LOCK and not _OWN_TEMP.fullmatch(p))
+    # One listing decides both "ours?" and "empty?": another run may write its manifest between two looks.
+    entries = os.listdir(out_dir)
+    if MANIFEST not in entries:
+        foreign = sorted(p for p in entries if p != LOCK and not _OWN_TEMP.fullmatch(p))
         if any(_SHARD_NAME.fullmatch(p) for p in foreign):
             raise ShardError(
                 f"out_dir {str(out_dir)!r} has shard files but no {MANIFEST}; refusing to mix samples"

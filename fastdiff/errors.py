@@ -13,8 +13,11 @@ class StaleWeightsError(FastdiffError):
     """Weights changed in a way a graph, compiled loop or exported model built from them cannot follow."""
 
 
-class OutputError(FastdiffError):
-    """An output file could not be written (disk full, I/O error); the message names the file."""
+class OutputError(FastdiffError, OSError):
+    """An output file could not be written (disk full, I/O error); the message names the file.
+
+    Also an OSError, so callers that handle failed writes as OSError keep working.
+    """
 
 
 class BackendUnavailableError(FastdiffError):

@@ -56,6 +56,23 @@ def threshold_value(
     return float(dynamic_thresholding_ratio), float(sample_max_value)
 
 
+def solver_num_steps(
+    schedule: NoiseSchedule, num_steps: int | None, given: Sequence | None, given_name: str, begin_index: int
+) -> int:
+    """A multistep solver's step count: `num_steps`, or the length of the given timesteps / sigmas (both, if
+    given, must agree), in [1, num_train_timesteps]; `begin_index` (where an img2img loop starts) must lie in it."""
+    if given is not None:
+        if num_steps is not None and num_steps != len(given):
+            raise ValueError(f"pass num_steps or {given_name} (or both, agreeing), not different lengths")
+        num_steps = len(given)
+    T = schedule.num_train_timesteps
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= T:
+        raise ValueError(f"num_steps must be an int in [1, {T}], got {num_steps!r}")
+    if isinstance(begin_index, bool) or not isinstance(begin_index, int) or not 0 <= begin_index < num_steps:
+        raise ValueError(f"begin_index must be an int in [0, {num_steps}), got {begin_index!r}")
+    return num_steps
+
+
 def sampler_timesteps(
     schedule: NoiseSchedule,
     num_steps: int | None,

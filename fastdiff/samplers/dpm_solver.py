@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from fastdiff.samplers.base import Sampler, check_choice
+from fastdiff.samplers.base import Sampler, check_choice, solver_num_steps
 from fastdiff.samplers.euler import diffusers_schedule
 from fastdiff.samplers.registry import register, register_diffusers
 from fastdiff.samplers.solver_grid import (
@@ -253,19 +253,7 @@ class DPMSolverMultistepSampler(Sampler):
             )
         if variance_type is not None and prediction_type != "epsilon":
             raise ValueError("variance_type 'learned' / 'learned_range' goes with prediction_type='epsilon'")
-        if timesteps is not None:
-            num_steps = len(timesteps) if num_steps is None or num_steps == len(timesteps) else -1
-            if num_steps < 0:
-                raise ValueError("pass num_steps or timesteps (or both, agreeing), not different lengths")
-        T = schedule.num_train_timesteps
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= T:
-            raise ValueError(f"num_steps must be an int in [1, {T}], got {num_steps!r}")
-        if (
-            isinstance(begin_index, bool)
-            or not isinstance(begin_index, int)
-            or not 0 <= begin_index < num_steps
-        ):
-            raise ValueError(f"begin_index must be an int in [0, {num_steps}), got {begin_index!r}")
+        num_steps = solver_num_steps(schedule, num_steps, timesteps, "timesteps", begin_index)
         self.schedule = schedule
         self.prediction_type = prediction_type
         self.algorithm_type = algorithm_type

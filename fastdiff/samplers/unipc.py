@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fastdiff.samplers.base import Sampler, check_choice
+from fastdiff.samplers.base import Sampler, check_choice, solver_num_steps
 from fastdiff.samplers.dpm_solver import diffusers_options
 from fastdiff.samplers.euler import diffusers_schedule
 from fastdiff.samplers.registry import register, register_diffusers
@@ -252,19 +252,7 @@ class UniPCMultistepSampler(Sampler):
                 "final_sigmas_type='zero' with lower_order_final=False: the last step's higher-order terms divide "
                 "by an infinite step (diffusers returns NaN); use lower_order_final=True or final_sigmas_type='sigma_min'"
             )
-        if sigmas is not None:
-            num_steps = len(sigmas) if num_steps is None or num_steps == len(sigmas) else -1
-            if num_steps < 0:
-                raise ValueError("pass num_steps or sigmas (or both, agreeing), not different lengths")
-        T = schedule.num_train_timesteps
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= T:
-            raise ValueError(f"num_steps must be an int in [1, {T}], got {num_steps!r}")
-        if (
-            isinstance(begin_index, bool)
-            or not isinstance(begin_index, int)
-            or not 0 <= begin_index < num_steps
-        ):
-            raise ValueError(f"begin_index must be an int in [0, {num_steps}), got {begin_index!r}")
+        num_steps = solver_num_steps(schedule, num_steps, sigmas, "sigmas", begin_index)
         self.schedule = schedule
         self.prediction_type = prediction_type
         self.solver_order = solver_order

@@ -402,13 +402,22 @@ def test_head_dim_160_in_16_row_tiles_with_4_warps(dtype):
     check(out, q, k, v)
 
 
+@pytest.fixture
+def tf32_flag():
+    """Restores torch's global TF32 flag. Not monkeypatch: torch.backends.cuda.matmul is a proxy object whose
+    attributes monkeypatch (pytest >= 9.2) tries to delete on undo, which fails."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @needs_triton_only
 @pytest.mark.parametrize(
     ("allow", "flag", "precision"),
     [(True, False, "tf32"), (False, True, "ieee"), (None, True, "tf32"), (None, False, "ieee")],
 )
-def test_allow_tf32_picks_the_float32_precision(monkeypatch, allow, flag, precision):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", flag)
+def test_allow_tf32_picks_the_float32_precision(tf32_flag, allow, flag, precision):
+    torch.backends.cuda.matmul.allow_tf32 = flag
     q, k, v = _qkv((1, 1, 16, 16, 32))
     launch = _recorded_launch(lambda: attention(q, k, v, allow_tf32=allow, backend="triton"))
     assert launch.kwargs["PRECISION"] == precision

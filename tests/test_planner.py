@@ -1,0 +1,283 @@
+"""fastdiff.planner with injected timings: the choice, skipped and refused candidates, amortisation, the cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.cache import DiskCache
+from fastdiff.candidates import Candidate, Eager
+from fastdiff.errors import BackendUnavailableError
+from fastdiff.models.mlp import MLPDenoiser
+from fastdiff.planner import MARGIN, PLAN_KIND, RECHECK_CALLS, PlannedSampler, Planner, check_backend
+
+STEPS = 30  # probe: 3 rows, so a probe's time counts 10x per call
+
+
+class _Shifted:
+    """A runner that returns the inner runner's samples plus `offset` (a wrong backend when offset != 0), and
+    moves the fake clock by `seconds` per call."""
+
+    def __init__(self, inner, offset, clock, seconds):
+        self.inner, self.offset, self.clock, self.seconds = inner, offset, clock, seconds
+
+    def sample(self, shape, **kwargs):
+        if self.clock is not None:
+            self.clock.now += self.seconds
+        return self.inner.sample(shape, **kwargs) + self.offset
+
+    def warmup(self, shape, **kwargs):
+        return 0.0
+
+
+class Fake(Candidate):
+    def __init__(
+        self, name, *, estimate=0.0, offset=0.0, cached=False, reason=None, per_table=False, clock=None
+    ):
+        self.name = name
+        self.per_table = per_table
+        self.estimate, self.offset, self.is_cached, self.reason = estimate, offset, cached, reason
+        self.clock = clock
+        self.built = 0
+
+    def unavailable(self, target):
+        return self.reason
+
+    def estimate_build_s(self, target):
+        return self.estimate
+
+    def cached(self, target):
+        return self.is_cached
+
+    def runner(self, target, sampler):
+        self.built += 1
+        return _Shifted(Eager().runner(target, sampler), self.offset, self.clock, 0.0)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class Timer:
+    """Seconds per probe run by candidate name; counts calls and runs each function (so outputs are real)."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.calls = 0
+
+    def __call__(self, name, run):
+        self.calls += 1
+        run()
+        return self.seconds[name]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return MLPDenoiser(hidden=16, num_layers=1, time_embed_dim=8).eval()
+
+
+@pytest.fixture(scope="module")
+def sampler():
+    return fastdiff.DDIMSampler(fastdiff.NoiseSchedule.from_kind("linear"), num_steps=STEPS)
+
+
+def _planner(tmp_path, seconds, *fakes, clock=None):
+    timer = Timer(seconds)
+    clock = clock or Clock()
+    candidates = {"eager": Eager(), **{f.name: f for f in fakes}}
+    return Planner(DiskCache(tmp_path), timer=timer, clock=clock, candidates=candidates), timer
+
+
+def _target(planner, model, sampler, batch=4):
+    return planner.target(
+        model,
+        sampler,
+        (batch, 2),
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        cond=None,
+        uncond=None,
+        guidance_scale=1.0,
+    )
+
+
+def test_check_backend():
+    assert check_backend("onnxruntime") == "onnxruntime"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        check_backend("onnx")
+
+
+def test_auto_takes_the_fastest_verified_and_says_why(tmp_path, model, sampler):
+    planner, _ = _planner(
+        tmp_path,
+        {"eager": 0.1, "fast": 0.05, "faster-but-wrong": 0.01, "slow": 0.2},
+        Fake("fast"),
+        Fake("faster-but-wrong", offset=0.5),
+        Fake("slow"),
+        Fake("missing", reason="missingpkg is not installed"),
+    )
+    plan = planner.plan(_target(planner, model, sampler), work_calls=10)
+    assert plan.backend == "fast"
+    r = plan.results
+    assert r["eager"].s_per_call == pytest.approx(1.0)  # 0.1 s per 3-row probe, 30 rows
+    assert r["fast"].status == "ok" and r["fast"].max_abs_diff == 0.0
+    assert (
+        r["faster-but-wrong"].status == "unverified" and "differ from eager" in r["faster-but-wrong"].reason
+    )
+    assert r["slow"].status == "ok" and r["slow"].reason == "0.50x eager"
+    assert r["missing"].status == "unavailable" and r["missing"].reason == "missingpkg is not installed"
+    assert plan.speedup == pytest.approx(2.0)
+    assert plan.line().startswith("backend: fast (2.0x eager")
+    # the runner samples the whole table, as eager does
+    gen = torch.Generator().manual_seed(5)
+    ref = fastdiff.sample(model, sampler, (4, 2), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(plan.runner.sample((4, 2), generator=gen), ref)
+
+
+def test_auto_keeps_eager_unless_a_candidate_beats_it_beyond_noise(tmp_path, model, sampler):
+    close = 0.1 * (1 - MARGIN / 2)
+    planner, _ = _planner(
+        tmp_path, {"eager": 0.1, "close": close, "wrong": 0.001}, Fake("close"), Fake("wrong", offset=1)
+    )
+    plan = planner.plan(_target(planner, model, sampler))
+    assert plan.backend == "eager"
+    assert plan.results["wrong"].status == "unverified"
+    assert "close: 1.03x eager" in plan.line()
+
+
+def test_a_failing_build_is_a_result(tmp_path, model, sampler):
+    class Broken(Fake):
+        def runner(self, target, sampler):
+            raise RuntimeError("exporter exploded\nsecond line")
+
+    planner, _ = _planner(tmp_path, {"eager": 0.1}, Broken("broken"))
+    plan = planner.plan(_target(planner, model, sampler))
+    assert plan.backend == "eager"
+    assert plan.results["broken"].status == "failed"
+    assert plan.results["broken"].reason == "RuntimeError: exporter exploded"
+
+
+def test_an_expensive_build_is_skipped_for_small_work_and_taken_when_cached(tmp_path, model, sampler):
+    seconds = {"eager": 0.1, "compiled": 0.02}
+    expensive = Fake("compiled", estimate=60.0)
+    planner, _ = _planner(tmp_path / "a", seconds, expensive)
+    plan = planner.plan(
+        _target(planner, model, sampler), work_calls=10
+    )  # 10 calls of 1 s: at most 10 s to save
+    assert plan.backend == "eager" and expensive.built == 0
+    assert plan.results["compiled"].status == "skipped"
+    assert (
+        "~60 s" in plan.results["compiled"].reason
+        and "10.0 s of eager work" in plan.results["compiled"].reason
+    )
+    # the same work with the artifact cached: nothing to pay, so it is built and taken
+    cached = Fake("compiled", estimate=60.0, cached=True)
+    planner, _ = _planner(tmp_path / "b", seconds, cached)
+    plan = planner.plan(_target(planner, model, sampler), work_calls=10)
+    assert plan.backend == "compiled" and plan.results["compiled"].cached
+    # enough work pays for it
+    big = Fake("compiled", estimate=60.0)
+    planner, _ = _planner(tmp_path / "c", seconds, big)
+    assert planner.plan(_target(planner, model, sampler), work_calls=100).backend == "compiled"
+
+
+def test_repeated_small_runs_pay_for_the_build_once_their_work_adds_up(tmp_path, model, sampler):
+    seconds = {"eager": 0.1, "compiled": 0.02}
+    choices = []
+    for _ in range(7):
+        fake = Fake("compiled", estimate=55.0)
+        planner, _ = _planner(tmp_path, seconds, fake)  # the same cache folder: a new process each time
+        choices.append(planner.plan(_target(planner, model, sampler), work_calls=10).backend)
+    # 10 s of eager work per run: the sixth run has seen 60 s >= 55 s
+    assert choices == ["eager"] * 5 + ["compiled"] * 2
+
+
+def test_a_second_plan_comes_from_the_cache_without_measuring(tmp_path, model, sampler):
+    planner, timer = _planner(tmp_path, {"eager": 0.1, "fast": 0.04}, Fake("fast"))
+    first = planner.plan(_target(planner, model, sampler), work_calls=5)
+    assert not first.from_cache and timer.calls > 0
+    planner, timer = _planner(tmp_path, {"eager": 0.1, "fast": 0.04}, Fake("fast", cached=True))
+    second = planner.plan(_target(planner, model, sampler), work_calls=5)
+    assert second.from_cache and timer.calls == 0
+    assert second.backend == "fast" and second.speedup == pytest.approx(2.5)
+    assert "plan cached" in second.line() and "cached)" in second.line()
+    # another shape is another key
+    third = planner.plan(_target(planner, model, sampler, batch=8), work_calls=5)
+    assert not third.from_cache
+
+
+def test_a_corrupt_decision_is_measured_again(tmp_path, model, sampler):
+    planner, _ = _planner(tmp_path, {"eager": 0.1, "fast": 0.04}, Fake("fast"))
+    plan = planner.plan(_target(planner, model, sampler))
+    path = planner.cache.record_path(PLAN_KIND, plan.key)
+    path.write_text(path.read_text().replace('"choice":"fast"', '"choice":"eager"'))
+    planner, timer = _planner(tmp_path, {"eager": 0.1, "fast": 0.04}, Fake("fast"))
+    again = planner.plan(_target(planner, model, sampler))
+    assert not again.from_cache and timer.calls > 0 and again.backend == "fast"
+
+
+def test_forced_backends(tmp_path, model, sampler):
+    planner, timer = _planner(tmp_path, {}, Fake("fast"), Fake("missing", reason="needs a CUDA device"))
+    plan = planner.plan(_target(planner, model, sampler), backend="eager")
+    assert plan.backend == "eager" and timer.calls == 0
+    assert plan.line().startswith("backend: eager (requested")
+    with pytest.raises(BackendUnavailableError, match="'missing' cannot run here: needs a CUDA device"):
+        planner.plan(_target(planner, model, sampler), backend="missing")
+
+
+def test_real_candidates_skip_what_cannot_run_here_with_reasons(tmp_path, sampler):
+    planner = Planner(DiskCache(tmp_path), timer=Timer({}))
+    target = planner.target(
+        lambda x, t: x * 0,
+        sampler,
+        (2, 2),
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        cond=None,
+        uncond=None,
+        guidance_scale=1.0,
+    )
+    reasons = {n: c.unavailable(target) for n, c in planner.candidates.items()}
+    assert reasons["eager"] is None and reasons["compile"] is None
+    assert reasons["onnxruntime"] == "the denoiser is not an nn.Module, so it cannot be exported"
+    if not torch.cuda.is_available():
+        assert reasons["cuda-graphs"].startswith("needs a CUDA device")
+        assert reasons["tensorrt"].startswith("needs a CUDA device")
+    assert planner.plan_key(target, planner.candidates) is None  # no weights to hash: nothing is stored
+
+
+def test_planned_sampler_rechecks_a_choice_that_measures_slower(tmp_path, model, sampler):
+    clock = Clock()
+    fast = Fake("fast", clock=clock)
+    planner, _ = _planner(tmp_path, {"eager": 0.1, "fast": 0.05}, fast, clock=clock)
+    planned = PlannedSampler(model, sampler, planner=planner)
+    planned.sample((4, 2), generator=torch.Generator().manual_seed(0))
+    (plan,) = planned.plans.values()
+    assert plan.backend == "fast"
+    # the real calls take 1.5 s, eager was measured at 1.0 s a call: after RECHECK_CALLS calls, plan again
+    for runner_call in range(RECHECK_CALLS):
+        assert planned.plans, runner_call
+        next(iter(planned.plans.values())).runner.seconds = 1.5
+        planned.sample((4, 2), generator=torch.Generator().manual_seed(0))
+    assert planned.plans == {}
+    assert planner.cache.get(PLAN_KIND, plan.key) is None
+
+
+def test_planned_sampler_plans_again_once_the_work_pays_for_a_skipped_build(tmp_path, model, sampler):
+    clock = Clock()
+    planner, _ = _planner(
+        tmp_path, {"eager": 0.1, "compiled": 0.02}, Fake("compiled", estimate=2.5, clock=clock), clock=clock
+    )
+    planned = PlannedSampler(model, sampler, planner=planner)
+    backends = []
+    for _ in range(4):
+        planned.sample((4, 2), generator=torch.Generator().manual_seed(0))
+        backends.append(next(iter(planned.plans.values()), None))
+    # 1 s of eager work per call: the third call has seen 3 s >= 2.5 s and the key is planned again
+    assert [p.backend if p else None for p in backends] == ["eager", "eager", None, "compiled"]

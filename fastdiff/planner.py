@@ -410,10 +410,9 @@ class Planner:
             rows = min(n, math.ceil(rows * MIN_PROBE_S / first))
             eager_runner, _ = self._ready(eager, target, _Probe(target.sampler, rows))
         probe = _Probe(target.sampler, rows)
-        reference = self._run(eager_runner, target)
         runners: dict[str, tuple[Any, float]] = {"eager": (eager_runner, n / rows)}
         results["eager"] = Result("ok", build_s=0.0)
-        # eager's time per call, from a first timing (refined with the others' rounds below)
+        # eager's time per call after a warm-up run (refined with the others' rounds below)
         eager_s = self.timer("eager", lambda: self._run(eager_runner, target)) * n / rows
         budget = eager_s * (work_calls + seen)
 
@@ -427,10 +426,15 @@ class Planner:
                 results[name] = Result("unavailable", reason)
                 continue
             order.append((self._estimate(candidate, target), name))
+        if all(estimate > budget for estimate, _ in order):
+            # nothing can pay for itself: eager, without measuring anything more
+            runners = {}
+        else:
+            reference = self._run(eager_runner, target)
         full_reference: list[torch.Tensor] = []
         for estimate, name in sorted(order):
             candidate = self.candidates[name]
-            if estimate > budget:
+            if estimate > budget or not runners:
                 results[name] = Result(
                     "skipped",
                     f"building it (~{estimate:.0f} s) costs more than the {budget:.1f} s of eager work it could save",
@@ -468,7 +472,7 @@ class Planner:
                 runners[name] = (runner, 1.0 if candidate.per_table else n / rows)
 
         times: dict[str, list[float]] = {name: [] for name in runners}
-        for r in range(self.repeats):
+        for r in range(self.repeats if runners else 0):
             order_r = list(runners)
             order_r = order_r[r % len(order_r) :] + order_r[: r % len(order_r)]
             for name in order_r:
@@ -476,12 +480,16 @@ class Planner:
                 times[name].append(self.timer(name, lambda runner=runner: self._run(runner, target)) * scale)
         for name, values in times.items():
             results[name].s_per_call = statistics.median(values)
-        eager_s = results["eager"].s_per_call
+        if runners:
+            eager_s = results["eager"].s_per_call
+        results["eager"].s_per_call = eager_s
 
         choice = "eager"
-        fastest = min((r.s_per_call, name) for name, r in results.items() if name in runners)
-        if fastest[1] != "eager" and fastest[0] < eager_s * (1 - MARGIN):
-            choice = fastest[1]
+        measured = [
+            (r.s_per_call, name) for name, r in results.items() if name in runners and name != "eager"
+        ]
+        if measured and min(measured)[0] < eager_s * (1 - MARGIN):
+            choice = min(measured)[1]
         for name, r in results.items():
             if name != choice and r.status == "ok" and name != "eager" and r.s_per_call is not None:
                 r.reason = f"{eager_s / r.s_per_call:.2f}x eager"
@@ -533,7 +541,8 @@ class PlannedSampler:
     planned again; when `RECHECK_CALLS` calls of a chosen backend measured slower than the eager time recorded for
     it, the stored decision is discarded and the key planned again. An exported denoiser that finds the model's
     weights changed (`StaleWeightsError`) makes the key plan again (a new weights hash: a new export) and the call
-    run again, so stale weights never give samples.
+    run again, so stale weights never give samples. `eager`: what runs a key planned to eager (an object with
+    `sample`; default: the planner's own eager engine), so that an engine can plan and still run eager itself.
     """
 
     def __init__(
@@ -544,8 +553,10 @@ class PlannedSampler:
         backend: str = "auto",
         planner: Planner | None = None,
         expected_calls: float = 1.0,
+        eager: Any = None,
     ) -> None:
         self.denoiser = denoiser
+        self.eager = eager
         self.sampler = sampler
         self.backend = check_backend(backend)
         self._planner = planner
@@ -643,8 +654,9 @@ class PlannedSampler:
             )
             state = None if generator is None else generator.get_state()
             start = self.planner.clock()
+            runner = self.eager if plan.backend == "eager" and self.eager is not None else plan.runner
             try:
-                out = plan.runner.sample(shape, **kwargs)
+                out = runner.sample(shape, **kwargs)
             except StaleWeightsError:
                 if attempt or plan.backend in ("eager", "compile", "cuda-graphs"):
                     raise

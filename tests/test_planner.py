@@ -281,3 +281,31 @@ def test_planned_sampler_plans_again_once_the_work_pays_for_a_skipped_build(tmp_
         backends.append(next(iter(planned.plans.values()), None))
     # 1 s of eager work per call: the third call has seen 3 s >= 2.5 s and the key is planned again
     assert [p.backend if p else None for p in backends] == ["eager", "eager", None, "compiled"]
+
+
+def test_when_nothing_can_pay_eager_is_chosen_after_one_timed_probe(tmp_path, model, sampler):
+    expensive = Fake("compiled", estimate=60.0)
+    planner, timer = _planner(
+        tmp_path, {"eager": 0.1, "compiled": 0.01}, expensive, Fake("gone", reason="no")
+    )
+    plan = planner.plan(_target(planner, model, sampler), work_calls=3)
+    assert plan.backend == "eager" and expensive.built == 0
+    assert timer.calls == 2  # a warm-up run and one timed run of the probe rows
+    assert plan.results["eager"].s_per_call == pytest.approx(1.0)
+
+
+def test_planned_sampler_runs_eager_keys_on_the_given_runner(tmp_path, model, sampler):
+    class Own:
+        calls = 0
+
+        def sample(self, shape, **kwargs):
+            Own.calls += 1
+            return fastdiff.sample(model, sampler, shape, generator=kwargs["generator"], x_T=kwargs["x_T"])
+
+    planner, _ = _planner(tmp_path, {"eager": 0.1})
+    planned = PlannedSampler(model, sampler, planner=planner, eager=Own())
+    out = planned.sample((4, 2), generator=torch.Generator().manual_seed(1))
+    assert Own.calls == 1
+    assert torch.equal(
+        out, fastdiff.sample(model, sampler, (4, 2), generator=torch.Generator().manual_seed(1))
+    )

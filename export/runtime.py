@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from fastdiff.errors import CheckpointError, StaleWeightsError
-from fastdiff.fingerprint import file_sha256, state_sha256
+from fastdiff.fingerprint import file_sha256, state_sha256, weights_checksum
 from fastdiff.guidance import null_class_cond
 from fastdiff.output import write_bytes_atomic
-from fastdiff.weights import WeightsWatch, wrapped_module
+from fastdiff.weights import WeightsState, WeightsWatch, wrapped_module
 
 RESERVED = ("sample", "timestep")
 # Keys the exporters store beside the graph (ONNX metadata_props, OpenVINO rt_info under "fastdiff").
@@ -155,11 +155,18 @@ class GraphDenoiser:
     exporter stored, the null class label, and the module the graph was exported from, when given (`source`),
     whose weights every call checks.
 
-    An exported graph holds a copy of the weights. With `source`, a call after the source's weights changed (the
-    cheap `fastdiff.weights` fingerprint, then the full digest to tell a real change from a rewrite of the same
-    values) raises `StaleWeightsError` naming the call that makes the graph right again (`_stale_fix`); without
-    it, the denoiser cannot know. `param.data.copy_()` leaves no trace in the fingerprint (no version bump):
-    write weights with `load_state_dict` or `fastdiff.update_weights`, or call `check_source()`.
+    An exported graph holds a copy of the weights. With `source`, a change of the source's weights raises
+    `StaleWeightsError` naming the call that makes the graph right again (`_stale_fix`), before any output is
+    computed from the old copy; without it, the denoiser cannot know. Two checks, each confirmed by the full
+    digest (so a rewrite of the same values is no change):
+
+    - every call (`check_source`): the `fastdiff.weights` fingerprint (layout and version counters), which
+      sees `load_state_dict`, `fastdiff.update_weights`, `copy_` under no_grad, new parameters and casts;
+    - once per sampling run (`check_weights`, called by `fastdiff.sample`, the loops built on it and
+      `SamplingEngine.sample`): also a content checksum (`fastdiff.fingerprint.weights_checksum`) against
+      the one taken when the source was bound, which sees writes that bump no version counter
+      (`param.data.copy_(...)`). A direct call after such a write is not checked against content:
+      call `check_weights()` first.
     """
 
     inputs: list[Port]
@@ -203,26 +210,45 @@ class GraphDenoiser:
                 f"source must be the nn.Module the graph was exported from, got {type(source).__name__}"
             )
         self._watch = WeightsWatch(module)
-        self._state = self._watch.state()
-        self._digest = state_sha256(module.state_dict())
+        weights = module.state_dict()
+        self._digest = state_sha256(weights)
         if digest is not None and digest != self._digest:
             raise StaleWeightsError(
                 f"{self.path} was exported from other weights than source's; {self._stale_fix}"
             )
+        self._state = self._watch.state()
+        self._checksum = weights_checksum(weights.values())
 
     def check_source(self, *, full: bool = False) -> None:
-        """Raise `StaleWeightsError` if the source's weights differ from those in the graph (a no-op without a
-        source). `full` compares the digest even when the fingerprint saw no change."""
+        """Raise `StaleWeightsError` if the source's fingerprint changed and its weights differ from those in the
+        graph (a no-op without a source). `full` compares the digest even when the fingerprint saw no change."""
         if self._watch is None:
             return
         state = self._watch.state()
-        if state == self._state and not full:
+        if state != self._state or full:
+            self._confirm(state)
+
+    def check_weights(self) -> None:
+        """`check_source`, and a checksum of the source's weights' content, which also sees writes no fingerprint
+        sees (`param.data.copy_`): what a sampling run calls once before its first step (a no-op without a
+        source)."""
+        if self._watch is None:
             return
-        if state_sha256(self._watch.module.state_dict()) != self._digest:
+        state = self._watch.state()
+        if state != self._state or not torch.equal(
+            weights_checksum(self._watch.module.state_dict().values()), self._checksum
+        ):
+            self._confirm(state)
+
+    def _confirm(self, state: WeightsState) -> None:
+        """The full digest decides: StaleWeightsError if the weights changed, else `state` is the new normal."""
+        weights = self._watch.module.state_dict()
+        if state_sha256(weights) != self._digest:
             raise StaleWeightsError(
                 f"the weights of the module {self.path} was exported from have changed; {self._stale_fix}"
             )
         self._state = state
+        self._checksum = weights_checksum(weights.values())
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
         """An exported graph cannot take new weights in place: raises `StaleWeightsError` saying what to call."""

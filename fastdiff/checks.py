@@ -1,4 +1,5 @@
-"""Checks around a sampling run: the dtype and device of its inputs up front, finite values at the end.
+"""Checks around a sampling run: the dtype and device of its inputs and the denoiser's weights up front, finite
+values at the end.
 
 A NaN or inf in a diffusion run never heals (every later step mixes it into the state), and written out it
 becomes a black image that looks like a result. So every sampling loop records, on the device and without a host
@@ -69,6 +70,15 @@ def check_denoiser_matches(denoiser: Any, device: torch.device, dtype: torch.dty
             + (f"x_T.to({str(param.device)!r})" if what == "x_T" else f"device={str(param.device)!r}")
             + f", or move the model with .to({str(device)!r})"
         )
+
+
+def check_denoiser_weights(denoiser: Any) -> None:
+    """Once per sampling run, before its first step: a denoiser that holds its own copy of a module's weights (an
+    exported graph bound to its `source`) raises `StaleWeightsError` through its `check_weights()` if that module's
+    weights changed since, including writes its per-call check cannot see (`param.data.copy_`)."""
+    check = getattr(denoiser, "check_weights", None)
+    if callable(check):
+        check()
 
 
 class FiniteWatch:

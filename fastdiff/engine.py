@@ -40,7 +40,13 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from tqdm.auto import tqdm
 
-from fastdiff.checks import FiniteWatch, check_denoiser_matches, check_device, check_dtype
+from fastdiff.checks import (
+    FiniteWatch,
+    check_denoiser_matches,
+    check_denoiser_weights,
+    check_device,
+    check_dtype,
+)
 from fastdiff.errors import StaleWeightsError
 from fastdiff.guidance import batch_conds, guidance_conds
 from fastdiff.kernels.backend import decomposed
@@ -311,6 +317,7 @@ class SamplingEngine:
             check_x("x_T", x_T, shape)
             dtype = x_T.dtype
         check_denoiser_matches(self.denoiser, dev, dtype, "x" if x_T is None else "x_T")
+        check_denoiser_weights(self.denoiser)
         cond, uncond = guidance_conds(self.denoiser, cond, uncond, guidance_scale)
         with torch.inference_mode():
             x_init = randn(shape, generator, dev, dtype) if x_T is None else x_T

@@ -1,9 +1,10 @@
-"""Content hashes of tensors and of a model's weights (checkpoint verification, shard-folder settings)."""
+"""Content hashes of tensors and of a model's weights (checkpoint verification, shard-folder settings), and the
+cheap content checksum that tells an exported graph's weights from its source module's once per sampling run."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from os import PathLike
 
 import torch
@@ -25,6 +26,22 @@ def state_sha256(state: Mapping[str, torch.Tensor]) -> str:
         h.update(name.encode())
         h.update(tensor_sha256(state[name]).encode())
     return h.hexdigest()
+
+
+def weights_checksum(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """A cheap checksum of weights' content: each tensor's sum, accumulated and returned in float32, stacked
+    (one read of each tensor, on its own device; no copy to the host).
+
+    A sum moves to first order with every element, so a new fine-tune, a merged LoRA or a rescale changes it
+    even when the change is small and orthogonal to the weights (to which a norm is blind in float32); values
+    permuted within a tensor are not seen. It costs about what `torch._foreach_norm` does (one pass).
+    Float sums may differ in their last bits between thread counts or devices: a mismatch is a hint, to be
+    confirmed with `state_sha256`.
+    """
+    sums = [t.detach().sum(dtype=torch.float32) for t in tensors]
+    if len({s.device for s in sums}) > 1:
+        sums = [s.cpu() for s in sums]
+    return torch.stack(sums) if sums else torch.zeros(0)
 
 
 def file_sha256(path: str | PathLike) -> str:

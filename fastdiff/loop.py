@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from fastdiff.checks import FiniteWatch, check_denoiser_matches, check_device, check_dtype
+from fastdiff.checks import (
+    FiniteWatch,
+    check_denoiser_matches,
+    check_denoiser_weights,
+    check_device,
+    check_dtype,
+)
 from fastdiff.guidance import batch_conds, guidance_conds
 from fastdiff.kernels.backend import memory_format
 from fastdiff.kernels.sampler_step import sampler_step
@@ -154,6 +160,7 @@ def run_table(
         raise ValueError(
             f"start={start}: a {table.kind} table reads history from earlier rows, start at row 0"
         )
+    check_denoiser_weights(denoiser)
     cond, uncond = guidance_conds(denoiser, cond, uncond, guidance_scale)
     kwargs = batch_conds(cond, uncond) if uncond is not None else cond
     coeffs = table.on(x.device)

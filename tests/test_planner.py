@@ -33,9 +33,19 @@ class _Shifted:
 
 class Fake(Candidate):
     def __init__(
-        self, name, *, estimate=0.0, offset=0.0, cached=False, reason=None, per_table=False, clock=None
+        self,
+        name,
+        *,
+        estimate=0.0,
+        offset=0.0,
+        cached=False,
+        reason=None,
+        per_table=False,
+        clock=None,
+        build_s=0.0,
     ):
         self.name = name
+        self.build_s = build_s
         self.per_table = per_table
         self.estimate, self.offset, self.is_cached, self.reason = estimate, offset, cached, reason
         self.clock = clock
@@ -52,6 +62,8 @@ class Fake(Candidate):
 
     def runner(self, target, sampler):
         self.built += 1
+        if self.clock is not None:
+            self.clock.now += self.build_s
         return _Shifted(Eager().runner(target, sampler), self.offset, self.clock, 0.0)
 
 
@@ -309,3 +321,21 @@ def test_planned_sampler_runs_eager_keys_on_the_given_runner(tmp_path, model, sa
     assert torch.equal(
         out, fastdiff.sample(model, sampler, (4, 2), generator=torch.Generator().manual_seed(1))
     )
+
+
+def test_a_cached_choice_that_costs_more_to_load_than_this_work_saves_gives_way_to_eager(
+    tmp_path, model, sampler
+):
+    def planner():
+        clock = Clock()
+        compiled = Fake("compiled", per_table=True, clock=clock, build_s=30.0)
+        return _planner(tmp_path, {"eager": 0.1, "compiled": 0.2}, compiled, clock=clock)[0]
+
+    # per-table candidates are timed on whole runs: 0.2 s a call against eager's 1.0 s
+    assert planner().plan(_target(planner(), model, sampler), work_calls=100).backend == "compiled"
+    small = planner()
+    plan = small.plan(_target(small, model, sampler), work_calls=1)
+    assert plan.from_cache and plan.backend == "eager"  # 30 s of compiling to save 0.8 s
+    big = planner()
+    plan = big.plan(_target(big, model, sampler), work_calls=100)
+    assert plan.from_cache and plan.backend == "compiled"

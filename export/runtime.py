@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fastdiff.errors import CheckpointError, StaleWeightsError
-from fastdiff.fingerprint import file_sha256, state_sha256, weights_checksum
+from fastdiff.fingerprint import file_sha256, state_sha256
 from fastdiff.guidance import null_class_cond
 from fastdiff.output import write_bytes_atomic
 from fastdiff.weights import WeightsState, WeightsWatch, wrapped_module
@@ -163,7 +163,7 @@ class GraphDenoiser:
     - every call (`check_source`): the `fastdiff.weights` fingerprint (layout and version counters), which
       sees `load_state_dict`, `fastdiff.update_weights`, `copy_` under no_grad, new parameters and casts;
     - once per sampling run (`check_weights`, called by `fastdiff.sample`, the loops built on it and
-      `SamplingEngine.sample`): also a content checksum (`fastdiff.fingerprint.weights_checksum`) against
+      `SamplingEngine.sample`): also a content checksum (`WeightsWatch.checksum`) against
       the one taken when the source was bound, which sees writes that bump no version counter
       (`param.data.copy_(...)`). A direct call after such a write is not checked against content:
       call `check_weights()` first.
@@ -210,14 +210,13 @@ class GraphDenoiser:
                 f"source must be the nn.Module the graph was exported from, got {type(source).__name__}"
             )
         self._watch = WeightsWatch(module)
-        weights = module.state_dict()
-        self._digest = state_sha256(weights)
+        self._digest = state_sha256(module.state_dict())
         if digest is not None and digest != self._digest:
             raise StaleWeightsError(
                 f"{self.path} was exported from other weights than source's; {self._stale_fix}"
             )
         self._state = self._watch.state()
-        self._checksum = weights_checksum(weights.values())
+        self._checksum = self._watch.checksum()
 
     def check_source(self, *, full: bool = False) -> None:
         """Raise `StaleWeightsError` if the source's fingerprint changed and its weights differ from those in the
@@ -235,20 +234,17 @@ class GraphDenoiser:
         if self._watch is None:
             return
         state = self._watch.state()
-        if state != self._state or not torch.equal(
-            weights_checksum(self._watch.module.state_dict().values()), self._checksum
-        ):
+        if state != self._state or not torch.equal(self._watch.checksum(), self._checksum):
             self._confirm(state)
 
     def _confirm(self, state: WeightsState) -> None:
         """The full digest decides: StaleWeightsError if the weights changed, else `state` is the new normal."""
-        weights = self._watch.module.state_dict()
-        if state_sha256(weights) != self._digest:
+        if state_sha256(self._watch.module.state_dict()) != self._digest:
             raise StaleWeightsError(
                 f"the weights of the module {self.path} was exported from have changed; {self._stale_fix}"
             )
         self._state = state
-        self._checksum = weights_checksum(weights.values())
+        self._checksum = self._watch.checksum()
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
         """An exported graph cannot take new weights in place: raises `StaleWeightsError` saying what to call."""

@@ -8,14 +8,18 @@ bakes in. So a change of weights is one of two kinds:
 
 - in place (`load_state_dict`, `param.data.copy_`, `update_weights`, peft's merge in `fuse_lora`): the storage
   a graph reads holds the new values, and nothing needs to be captured again. It shows as new tensor version
-  counters (`WeightsState.versions`).
+  counters (`WeightsState.versions`), except `param.data.copy_` (`.data` has its own counter), which only a
+  read of the values sees (`WeightsWatch.checksum`: what exported graphs, which hold a copy, need).
 - anything else (a new `nn.Parameter`, `.to(dtype)`, an adapter added, removed, activated, disabled or rescaled):
   the `WeightsState.layout` changes, and a graph or compiled loop built for another layout must not be replayed.
 
-`WeightsWatch(module).state()` gives both. It is meant to run before every replay, so it touches each tensor
-twice (its storage address and its version counter) and re-walks the module tree only when a module, parameter
-or buffer was registered somewhere since the last call (global registration hooks, installed on first use,
-count those). Not seen: a parameter swapped by writing `module._parameters[...]` directly (as `.to()` does under
+`WeightsWatch(module).state()` gives both. It runs wherever user code may have run since the last replay: the
+diffusers U-Net replayer checks it at every U-Net call (a pipeline's own code runs between them); the engine at
+every `sample()` and after each callback, the only user code between two of its replays (a CUDA graph replay
+runs no Python; eager and compiled steps read the live parameters, the compiled loop is one call). It touches
+each tensor twice (its storage address and its version counter) and re-walks the module tree only when a
+module, parameter or buffer was registered somewhere since the last call (global registration hooks, installed
+on first use, count those). Not seen: a parameter swapped by writing `module._parameters[...]` directly (as `.to()` does under
 `torch.__future__.set_overwrite_module_params_on_conversion(True)`), and `.data` re-pointed at a tensor of the same
 address but another shape or dtype.
 """
@@ -30,6 +34,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from fastdiff.fingerprint import weights_checksum
 
 # A module attribute holding an object with `refresh(module) -> bool`: state the module derives from its
 # parameters and must re-derive when their storage changes (accelerate()'s fused attention projections).
@@ -131,6 +137,13 @@ class WeightsWatch:
             self._meta = tuple((t.dtype, t.shape, t.device) for t in self._tensors)
         adapters = tuple(map(_adapter_state, self._adapters))
         return WeightsState((tuple(pointers), self._meta, adapters), tuple(map(_version, self._versioned)))
+
+    def checksum(self) -> torch.Tensor:
+        """`fastdiff.fingerprint.weights_checksum` of the watched tensors: reads every weight once, so it also sees
+        writes no version counter records (`param.data.copy_`); for checks once per run, not per replay."""
+        if self._generation != _generation:
+            self._collect()
+        return weights_checksum(self._tensors)
 
 
 def wrapped_module(target: Any) -> Any:

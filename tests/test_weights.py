@@ -228,6 +228,33 @@ def test_compiled_loop_reads_in_place_weights_and_recompiles_for_new_ones():
     assert eng.stats.cache_misses == 2
 
 
+def test_compiled_loop_after_data_copy_load_state_dict_and_dtype():
+    """The other changes on the real compiled while_loop: `param.data.copy_` (no version bump) and
+    `load_state_dict` are read in place with no recompile and no new entry; `.to(float64)` is a new entry."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = MLPDenoiser(hidden=16, num_layers=1).eval()
+    sampler = DDIMSampler(SCHEDULE, num_steps=3, eta=1.0)
+    eng = fastdiff.SamplingEngine(model, sampler, compile=True, graph_mode="loop")
+    shape = (3, 2)
+    previous = eng.sample(shape, generator=gen())
+    frames = counters["frames"]["ok"]
+    for change in (data_copy_in_place, load_state_dict):
+        change(model)
+        got = eng.sample(shape, generator=gen())
+        ref = fastdiff.sample(model, sampler, shape, generator=gen())
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        assert (got - previous).abs().max() > 1e-3, change.__name__
+        previous = got
+    assert counters["frames"]["ok"] == frames and eng.stats.cache_misses == 1
+    model.to(torch.float64)
+    got = eng.sample(shape, generator=gen(), dtype=torch.float64)
+    ref = fastdiff.sample(model, sampler, shape, generator=gen(), dtype=torch.float64)
+    assert got.dtype == torch.float64 and eng.stats.cache_misses == 2
+    torch.testing.assert_close(got, ref, rtol=1e-7, atol=1e-7)
+
+
 # ---- exported denoisers (ONNX Runtime, OpenVINO): they hold a copy, so any change must raise ------------------
 
 
@@ -433,10 +460,20 @@ def test_graph_unet_follows_in_place_and_new_weights(diffusers):
         second = unet(x, t, **TEXT).sample
         assert graphed.captures == 1 and (second - first).abs().max() > 1e-3
         torch.testing.assert_close(second, eager(), rtol=0, atol=0)
-        unet.conv_in.weight = nn.Parameter(unet.conv_in.weight * 2)
+        data_copy_in_place(unet)  # in place, no version bump: read by the same graph
         third = unet(x, t, **TEXT).sample
-        assert graphed.captures == 2 and (third - second).abs().max() > 1e-3
+        assert graphed.captures == 1 and (third - second).abs().max() > 1e-3
         torch.testing.assert_close(third, eager(), rtol=0, atol=0)
+        unet.conv_in.weight = nn.Parameter(unet.conv_in.weight * 2)
+        fourth = unet(x, t, **TEXT).sample
+        assert graphed.captures == 2 and (fourth - third).abs().max() > 1e-3
+        torch.testing.assert_close(fourth, eager(), rtol=0, atol=0)
+        unet.to(torch.bfloat16)
+        x, text = x.bfloat16(), {k: v.bfloat16() for k, v in TEXT.items()}
+        fifth = unet(x, t, **text).sample
+        assert graphed.captures == 3 and fifth.dtype == torch.bfloat16
+        del unet.forward
+        torch.testing.assert_close(fifth, unet(x, t, **text).sample, rtol=0, atol=0)
 
 
 @pytest.mark.usefixtures("fake_graphs")

@@ -68,6 +68,34 @@ def check_backend(backend: object) -> str:
     return str(backend)
 
 
+# What SamplingEngine runs itself (its own loop, graphs or compile); every other backend is planned.
+SELF_RUN = ("eager", "compile", "cuda-graphs")
+
+
+def resolve_backend(backend: object, cuda_graphs: bool | str, compile: bool) -> tuple[str, bool | str, bool]:
+    """SamplingEngine's (backend, cuda_graphs, compile) made consistent: `compile=True` means backend "compile"
+    (with `cuda_graphs` as given: graphs of the compiled model on CUDA), `cuda_graphs=True` means "cuda-graphs",
+    `cuda_graphs=False` the plain loop ("eager"); an explicit backend sets the flags it needs. A backend that
+    contradicts a flag is a ValueError."""
+    backend = check_backend(backend)
+    for flag, value, means in (("compile", compile, "compile"), ("cuda_graphs", cuda_graphs, "cuda-graphs")):
+        if (
+            value is True
+            and backend not in ("auto", means)
+            and not (flag == "cuda_graphs" and backend == "compile")
+        ):
+            raise ValueError(f"{flag}=True asks for backend={means!r}, which contradicts backend={backend!r}")
+    if compile:
+        return "compile", cuda_graphs, True
+    if cuda_graphs is True or backend == "cuda-graphs":
+        return "cuda-graphs", True, False
+    if backend == "compile":
+        return "compile", cuda_graphs, True
+    if backend == "eager" or (backend == "auto" and cuda_graphs is False):
+        return "eager", False, False
+    return backend, cuda_graphs, False
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

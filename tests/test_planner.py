@@ -10,7 +10,15 @@ from fastdiff.cache import DiskCache
 from fastdiff.candidates import Candidate, Eager
 from fastdiff.errors import BackendUnavailableError
 from fastdiff.models.mlp import MLPDenoiser
-from fastdiff.planner import MARGIN, PLAN_KIND, RECHECK_CALLS, PlannedSampler, Planner, check_backend
+from fastdiff.planner import (
+    MARGIN,
+    PLAN_KIND,
+    RECHECK_CALLS,
+    PlannedSampler,
+    Planner,
+    check_backend,
+    resolve_backend,
+)
 
 STEPS = 30  # probe: 3 rows, so a probe's time counts 10x per call
 
@@ -339,3 +347,29 @@ def test_a_cached_choice_that_costs_more_to_load_than_this_work_saves_gives_way_
     big = planner()
     plan = big.plan(_target(big, model, sampler), work_calls=100)
     assert plan.from_cache and plan.backend == "compiled"
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (("auto", "auto", False), ("auto", "auto", False)),
+        (("auto", "auto", True), ("compile", "auto", True)),
+        (("auto", True, True), ("compile", True, True)),
+        (("compile", "auto", False), ("compile", "auto", True)),
+        (("auto", True, False), ("cuda-graphs", True, False)),
+        (("cuda-graphs", "auto", False), ("cuda-graphs", True, False)),
+        (("auto", False, False), ("eager", False, False)),
+        (("eager", "auto", False), ("eager", False, False)),
+        (("onnxruntime", "auto", False), ("onnxruntime", "auto", False)),
+    ],
+)
+def test_resolve_backend(given, expected):
+    assert resolve_backend(*given) == expected
+
+
+@pytest.mark.parametrize(
+    ("backend", "cuda_graphs", "compile"), [("eager", "auto", True), ("openvino", True, False)]
+)
+def test_resolve_backend_refuses_contradictions(backend, cuda_graphs, compile):
+    with pytest.raises(ValueError, match="contradicts backend"):
+        resolve_backend(backend, cuda_graphs, compile)

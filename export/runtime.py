@@ -237,9 +237,12 @@ class GraphDenoiser:
         if state != self._state or not torch.equal(self._watch.checksum(), self._checksum):
             self._confirm(state)
 
-    def _confirm(self, state: WeightsState) -> None:
-        """The full digest decides: StaleWeightsError if the weights changed, else `state` is the new normal."""
-        if state_sha256(self._watch.module.state_dict()) != self._digest:
+    def _confirm(self, state: WeightsState, digest: str | None = None) -> None:
+        """The full digest (`digest`: the source's, when just computed) decides: StaleWeightsError if the weights
+        changed, else `state` is the new normal."""
+        if digest is None:
+            digest = state_sha256(self._watch.module.state_dict())
+        if digest != self._digest:
             raise StaleWeightsError(
                 f"the weights of the module {self.path} was exported from have changed; {self._stale_fix}"
             )

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastdiff.errors import CheckpointError, FastdiffError, missing_extra
+from fastdiff.errors import CheckpointError, FastdiffError, StaleWeightsError, missing_extra
 from fastdiff.export.onnx import onnx_metadata
-from fastdiff.export.runtime import GraphDenoiser, Port, check_signature, denoiser_feeds
+from fastdiff.export.runtime import META_PREFIX, GraphDenoiser, Port, check_signature, denoiser_feeds
+from fastdiff.fingerprint import state_sha256
 from fastdiff.output import atomic_path, check_output_path, write_bytes_atomic
 
 # TensorRT DataType names -> torch dtypes (names, so this table needs no tensorrt import).
@@ -193,8 +194,10 @@ class TensorRTDenoiser(GraphDenoiser):
 
     def refit(self, onnx_path: str | os.PathLike) -> None:
         """Replace the engine's weights, in place, by those of `onnx_path` (the same graph re-exported with new
-        weights); the engine must have been built with `refittable=True`. With a `source`, the file's weights
-        digest becomes the one calls are checked against."""
+        weights); the engine must have been built with `refittable=True`. TensorRT's ONNX parser hands the
+        refitter the file's weights under their initializer names. With a `source`, a
+        file exported from other weights than the source's current ones is refused (StaleWeightsError) before
+        the engine is touched, and after the refit calls are checked against the source's weights as they are."""
         onnx_path = Path(onnx_path)
         if not onnx_path.is_file():
             raise FileNotFoundError(f"ONNX file {str(onnx_path)!r} does not exist")
@@ -204,18 +207,33 @@ class TensorRTDenoiser(GraphDenoiser):
                 f"{self.path} was not built refittable; rebuild it: build_tensorrt_engine(onnx_path, engine_path, "
                 "refittable=True)"
             )
+        current = None
+        if self._watch is not None:
+            current = state_sha256(self._watch.module.state_dict())
+            exported = onnx_metadata(onnx_path).get(META_PREFIX + "weights_sha256")
+            if exported is not None and exported != current:
+                raise StaleWeightsError(
+                    f"{onnx_path} was exported from other weights than source's current ones; re-export it "
+                    "(fastdiff.export.to_onnx(model, onnx_path, ...)) and refit from that file"
+                )
         refitter = trt.Refitter(self.engine, self._logger)
         parser = trt.OnnxParserRefitter(refitter, self._logger)
         if not parser.refit_from_file(str(onnx_path)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise CheckpointError(f"TensorRT cannot refit {self.path} from {onnx_path}: {errors}")
+        missing = list(refitter.get_missing_weights())
+        if missing:
+            raise CheckpointError(
+                f"{onnx_path} lacks {len(missing)} weight(s) of {self.path} ({missing[:5]}): it is not an export "
+                "of the graph the engine was built from"
+            )
         if not refitter.refit_cuda_engine():
             raise FastdiffError(
                 f"TensorRT could not refit {self.path} from {onnx_path} (see the TensorRT log)"
             )
-        if self._watch is not None:
-            self._digest = onnx_metadata(onnx_path).get("fastdiff.weights_sha256", self._digest)
-            self.check_source(full=True)
+        if current is not None:
+            self._digest = current
+            self._confirm(self._watch.state(), current)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor | float, **cond: Any) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_cuda:

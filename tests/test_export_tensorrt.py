@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import types
 
 import pytest
 import torch
@@ -64,6 +65,160 @@ def test_without_tensorrt_the_error_names_the_extra(onnx_file, tmp_path):
     with pytest.raises(ImportError, match=r"fastdiff\[tensorrt\]"):
         TensorRTDenoiser(onnx_file)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+# ------------------------------------------------------------------------- refit, through a stand-in tensorrt
+
+
+class FakeTensorRT(types.ModuleType):
+    """The slice of the tensorrt 10 API that TensorRTDenoiser and its refit use, on the CPU. An engine is its IO
+    ports and its named weights (the initializers of the ONNX file it was 'built' from); the ONNX parser-refitter
+    hands the refitter every initializer of a file by name (`set_named_weights`), as TensorRT's parser names
+    weights after the ONNX initializers; `handed` keeps what it was given. Nothing here computes outputs."""
+
+    class Logger:
+        WARNING = "warning"
+
+        def __init__(self, level):
+            self.level = level
+
+    class TensorIOMode:
+        INPUT, OUTPUT = "input", "output"
+
+    def __init__(self, onnx_path, refittable=True):
+        super().__init__("tensorrt")
+        from fastdiff.export import OnnxDenoiser
+        from fastdiff.export.tensorrt import _TRT_DTYPES
+
+        graph = OnnxDenoiser(onnx_path)
+        names = {dtype: name for name, dtype in _TRT_DTYPES.items()}
+        fake = self
+
+        class Engine:
+            def __init__(self):
+                self.refittable = refittable
+                self.weights = fake.initializers(onnx_path)
+                self.ports = [(p, fake.TensorIOMode.INPUT) for p in graph.inputs]
+                self.ports += [(p, fake.TensorIOMode.OUTPUT) for p in graph.outputs]
+                self.num_io_tensors = len(self.ports)
+
+            def _port(self, name):
+                return next(p for p in self.ports if p[0].name == name)
+
+            def get_tensor_name(self, i):
+                return self.ports[i][0].name
+
+            def get_tensor_dtype(self, name):
+                return types.SimpleNamespace(name=names[self._port(name)[0].dtype])
+
+            def get_tensor_shape(self, name):
+                return tuple(-1 if d is None else d for d in self._port(name)[0].shape)
+
+            def get_tensor_mode(self, name):
+                return self._port(name)[1]
+
+            def get_tensor_profile_shape(self, name, profile):
+                return (1, 2), (2, 2), (4, 2)
+
+            def create_execution_context(self):
+                return object()
+
+        class Runtime:
+            def __init__(self, logger):
+                pass
+
+            def deserialize_cuda_engine(self, data):
+                return Engine() if data == b"fake engine" else None
+
+        class Refitter:
+            def __init__(self, engine, logger):
+                self.engine, self.pending = engine, {}
+
+            def set_named_weights(self, name, weights):
+                old = self.engine.weights.get(name)
+                if old is None or old.shape != weights.shape or old.dtype != weights.dtype:
+                    return False
+                self.pending[name] = weights
+                fake.handed[name] = weights
+                return True
+
+            def get_missing_weights(self):
+                return [n for n in self.engine.weights if n not in self.pending]
+
+            def refit_cuda_engine(self):
+                self.engine.weights.update(self.pending)
+                return True
+
+        class OnnxParserRefitter:
+            num_errors = 0
+
+            def __init__(self, refitter, logger):
+                self.refitter = refitter
+
+            def refit_from_file(self, path):
+                wanted = fake.initializers(path)
+                return all(
+                    self.refitter.set_named_weights(n, wanted[n]) for n in self.refitter.engine.weights
+                )
+
+        self.Runtime, self.Refitter, self.OnnxParserRefitter = Runtime, Refitter, OnnxParserRefitter
+        self.handed = {}
+
+    @staticmethod
+    def initializers(path):
+        import onnx
+        from onnx import numpy_helper
+
+        return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+
+
+def test_refit_hands_tensorrt_the_new_weights_by_name(tmp_path, monkeypatch):
+    """Through the stand-in: stale weights are refused on the next check; refit from the re-exported file hands
+    the refitter the module's new weights under their names and leaves the denoiser current; a file exported
+    from other weights is refused before the engine is touched; a non-refittable engine names the rebuild."""
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    from fastdiff import StaleWeightsError
+    from fastdiff.errors import FastdiffError
+    from fastdiff.export import tensorrt as trt_module
+    from fastdiff.export import to_onnx
+    from fastdiff.models.mlp import MLPDenoiser
+
+    torch.manual_seed(0)
+    model = MLPDenoiser(hidden=16, num_layers=1).eval()
+    old_onnx = to_onnx(model, tmp_path / "old.onnx", sample_shape=(2, 2))
+    engine_path = tmp_path / "m.engine"
+    engine_path.write_bytes(b"fake engine")
+    fake = FakeTensorRT(old_onnx)
+    monkeypatch.setattr(trt_module, "import_tensorrt", lambda: fake)
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.cuda, "is_available", lambda: True)
+        denoiser = TensorRTDenoiser(engine_path, source=model)
+    old = {k: v.clone() for k, v in model.state_dict().items()}
+    for p in model.parameters():
+        p.data.copy_(p.data * 1.5)  # no version bump: only the per-run check sees it
+    denoiser.check_source()
+    with pytest.raises(StaleWeightsError, match=r"refit\(onnx_path\)"):
+        denoiser.check_weights()
+    with pytest.raises(StaleWeightsError, match="other weights than source's current"):
+        denoiser.refit(old_onnx)
+    assert fake.handed == {}
+    new_onnx = to_onnx(model, tmp_path / "new.onnx", sample_shape=(2, 2))
+    denoiser.refit(new_onnx)
+    new = model.state_dict()
+    compared = [k for k in new if f"model.{k}" in fake.handed]
+    assert {k for k, v in new.items() if v.dim() == 2} <= set(compared)  # every Linear weight
+    for key in compared:
+        np.testing.assert_array_equal(fake.handed[f"model.{key}"], new[key].numpy(), err_msg=key)
+        assert not np.array_equal(fake.handed[f"model.{key}"], old[key].numpy()) or not old[key].any()
+    assert fake.handed.keys() == denoiser.engine.weights.keys()
+    denoiser.check_weights()  # current again
+    with pytest.raises(FileNotFoundError, match="missing"):
+        denoiser.refit(tmp_path / "missing.onnx")
+    denoiser.engine.refittable = False
+    with pytest.raises(FastdiffError, match="refittable=True"):
+        denoiser.refit(new_onnx)
 
 
 # ------------------------------------------------------------------------------------------------ GPU
@@ -200,9 +355,15 @@ def test_refit_follows_new_weights_without_a_rebuild(exported, tmp_path):
     update_weights(model, {k: v * 1.1 for k, v in model.state_dict().items()})
     with pytest.raises(StaleWeightsError, match=r"refit"):
         denoiser(x, t, class_labels=y)
+    with pytest.raises(StaleWeightsError, match="other weights than source's current"):
+        denoiser.refit(path)  # the old export: refused before the engine is touched
     new_onnx = to_onnx(
         model, tmp_path / "new.onnx", sample_shape=(2, 1, 8, 8), cond_shapes={"class_labels": (2,)}
     )
     denoiser.refit(new_onnx)
     with torch.no_grad():
         torch.testing.assert_close(denoiser(x, t, class_labels=y), model(x, t, y), atol=5e-3, rtol=0)
+    for p in model.parameters():
+        p.data.copy_(p.data * 0.9)  # no version bump: the per-run check sees it
+    with pytest.raises(StaleWeightsError, match=r"refit"):
+        denoiser.check_weights()

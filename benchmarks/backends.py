@@ -7,6 +7,7 @@
 | `torch-compile`   | `torch.compile(model)` (max-autotune on GPU)   | the same diffusers loop                         |
 | `fastdiff`        | `fastdiff.accelerate(model)`                   | `fastdiff.sample` (table + fused sampler step)  |
 | `fastdiff-graphs` | `fastdiff.accelerate(model)`                   | `SamplingEngine`: CUDA graphs on GPU, `compile=True` on CPU |
+| `fastdiff-auto`   | the planner's choice (`fastdiff.planner`, backend "auto"), per batch size | the engine's loop     |
 | `onnxruntime`     | `fastdiff.export.to_onnx` + `OnnxDenoiser`     | `fastdiff.sample`                               |
 | `openvino`        | `fastdiff.export.to_openvino` + `OpenVinoDenoiser` (f32 precision hint) | `fastdiff.sample`      |
 | `tensorrt`        | ONNX -> `build_tensorrt_engine` + `TensorRTDenoiser` | `fastdiff.sample`                         |
@@ -50,6 +51,7 @@ BACKENDS = (
     "torch-compile",
     "fastdiff",
     "fastdiff-graphs",
+    "fastdiff-auto",
     "onnxruntime",
     "openvino",
     "tensorrt",
@@ -322,6 +324,46 @@ class FastdiffGraphsBackend(Backend):
         )
 
 
+class FastdiffAutoBackend(Backend):
+    """What `backend="auto"` picks for each case: `PlannedSampler` over the model, planned (`plan(case)`, which the
+    harness times apart from the runs as `planning_s`) with the harness's runs of the case as the work at hand.
+    The planner's cache is the user's (`FASTDIFF_CACHE`): a second benchmark run loads its decisions."""
+
+    name = "fastdiff-auto"
+
+    def __init__(self, workload: Workload, dtype: torch.dtype, expected_calls: int) -> None:
+        super().__init__(workload, dtype)
+        from fastdiff.accelerate import as_denoiser
+        from fastdiff.planner import PlannedSampler
+
+        self.planned = PlannedSampler(
+            as_denoiser(workload.model_as(dtype)), self.sampler, expected_calls=expected_calls
+        )
+        self.info.update(loop="fastdiff.planner.PlannedSampler (SamplingEngine loops)", plans={})
+
+    def plan(self, case: Case) -> None:
+        """Plan the case's key now (measuring, building, or loading the cached decision)."""
+        plan = self.planned.plan_for(
+            case.shape,
+            device=case.x_T.device,
+            dtype=case.x_T.dtype,
+            cond=case.cond,
+            uncond=case.uncond,
+            guidance_scale=case.guidance_scale,
+        )
+        self.info["plans"][str(case.shape[0])] = {**plan.to_json(), "line": plan.line()}
+
+    def sample(self, case: Case) -> torch.Tensor:
+        return self.planned.sample(
+            case.shape,
+            x_T=case.x_T,
+            generator=case.generator(),
+            cond=case.cond,
+            uncond=case.uncond,
+            guidance_scale=case.guidance_scale,
+        )
+
+
 EXPORT_BATCH = 2  # to_onnx traces at this batch size; the batch axis of the graph stays dynamic
 
 
@@ -442,11 +484,13 @@ def prepare(
     workdir: Path,
     max_batch: int,
     graph_mode: str = "auto",
+    runs_per_case: int = 1,
 ) -> Backend:
     """Build backend `name` for `workload` in `dtype` (files such as ONNX exports go to `workdir`).
 
     `max_batch` is the largest batch it will sample (TensorRT builds its engine for it); `graph_mode` is the
-    SamplingEngine's ("step" or "loop"). Raises `BackendSkipped` with the reason when it cannot run here.
+    SamplingEngine's ("step" or "loop"); `runs_per_case` the sample() calls of one case (fastdiff-auto's work at
+    hand). Raises `BackendSkipped` with the reason when it cannot run here.
     """
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
@@ -455,6 +499,8 @@ def prepare(
         return exported[name](workload, dtype, workdir, max_batch)
     if name == "fastdiff-graphs":
         return FastdiffGraphsBackend(workload, dtype, graph_mode)
+    if name == "fastdiff-auto":
+        return FastdiffAutoBackend(workload, dtype, runs_per_case)
     classes = {
         "eager": EagerBackend,
         "eager-sdpa": EagerSdpaBackend,

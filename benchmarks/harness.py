@@ -241,6 +241,7 @@ def measure_all(
     device = case.x_T.device
     failed: dict[str, Exception] = {}
     first: dict[str, float] = {}
+    planning: dict[str, float] = {}
     samples: dict[str, torch.Tensor] = {}
     times: dict[str, list[float]] = {name: [] for name in backends}
     peak: dict[str, dict[str, Any]] = {}
@@ -261,6 +262,8 @@ def measure_all(
             status(f"first run {name}")
 
             def first_and_warmup(name: str = name, backend: Backend = backend) -> bool:
+                if hasattr(backend, "plan"):  # fastdiff-auto: planning timed apart from the first run
+                    planning[name] = _timed(lambda: backend.plan(case), device)[0]
                 first[name], samples[name] = run(name)
                 for _ in range(warmup):
                     backend.sample(case)
@@ -300,6 +303,7 @@ def measure_all(
             stats = summarize(times[name])
             steps = backend.workload.steps
             fields: dict[str, Any] = {
+                "planning_s": planning.get(name),
                 "first_run_s": first[name],
                 "time_s": stats,
                 "samples_per_s": case.shape[0] / stats["median"],
@@ -338,6 +342,7 @@ def _row(
         "steps": None,
         "guidance_scale": None,
         "setup_s": None,
+        "planning_s": None,
         "first_run_s": None,
         "time_s": None,
         "samples_per_s": None,
@@ -425,6 +430,7 @@ def _run_workload(
                     workdir=workdir,
                     max_batch=max(config.batch_sizes),
                     graph_mode=config.graph_mode,
+                    runs_per_case=1 + config.warmup + config.repeats,
                 )
             except BackendSkipped as skip:
                 unavailable[backend_name] = ("skipped", str(skip))

@@ -564,3 +564,26 @@ def test_measure_all_interleaves_rounds_and_isolates_failures():
         fields, samples = results[name]
         assert len(fields["time_s"]["runs"]) == 3 and fields["ms_per_step"] > 0
         assert fields["profile"] is None and torch.equal(samples, case.x_T + 1)
+
+
+def test_fastdiff_auto_reports_its_plan_and_planning_time_apart():
+    config = BenchConfig(
+        workloads=["swissroll"],
+        backends=["eager", "fastdiff-auto"],
+        batch_sizes=[2],
+        steps=3,
+        repeats=1,
+        warmup=0,
+        device="cpu",
+        profile=False,
+    )
+    doc = run_benchmark(config, progress=False)
+    assert report.validation_errors(doc) == []
+    (auto,) = _rows(doc, backend="fastdiff-auto")
+    assert auto["status"] == "ok", auto["reason"]
+    assert auto["planning_s"] is not None and auto["planning_s"] >= 0
+    assert _rows(doc, backend="eager")[0]["planning_s"] is None
+    plan = auto["info"]["plans"]["2"]
+    assert plan["line"].startswith(f"backend: {plan['backend']} (")
+    assert plan["candidates"]["eager"]["status"] == "ok"
+    assert auto["numerics"]["max_abs"] < 1e-3  # whatever it chose, verified against eager

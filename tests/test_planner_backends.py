@@ -9,7 +9,7 @@ import torch
 
 import fastdiff
 from fastdiff.cache import DiskCache
-from fastdiff.candidates import Eager, OnnxRuntime, OpenVino
+from fastdiff.candidates import Aoti, Eager, OnnxRuntime, OpenVino
 from fastdiff.models.mlp import MLPDenoiser
 from fastdiff.models.unet import UNet, UNetConfig
 from fastdiff.planner import PlannedSampler, Planner
@@ -159,3 +159,20 @@ def test_changed_weights_make_the_planned_sampler_export_again(tmp_path, setup):
     assert second is not first and second.key["weights"] != first.key["weights"]
     assert second.backend == "onnxruntime" and not second.results["onnxruntime"].cached
     torch.testing.assert_close(out, _points(model, sampler, seed=1), atol=ATOL, rtol=0)
+
+
+def test_aoti_compiles_once_into_the_cache_and_matches_eager(tmp_path, setup):
+    _, sampler = setup
+    model = _mlp()
+    candidates = {"eager": Eager(), "aoti": Aoti()}
+    first = PlannedSampler(
+        model, sampler, planner=Planner(DiskCache(tmp_path), candidates=candidates), backend="aoti"
+    )
+    out = _points(first, sampler)
+    torch.testing.assert_close(out, _points(model, sampler), atol=ATOL, rtol=0)
+    again = PlannedSampler(
+        model, sampler, planner=Planner(DiskCache(tmp_path), candidates=candidates), backend="aoti"
+    )
+    torch.testing.assert_close(_points(again, sampler), out, atol=0, rtol=0)
+    (plan,) = again.plans.values()
+    assert plan.results["aoti"].cached and type(plan.runner.denoiser).__name__ == "AotiDenoiser"

@@ -503,9 +503,17 @@ def _reference_from_op(
 # The custom ops take the step and the guidance scale twice, as a host number and as an optional device tensor,
 # because a schema argument has one type; the public function splits them. The v2 buffers come last, with
 # defaults, so that the v1 call (eleven arguments) keeps its meaning. `scale` is dynamic thresholding's per-sample
-# scale, computed by a torch reduction before the op.
-@torch.library.custom_op("fastdiff::sampler_step", mutates_args=("history", "xs"))
-def _sampler_step_op(
+# scale, computed by a torch reduction before the op. One argument list serves both ops: `sampler_step` returns a
+# new tensor, `sampler_step_out` writes into `out` (an op's output cannot alias an input).
+_OP_ARGS = (
+    "Tensor x, Tensor eps, Tensor table, SymInt step, Tensor? step_tensor, Tensor? noise, Tensor? eps_uncond, "
+    "float guidance_scale, Tensor? guidance_tensor, float? clip, str backend, Tensor(h!)? history=None, "
+    'Tensor(s!)? xs=None, Tensor? variance=None, Tensor? scale=None, str history_kind="", str learned_variance=""'
+)
+
+
+def _run_op(
+    out: torch.Tensor | None,
     x: torch.Tensor,
     eps: torch.Tensor,
     table: torch.Tensor,
@@ -524,128 +532,44 @@ def _sampler_step_op(
     history_kind: str = "",
     learned_variance: str = "",
 ) -> torch.Tensor:
-    fmt = memory_format(x)
+    """Both ops' body: the step written into `out`, or into a new tensor in x's layout when `out` is None."""
+    args = (x, eps, table, step, step_tensor, noise, eps_uncond, guidance_scale, guidance_tensor, clip)
+    state = (history, xs, variance, scale, history_kind, learned_variance)
     if resolve_backend(backend, x.device) == "triton":
-        out = torch.empty_like(x, memory_format=fmt)
-        _launch_with_state(
-            out,
-            x,
-            eps,
-            table,
-            step,
-            step_tensor,
-            noise,
-            eps_uncond,
-            guidance_scale,
-            guidance_tensor,
-            clip,
-            history,
-            xs,
-            variance,
-            scale,
-            history_kind,
-            learned_variance,
-        )
-        return out
-    ref = _reference_from_op(
-        x,
-        eps,
-        table,
-        step,
-        step_tensor,
-        noise,
-        eps_uncond,
-        guidance_scale,
-        guidance_tensor,
-        clip,
-        history,
-        xs,
-        variance,
-        scale,
-        history_kind,
-        learned_variance,
-    )
-    return ref.contiguous(memory_format=fmt)
+        fmt = memory_format(x if out is None else out)
+        dense = out is not None and out.is_contiguous(memory_format=fmt)
+        target = out if dense else torch.empty_like(x if out is None else out, memory_format=fmt)
+        _launch_with_state(target, *args, *state)
+        if out is None or dense:
+            return target
+        return out.copy_(target)
+    ref = _reference_from_op(*args, *state)
+    return ref.contiguous(memory_format=memory_format(x)) if out is None else out.copy_(ref)
+
+
+@torch.library.custom_op(
+    "fastdiff::sampler_step", mutates_args=("history", "xs"), schema=f"({_OP_ARGS}) -> Tensor"
+)
+def _sampler_step_op(*args):
+    return _run_op(None, *args)
 
 
 @_sampler_step_op.register_fake
-def _(
-    x, eps, table, step, step_tensor, noise, eps_uncond, guidance_scale, guidance_tensor, clip, backend, *rest
-):
+def _(x, *rest):
     return torch.empty_like(x, memory_format=memory_format(x))
 
 
-@torch.library.custom_op("fastdiff::sampler_step_out", mutates_args=("out", "history", "xs"))
-def _sampler_step_out_op(
-    out: torch.Tensor,
-    x: torch.Tensor,
-    eps: torch.Tensor,
-    table: torch.Tensor,
-    step: int,
-    step_tensor: torch.Tensor | None,
-    noise: torch.Tensor | None,
-    eps_uncond: torch.Tensor | None,
-    guidance_scale: float,
-    guidance_tensor: torch.Tensor | None,
-    clip: float | None,
-    backend: str,
-    history: torch.Tensor | None = None,
-    xs: torch.Tensor | None = None,
-    variance: torch.Tensor | None = None,
-    scale: torch.Tensor | None = None,
-    history_kind: str = "",
-    learned_variance: str = "",
-) -> None:
-    if resolve_backend(backend, x.device) == "triton":
-        fmt = memory_format(out)
-        dense = out.is_contiguous(memory_format=fmt)
-        target = out if dense else torch.empty_like(out, memory_format=fmt)
-        _launch_with_state(
-            target,
-            x,
-            eps,
-            table,
-            step,
-            step_tensor,
-            noise,
-            eps_uncond,
-            guidance_scale,
-            guidance_tensor,
-            clip,
-            history,
-            xs,
-            variance,
-            scale,
-            history_kind,
-            learned_variance,
-        )
-        if not dense:
-            out.copy_(target)
-        return
-    out.copy_(
-        _reference_from_op(
-            x,
-            eps,
-            table,
-            step,
-            step_tensor,
-            noise,
-            eps_uncond,
-            guidance_scale,
-            guidance_tensor,
-            clip,
-            history,
-            xs,
-            variance,
-            scale,
-            history_kind,
-            learned_variance,
-        )
-    )
+@torch.library.custom_op(
+    "fastdiff::sampler_step_out",
+    mutates_args=("out", "history", "xs"),
+    schema=f"(Tensor(o!) out, {_OP_ARGS}) -> ()",
+)
+def _sampler_step_out_op(out, *args):
+    _run_op(out, *args)
 
 
 @_sampler_step_out_op.register_fake
-def _(out, x, eps, table, step, step_tensor, noise, eps_uncond, guidance_scale, guidance_tensor, clip, *rest):
+def _(out, *rest):
     return None
 
 

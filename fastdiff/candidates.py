@@ -31,7 +31,6 @@ from typing import Any, ClassVar
 import torch
 
 from fastdiff.cache import DiskCache
-from fastdiff.export.runtime import GraphDenoiser
 from fastdiff.samplers.base import Sampler
 
 # Build-cost priors (seconds) for a model never built on this machine: a + b * millions of parameters, measured
@@ -357,34 +356,6 @@ class TensorRT(_Exported):
         )
 
 
-class AotiDenoiser(GraphDenoiser):
-    """A model compiled ahead of time by AOTInductor (`torch._inductor.aoti_load_package`), called as
-    `denoiser(x, t, **cond)`; it holds a copy of the weights, so `source` is watched as for the other exported
-    denoisers (`GraphDenoiser`), and its null condition is the source's."""
-
-    _stale_fix = (
-        "compile it again from the new weights (SamplingEngine(..., backend='auto') does so by itself)"
-    )
-
-    def __init__(self, path: Path, source: torch.nn.Module) -> None:
-        self.path = Path(path)
-        self.inputs = []
-        self.null_label = None
-        self._source = source
-        self._fn = torch._inductor.aoti_load_package(str(self.path))
-        self._bind_source(source, None)
-
-    @property
-    def null_cond(self):
-        """The source model's `null_cond` (AttributeError when it has none)."""
-        return self._source.null_cond
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor | float, **cond: Any) -> torch.Tensor:
-        self.check_source()
-        t = torch.as_tensor(t, device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
-        return self._fn(x, t.contiguous(), **cond)
-
-
 class Aoti(_Exported):
     """The model compiled ahead of time by AOTInductor into the cache (dynamic batch), in the engine's loop."""
 
@@ -404,6 +375,7 @@ class Aoti(_Exported):
     def load(self, target: Target) -> Callable[..., torch.Tensor]:
         import inspect
 
+        from fastdiff.export.aoti import AotiDenoiser
         from fastdiff.kernels.backend import decomposed
 
         module = target.module

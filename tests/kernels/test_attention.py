@@ -276,7 +276,7 @@ def test_bad_types_raise_type_error(change, match):
 # Realistic shapes, compiled kernel on the GPU: (batch, heads, seq_q, seq_k, head_dim)
 GPU_SHAPES = {
     "sd-64x64-self": (2, 8, 4096, 4096, 40),  # SD 1.x at 512 px: 64x64 latents, 320 channels in 8 heads
-    "sd-64x64-cross": (2, 8, 4096, 77, 96),  # 768-channel text context over 8 heads, 77 tokens
+    "sd-64x64-cross": (2, 8, 4096, 77, 40),  # 77 text tokens, to_k/to_v project 768 -> 320 channels: 8 x 40
     "adm64-32x32": (4, 6, 1024, 1024, 64),  # ADM ImageNet-64, 384 channels at 32x32, 64-channel heads
     "adm64-8x8": (4, 12, 64, 64, 64),  # the same model at 8x8, 768 channels
     "head-dim-160": (1, 4, 333, 555, 160),  # padded to 256, tails on both sides

@@ -274,7 +274,7 @@ def _export(fmt: str, model: nn.Module, folder) -> object:
 def test_exported_denoiser_never_samples_from_old_weights(fmt, tmp_path):
     """`param.data.copy_` bumps no version counter, so no per-call fingerprint sees it: the content checksum
     that every sampling run compares first does. A write of the exported values back is no change; the
-    fingerprinted paths (update_weights, load_state_dict) raise on the next call as before."""
+    fingerprinted changes (update_weights, load_state_dict, a new Parameter, a cast) raise on the next call."""
     torch.manual_seed(0)
     model = MLPDenoiser(hidden=32, num_layers=2).eval()
     exported = {k: v.clone() for k, v in model.state_dict().items()}
@@ -300,11 +300,15 @@ def test_exported_denoiser_never_samples_from_old_weights(fmt, tmp_path):
     again = fastdiff.sample(denoiser, sampler, shape, generator=gen())
     torch.testing.assert_close(again, first, rtol=0, atol=0)
     x, t = torch.randn(shape, generator=gen(1)), torch.tensor([10, 500, 900])
-    for change in (via_update_weights, load_state_dict):
+
+    def new_in_proj(model):
+        model.in_proj.weight = nn.Parameter(model.in_proj.weight.detach() * 1.5)
+
+    for change in (via_update_weights, load_state_dict, new_in_proj, lambda m: m.to(torch.float64)):
         change(model)
         with pytest.raises(StaleWeightsError, match=fix):
             denoiser(x, t)
-        model.load_state_dict(exported)
+        model.to(torch.float32).load_state_dict(exported)
         denoiser(x, t)
 
 

@@ -14,8 +14,8 @@ against eager sampling with those weights (`max_abs_diff`, `correct`). The paths
 - `refit` / `rebuild` (tensorrt, CUDA only): re-export, then `TensorRTDenoiser.refit` or a new engine.
 
 `sample_s` is one sample with unchanged weights on the same backend (what a swap adds to), and the section's
-`fingerprint_check_us` is one `WeightsWatch.state()` of the model: the check every replay pays, next to
-`step_ms`, one step of the engine.
+`fingerprint_check_us` is one `WeightsWatch.state()` of the model: the check the engine pays per `sample()` call
+and per callback, the diffusers U-Net replayer per U-Net call, next to `step_ms`, one step of the engine.
 """
 
 from __future__ import annotations
@@ -276,7 +276,7 @@ def markdown_lines(section: dict[str, Any], heading: str = "### weight swap") ->
         heading,
         "",
         f"{section['model']}, DDIM {section['steps']} steps, batch {section['batch_size']}, {section['device']}: "
-        f"one engine step {section['step_ms']:.2f} ms; the weights fingerprint checked before each replay "
+        f"one engine step {section['step_ms']:.2f} ms; the weights fingerprint checked per sample() call "
         f"{section['fingerprint_check_us']:.1f} us ({100 * section['check_fraction_of_step']:.2f}% of a step).",
         "",
         "| backend | path | new weights -> first correct sample (s) | plain sample (s) | rebuilds | max abs diff |",

@@ -237,6 +237,9 @@ class GraphDenoiser:
         if state != self._state or not torch.equal(self._watch.checksum(), self._checksum):
             self._confirm(state)
 
+    def _fastdiff_check_weights(self) -> None:  # what every sampling run calls (fastdiff.checks)
+        self.check_weights()
+
     def _confirm(self, state: WeightsState, digest: str | None = None) -> None:
         """The full digest (`digest`: the source's, when just computed) decides: StaleWeightsError if the weights
         changed, else `state` is the new normal."""

@@ -74,9 +74,10 @@ def check_denoiser_matches(denoiser: Any, device: torch.device, dtype: torch.dty
 
 def check_denoiser_weights(denoiser: Any) -> None:
     """Once per sampling run, before its first step: a denoiser that holds its own copy of a module's weights (an
-    exported graph bound to its `source`) raises `StaleWeightsError` through its `check_weights()` if that module's
-    weights changed since, including writes its per-call check cannot see (`param.data.copy_`)."""
-    check = getattr(denoiser, "check_weights", None)
+    exported graph bound to its `source`) raises `StaleWeightsError` if that module's weights changed since,
+    including writes its per-call check cannot see (`param.data.copy_`). Such a denoiser defines
+    `_fastdiff_check_weights()`: a private name, so that a model's own `check_weights` is never called by surprise."""
+    check = getattr(denoiser, "_fastdiff_check_weights", None)
     if callable(check):
         check()
 

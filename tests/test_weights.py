@@ -312,6 +312,17 @@ def test_exported_denoiser_never_samples_from_old_weights(fmt, tmp_path):
         denoiser(x, t)
 
 
+def test_a_models_own_check_weights_is_not_the_per_run_hook():
+    class Checked(MLPDenoiser):
+        def check_weights(self, strict):  # a model's own method, with its own meaning
+            raise AssertionError("called by fastdiff")
+
+    model = Checked(hidden=8, num_layers=1).eval()
+    sampler = DDIMSampler(SCHEDULE, num_steps=1)
+    assert fastdiff.sample(model, sampler, (2, 2), generator=gen()).shape == (2, 2)
+    assert fastdiff.SamplingEngine(model, sampler).sample((2, 2), generator=gen()).shape == (2, 2)
+
+
 # ---- a diffusers U-Net with LoRA adapters (peft) -------------------------------------------------------------
 
 

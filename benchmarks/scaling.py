@@ -15,15 +15,139 @@ On a multi-GPU machine, the same figure for a real run is what `fastdiff sample`
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fastdiff.distributed import measure_throughput
+from fastdiff.checks import check_int
+from fastdiff.distributed import (
+    init_distributed,
+    local_device,
+    sample_to_dir,
+    shard_counter,
+)
+from fastdiff.engine import engine_for
+from fastdiff.output import write_bytes_atomic
+from fastdiff.pretrained import Pretrained, load_model
+from fastdiff.samplers import build_sampler
 
 MODEL = "digits"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for MASTER_PORT of a local job)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_rank_env(rank: int, world: int, port: int) -> None:
+    """Set the torchrun environment of `rank` in a job of `world` processes on this machine."""
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+
+
+def _throughput_worker(rank: int, world: int, port: int, threads: int, tmp: str, job: dict) -> None:
+    local_rank_env(rank, world, port)
+    torch.set_num_threads(threads)
+    model, n, batch = job.pop("model"), job.pop("num_samples"), job["batch_size"]
+    repeats, steps = job.pop("repeats"), job.pop("steps")
+    device = local_device(torch.device(job["device"]))
+    group = init_distributed(device)
+    pre = load_model(model, str(device)) if isinstance(model, str) else model
+    sampler = build_sampler("ddim", pre.schedule, steps)
+    # As `fastdiff sample --out DIR/` does: CUDA graphs on a GPU, fastdiff.sample on a CPU.
+    engine = engine_for(pre.model, sampler, device, compile=False)
+    job.update(sampler=sampler, engine=engine)
+    # One batch per rank first, so that start-up costs (allocator, first calls, graph capture) stay out.
+    sample_to_dir(pre, num_samples=batch * world, out_dir=Path(tmp) / "warm", **job)
+    runs = []
+    for r in range(repeats):
+        made, on_shard = shard_counter(job["shard_size"], n)
+        group.barrier()
+        start = time.perf_counter()
+        sample_to_dir(pre, num_samples=n, out_dir=Path(tmp) / f"run{r}", on_shard=on_shard, **job)
+        group.barrier()
+        runs.append({"seconds": time.perf_counter() - start, "images": made[0]})
+    if rank == 0:
+        write_bytes_atomic(Path(tmp) / "result.json", json.dumps(runs).encode())
+
+
+def measure_throughput(
+    model: str | Pretrained = "digits",
+    *,
+    nprocs: int = 1,
+    threads: int = 1,
+    num_samples: int = 256,
+    steps: int = 50,
+    batch_size: int = 64,
+    guidance_scale: float = 1.0,
+    seed: int = 0,
+    repeats: int = 1,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Images/s of `sample_to_dir` (DDIM) with `nprocs` processes of `threads` intra-op threads each.
+
+    On "cpu" the processes form a gloo group; on "cuda" an NCCL group with one GPU per process (nprocs must not
+    exceed the GPUs visible). Shards are `batch_size` samples, so the work splits evenly. Process start-up, model
+    loading and one warm-up batch per rank are excluded; sampling, shard writing and manifest updates are
+    included. Each of the `repeats` runs samples `num_samples` images into a fresh folder; `seconds` lists them
+    and `images_per_s` is taken from their median.
+    """
+    import torch.multiprocessing as mp
+
+    check_int("nprocs", nprocs, 1)
+    check_int("threads", threads, 1)
+    check_int("num_samples", num_samples, 1)
+    check_int("batch_size", batch_size, 1)
+    check_int("repeats", repeats, 1)
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and nprocs > torch.cuda.device_count():
+        raise ValueError(
+            f"nprocs={nprocs} needs {nprocs} CUDA GPUs (one per process); {torch.cuda.device_count()} visible"
+        )
+    job = {
+        "model": model,
+        "num_samples": num_samples,
+        "steps": steps,
+        "repeats": repeats,
+        "batch_size": batch_size,
+        "shard_size": batch_size,
+        "guidance_scale": guidance_scale,
+        "seed": seed,
+        "device": device,
+        "progress": False,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_throughput_worker, args=(nprocs, free_port(), threads, tmp, job), nprocs=nprocs)
+        runs = json.loads((Path(tmp) / "result.json").read_text())
+    seconds = [run["seconds"] for run in runs]
+    return {
+        "nprocs": nprocs,
+        "threads": threads,
+        "device": device,
+        "num_samples": runs[0]["images"],
+        "steps": steps,
+        "batch_size": batch_size,
+        "guidance_scale": guidance_scale,
+        "seconds": seconds,
+        "images_per_s": runs[0]["images"] / float(np.median(seconds)),
+    }
 
 
 def plan(processes: Sequence[int], threads: int, device: str) -> list[tuple[int, int]]:

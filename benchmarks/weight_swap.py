@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 import fastdiff
-from fastdiff.weights import WeightsWatch
+from fastdiff.engine.weights import WeightsWatch
 
 MODEL = "digits"
 SWAP_BACKENDS = ("eager", "engine", "compile", "onnxruntime", "tensorrt")

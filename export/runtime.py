@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastdiff.engine.weights import WeightsState, WeightsWatch, wrapped_module
 from fastdiff.errors import CheckpointError, StaleWeightsError
 from fastdiff.fingerprint import file_sha256, state_sha256
 from fastdiff.guidance import null_class_cond
 from fastdiff.output import write_bytes_atomic
-from fastdiff.weights import WeightsState, WeightsWatch, wrapped_module
 
 RESERVED = ("sample", "timestep")
 # Keys the exporters store beside the graph (ONNX metadata_props, OpenVINO rt_info under "fastdiff").
@@ -160,7 +160,7 @@ class GraphDenoiser:
     computed from the old copy; without it, the denoiser cannot know. Two checks, each confirmed by the full
     digest (so a rewrite of the same values is no change):
 
-    - every call (`check_source`): the `fastdiff.weights` fingerprint (layout and version counters), which
+    - every call (`check_source`): the `fastdiff.engine.weights` fingerprint (layout and version counters), which
       sees `load_state_dict`, `fastdiff.update_weights`, `copy_` under no_grad, new parameters and casts;
     - once per sampling run (`check_weights`, called by `fastdiff.sample`, the loops built on it and
       `SamplingEngine.sample`): also a content checksum (`WeightsWatch.checksum`) against

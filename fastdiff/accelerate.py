@@ -34,12 +34,12 @@ import torch
 from torch import nn
 
 import fastdiff.kernels as kernels
+from fastdiff.engine.weights import DERIVED_ATTR
 from fastdiff.guidance import null_class_cond
 from fastdiff.kernels.attention import MAX_HEAD_DIM
 from fastdiff.kernels.backend import BACKENDS, resolve_backend
 from fastdiff.models.mlp import MLPDenoiser
 from fastdiff.models.unet import AttentionBlock, GroupNormSiLU, UNet, broadcast_timesteps
-from fastdiff.weights import DERIVED_ATTR
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KINDS = ("group_norm_silu", "group_norm", "attention")
@@ -134,7 +134,7 @@ class _FusedProjection:
     parameter that no longer points at its block (a new `nn.Parameter`, `.to(dtype)`, a deep copy) makes
     `intact` false, and `refresh` fuses the parameters as they are now. Under LoRA / peft wrappers the base
     layers are fused, so the fused path serves again once the adapters are unloaded. This object is what
-    `fastdiff.weights` refreshes (`DERIVED_ATTR`) before it fingerprints the weights a graph will read.
+    `fastdiff.engine.weights` refreshes (`DERIVED_ATTR`) before it fingerprints the weights a graph will read.
     """
 
     def __init__(self, names: tuple[str, ...]) -> None:

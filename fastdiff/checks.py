@@ -1,5 +1,5 @@
 """Checks around a sampling run: the dtype and device of its inputs and the denoiser's weights up front, finite
-values at the end.
+values at the end; and the check of an integer argument.
 
 A NaN or inf in a diffusion run never heals (every later step mixes it into the state), and written out it
 becomes a black image that looks like a result. So every sampling loop records, on the device and without a host
@@ -119,3 +119,12 @@ class FiniteWatch:
             "a float16 overflow (try float32 or bfloat16), or NaN weights in the model",
             step=step,
         )
+
+
+def check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
+    """`value` if it is an int (not a bool) in [minimum, maximum]; ValueError naming `name` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be at most {maximum:.3g}, got {value!r}")
+    return value

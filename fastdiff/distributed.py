@@ -13,7 +13,6 @@ same command again only makes the shards that are missing or fail their checksum
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import contextlib
 import hashlib
@@ -23,8 +22,6 @@ import json
 import math
 import os
 import re
-import tempfile
-import time
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,11 +33,12 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from fastdiff.checks import check_int
 from fastdiff.errors import FastdiffError
 from fastdiff.fingerprint import file_sha256, state_sha256, tensor_sha256
-from fastdiff.output import atomic_path, check_output_path, to_uint8, write_bytes_atomic
-from fastdiff.pretrained import Pretrained, model_spec
-from fastdiff.samplers import SAMPLERS, DDIMSampler, Sampler, infer_device
+from fastdiff.output import MAX_SAMPLES, atomic_path, check_output_path, to_uint8, write_bytes_atomic
+from fastdiff.pretrained import Pretrained, load_model, model_spec
+from fastdiff.samplers import SAMPLERS, DDIMSampler, Sampler, build_sampler, infer_device
 
 FORMAT = "fastdiff-shards-v1"
 MANIFEST = "manifest.json"
@@ -53,8 +51,6 @@ LOCK = ".fastdiff.lock"
 # ".<name>.<8 random characters>.tmp"); only these are ever removed, and only under the lock.
 _OWN_TEMP = re.compile(r"\.(shard-\d{5}\.npz|manifest\.json|samples\.npz)\.[a-z0-9_]{8}\.tmp")
 _SHARD_NAME = re.compile(r"shard-\d+\.npz")
-# Upper bound of num_samples (sample_to_dir, `fastdiff sample --num-samples`, a manifest's claim).
-MAX_SAMPLES = 10**8
 # Manifest keys that describe the run but do not change the samples, so they may differ on a resume.
 INFO_KEYS = ("fastdiff_version",)
 
@@ -109,7 +105,7 @@ class _Group:
             dist.barrier()
 
 
-def _local_device(device: torch.device) -> torch.device:
+def local_device(device: torch.device) -> torch.device:
     """`cuda` means this rank's GPU (torchrun's LOCAL_RANK) when no index is given."""
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -128,7 +124,7 @@ def init_distributed(device: torch.device | str) -> _Group:
     destroying and re-making a group on the same store can hang in PyTorch (pytorch/pytorch#55967, #114585), so
     a script that samples several folders in a row must reuse it.
     """
-    device = _local_device(torch.device(device))
+    device = local_device(torch.device(device))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if dist.is_available() and dist.is_initialized():
@@ -214,7 +210,8 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _read_manifest(out_dir: Path) -> dict[str, Any]:
+def read_manifest(out_dir: Path) -> dict[str, Any]:
+    """The checked manifest of shard folder `out_dir` (FileNotFoundError without one, ShardError if malformed)."""
     path = out_dir / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{out_dir} has no {MANIFEST}: not a shard folder written by fastdiff sample")
@@ -316,7 +313,7 @@ def _check_folder(out_dir: Path, settings: Mapping[str, Any] | None) -> list[dic
                 ".png / .npz file"
             )
         return []
-    manifest = _read_manifest(out_dir)
+    manifest = read_manifest(out_dir)
     diffs = [] if settings is None else _differences(manifest, settings)
     if diffs:
         raise ValueError(
@@ -387,8 +384,6 @@ class _Model:
 
 
 def _resolve_model(model: Any, device: torch.device, sample_shape: Sequence[int] | None) -> _Model:
-    from fastdiff.cli import load_model
-
     name = model if isinstance(model, str) else type(model).__name__
     if isinstance(model, str):
         model = load_model(model, str(device))
@@ -407,8 +402,6 @@ def _resolve_model(model: Any, device: torch.device, sample_shape: Sequence[int]
 
 
 def _resolve_sampler(sampler: Sampler | str, schedule: Any, steps: int, eta: float) -> Sampler:
-    from fastdiff.cli import build_sampler
-
     if isinstance(sampler, Sampler):
         return sampler
     if not isinstance(sampler, str):
@@ -421,15 +414,7 @@ def _resolve_sampler(sampler: Sampler | str, schedule: Any, steps: int, eta: flo
         raise ValueError(
             f"sampler={sampler!r} needs the model's schedule: pass a Sampler object for this model"
         )
-    return build_sampler(sampler, schedule, steps, eta)
-
-
-def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{name} must be at most {maximum:.3g}, got {value!r}")
-    return value
+    return build_sampler(sampler, schedule, steps, eta=eta)
 
 
 def _label_spec(
@@ -577,16 +562,16 @@ def sample_to_dir(
     """
     from fastdiff import __version__
 
-    _check_int("num_samples", num_samples, 1, MAX_SAMPLES)
-    _check_int("batch_size", batch_size, 1)
-    _check_int("seed", seed, 0, 2**63 - 1)
-    shard_size = _check_int("shard_size", DEFAULT_SHARD_SIZE if shard_size is None else shard_size, 1)
+    check_int("num_samples", num_samples, 1, MAX_SAMPLES)
+    check_int("batch_size", batch_size, 1)
+    check_int("seed", seed, 0, 2**63 - 1)
+    shard_size = check_int("shard_size", DEFAULT_SHARD_SIZE if shard_size is None else shard_size, 1)
     if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
     out_dir = Path(out_dir)
     merge_path = None if merge_to is None else _check_merge_path(out_dir, Path(merge_to))
     if isinstance(model, str):
-        device = _local_device(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        device = local_device(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
     else:
         device = infer_device(model.model if isinstance(model, Pretrained) else model, None, device)
 
@@ -721,7 +706,7 @@ def merge(out_dir: str | os.PathLike, out_path: str | os.PathLike) -> Path:
     if not out_dir.is_dir():
         raise FileNotFoundError(f"shard folder {str(out_dir)!r} does not exist")
     out_path = _check_merge_path(out_dir, Path(out_path))
-    _read_manifest(out_dir)  # not a shard folder: refused before the lock file is made
+    read_manifest(out_dir)  # not a shard folder: refused before the lock file is made
     # A folder this process cannot write, no run of it can write either: it is read without the lock.
     lock = _FolderLock(out_dir) if os.access(out_dir, os.W_OK) else None
     try:
@@ -733,11 +718,11 @@ def merge(out_dir: str | os.PathLike, out_path: str | os.PathLike) -> Path:
 
 def _merge(out_dir: Path, out_path: Path) -> Path:
     """`merge` for a caller that holds the folder's lock."""
-    manifest = _read_manifest(out_dir)
+    manifest = read_manifest(out_dir)
     n, size = manifest["num_samples"], manifest["shard_size"]
     records = {r["index"]: r for r in manifest["shards"]}
     num_shards = math.ceil(n / size)
-    if len(records) < num_shards:  # _read_manifest checked that the indices are distinct and in range
+    if len(records) < num_shards:  # read_manifest checked that the indices are distinct and in range
         first = itertools.islice((k for k in range(num_shards) if k not in records), 5)
         shown = ", ".join(map(shard_name, first)) + (" ..." if num_shards - len(records) > 5 else "")
         raise ShardError(
@@ -762,10 +747,10 @@ def _merge(out_dir: Path, out_path: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Command line and throughput
+# Progress
 
 
-def _counter(shard_size: int, num_samples: int) -> tuple[list[int], Callable[[int, Path], None]]:
+def shard_counter(shard_size: int, num_samples: int) -> tuple[list[int], Callable[[int, Path], None]]:
     """A running count of the samples in the shards reported to `on_shard`."""
     made = [0]
 
@@ -773,178 +758,3 @@ def _counter(shard_size: int, num_samples: int) -> tuple[list[int], Callable[[in
         made[0] += len(shard_range(k, shard_size, num_samples))
 
     return made, on_shard
-
-
-def cmd_sample_to_dir(args: argparse.Namespace) -> int:
-    """`fastdiff sample ... --out DIR/`: sharded, resumable sampling on every rank of a torchrun job."""
-    from fastdiff.cli import build_sampler, engine_for, guidance_scale_for, load_model
-
-    if args.x_T:
-        raise ValueError(
-            "--x-T cannot be used with a shard folder: each sample's noise comes from --seed and its index"
-        )
-    out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {args.out!r} is a file, expected a folder")
-    shard_size = getattr(args, "shard_size", None) or DEFAULT_SHARD_SIZE
-    merge_to = None if args.no_merge else (args.merge_to or out_dir / MERGED)
-    made, on_shard = _counter(shard_size, args.num_samples)
-    device = _local_device(torch.device(args.device))
-    start = time.perf_counter()
-    group = init_distributed(device)
-    pre = load_model(args.model, str(device))
-    sampler = build_sampler(args.sampler, pre.schedule, args.steps, args.eta, pre.prediction_type)
-    engine = engine_for(pre.model, sampler, device, compile=args.compile)
-    guidance = guidance_scale_for(pre, args.guidance_scale)
-    sample_to_dir(
-        pre,
-        sampler,
-        args.num_samples,
-        out_dir,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        class_labels=args.class_label,
-        guidance_scale=guidance,
-        shard_size=shard_size,
-        model_id=args.model,
-        device=device,
-        engine=engine,
-        merge_to=merge_to,
-        on_shard=on_shard,
-        progress=not args.quiet,
-    )
-    seconds = time.perf_counter() - start
-    if group.rank == 0:
-        print(
-            f"{made[0]} new images ({args.num_samples} in all) in {seconds:.2f} s "
-            f"({made[0] / seconds:.1f} images/s) on {group.world} rank(s), {args.sampler} {args.steps} steps, "
-            f"guidance {guidance:g} -> {out_dir}{os.sep}"
-            + ("" if merge_to is None else f", merged: {merge_to}")
-        )
-    return 0
-
-
-def cmd_merge(args: argparse.Namespace) -> int:
-    """`fastdiff merge DIR --out samples.npz`."""
-    path = merge(args.dir, args.out)
-    print(f"merged {_read_manifest(Path(args.dir))['num_samples']} images -> {path}")
-    return 0
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    """Register `fastdiff merge`."""
-    p = sub.add_parser("merge", help="merge a shard folder into one .npz (keys images, arr_0, labels)")
-    p.add_argument("dir", help="shard folder written by `fastdiff sample --out DIR/`")
-    p.add_argument("--out", required=True, help="merged .npz file")
-    p.set_defaults(func=cmd_merge)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (for MASTER_PORT of a local job)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def local_rank_env(rank: int, world: int, port: int) -> None:
-    """Set the torchrun environment of `rank` in a job of `world` processes on this machine."""
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-
-
-def _throughput_worker(rank: int, world: int, port: int, threads: int, tmp: str, job: dict) -> None:
-    from fastdiff.cli import engine_for, load_model
-
-    local_rank_env(rank, world, port)
-    torch.set_num_threads(threads)
-    model, n, batch = job.pop("model"), job.pop("num_samples"), job["batch_size"]
-    repeats, steps = job.pop("repeats"), job.pop("steps")
-    device = _local_device(torch.device(job["device"]))
-    group = init_distributed(device)
-    pre = load_model(model, str(device)) if isinstance(model, str) else model
-    sampler = _resolve_sampler("ddim", pre.schedule, steps, 0.0)
-    # As `fastdiff sample --out DIR/` does: CUDA graphs on a GPU, fastdiff.sample on a CPU.
-    engine = engine_for(pre.model, sampler, device, compile=False)
-    job.update(sampler=sampler, engine=engine)
-    # One batch per rank first, so that start-up costs (allocator, first calls, graph capture) stay out.
-    sample_to_dir(pre, num_samples=batch * world, out_dir=Path(tmp) / "warm", **job)
-    runs = []
-    for r in range(repeats):
-        made, on_shard = _counter(job["shard_size"], n)
-        group.barrier()
-        start = time.perf_counter()
-        sample_to_dir(pre, num_samples=n, out_dir=Path(tmp) / f"run{r}", on_shard=on_shard, **job)
-        group.barrier()
-        runs.append({"seconds": time.perf_counter() - start, "images": made[0]})
-    if rank == 0:
-        write_bytes_atomic(Path(tmp) / "result.json", json.dumps(runs).encode())
-
-
-def measure_throughput(
-    model: str | Pretrained = "digits",
-    *,
-    nprocs: int = 1,
-    threads: int = 1,
-    num_samples: int = 256,
-    steps: int = 50,
-    batch_size: int = 64,
-    guidance_scale: float = 1.0,
-    seed: int = 0,
-    repeats: int = 1,
-    device: str = "cpu",
-) -> dict[str, Any]:
-    """Images/s of `sample_to_dir` (DDIM) with `nprocs` processes of `threads` intra-op threads each.
-
-    On "cpu" the processes form a gloo group; on "cuda" an NCCL group with one GPU per process (nprocs must not
-    exceed the GPUs visible). Shards are `batch_size` samples, so the work splits evenly. Process start-up, model
-    loading and one warm-up batch per rank are excluded; sampling, shard writing and manifest updates are
-    included. Each of the `repeats` runs samples `num_samples` images into a fresh folder; `seconds` lists them
-    and `images_per_s` is taken from their median.
-    """
-    import torch.multiprocessing as mp
-
-    _check_int("nprocs", nprocs, 1)
-    _check_int("threads", threads, 1)
-    _check_int("num_samples", num_samples, 1)
-    _check_int("batch_size", batch_size, 1)
-    _check_int("repeats", repeats, 1)
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    if device == "cuda" and nprocs > torch.cuda.device_count():
-        raise ValueError(
-            f"nprocs={nprocs} needs {nprocs} CUDA GPUs (one per process); {torch.cuda.device_count()} visible"
-        )
-    job = {
-        "model": model,
-        "num_samples": num_samples,
-        "steps": steps,
-        "repeats": repeats,
-        "batch_size": batch_size,
-        "shard_size": batch_size,
-        "guidance_scale": guidance_scale,
-        "seed": seed,
-        "device": device,
-        "progress": False,
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_throughput_worker, args=(nprocs, free_port(), threads, tmp, job), nprocs=nprocs)
-        runs = json.loads((Path(tmp) / "result.json").read_text())
-    seconds = [run["seconds"] for run in runs]
-    return {
-        "nprocs": nprocs,
-        "threads": threads,
-        "device": device,
-        "num_samples": runs[0]["images"],
-        "steps": steps,
-        "batch_size": batch_size,
-        "guidance_scale": guidance_scale,
-        "seconds": seconds,
-        "images_per_s": runs[0]["images"] / float(np.median(seconds)),
-    }

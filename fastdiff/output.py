@@ -15,6 +15,8 @@ import torch
 
 from fastdiff.errors import OutputError
 
+# Upper bound of num_samples (sample_to_dir, `fastdiff sample --num-samples`, a shard manifest's claim).
+MAX_SAMPLES = 10**8
 # What atomic_path adds to a file name for its temporary file: "." + name + "." + 8 random characters + ".tmp".
 TEMP_NAME_EXTRA = 14
 

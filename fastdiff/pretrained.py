@@ -181,3 +181,18 @@ def load_pretrained(name: str = "digits", device: torch.device | str | None = No
     file, sha256 = PRETRAINED[name]
     with resources.as_file(resources.files("fastdiff") / "weights" / file) as path:
         return load_checkpoint(path, device, weights_sha256=sha256)
+
+
+def load_model(
+    name_or_path: str, device: torch.device | str | None = None, *, argument: str = "model"
+) -> Pretrained:
+    """A shipped model by name (`digits`) or a checkpoint file written by `fastdiff train` (`.safetensors`).
+
+    `argument` names the model in the error for anything else (the CLI: "--model")."""
+    if name_or_path in PRETRAINED:
+        return load_pretrained(name_or_path, device=device)
+    if name_or_path.endswith(".safetensors"):
+        return load_checkpoint(name_or_path, device=device)
+    raise ValueError(
+        f"{argument}: unknown model {name_or_path!r}; use one of {sorted(PRETRAINED)} or a .safetensors file"
+    )

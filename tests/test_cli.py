@@ -170,3 +170,28 @@ def test_python_dash_m_entry_point(tmp_path):
         [sys.executable, "-m", "fastdiff", "sample", "--steps", "0"], capture_output=True, text=True
     )
     assert proc.returncode == 2 and "positive integer" in proc.stderr
+
+
+def test_parsing_imports_no_benchmark_export_distributed_or_diffusers_code():
+    """`fastdiff --help` and parsing `fastdiff sample ...` stay cheap: the heavy modules load in the commands."""
+    heavy = [
+        "fastdiff.benchmarks",
+        "fastdiff.export",
+        "fastdiff.distributed",
+        "fastdiff.integrations.diffusers",
+        "diffusers",
+        "onnx",
+        "onnxruntime",
+        "openvino",
+    ]
+    script = (
+        "import sys; from fastdiff.cli import build_parser; p = build_parser(); "
+        "p.parse_args(['sample', '--sampler', 'ddpm', '--out', 'x/']); "
+        f"print([m for m in {heavy!r} if m in sys.modules])"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+    # `bench` adds its options (named by the benchmark modules) when it is the subcommand parsed
+    script = "from fastdiff.cli import build_parser; print(build_parser().parse_args(['bench', '--workloads', 'all']).workloads)"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert "swissroll" in result.stdout

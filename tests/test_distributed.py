@@ -17,18 +17,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastdiff
+from fastdiff.benchmarks.scaling import free_port, local_rank_env, measure_throughput
 from fastdiff.cli import main
-from fastdiff.distributed import (
-    LOCK,
-    MANIFEST,
-    ShardError,
-    free_port,
-    local_rank_env,
-    measure_throughput,
-    merge,
-    sample_to_dir,
-    shard_name,
-)
+from fastdiff.distributed import LOCK, MANIFEST, ShardError, merge, sample_to_dir, shard_name
 from fastdiff.engine import SamplingEngine
 from fastdiff.models import UNet, UNetConfig
 from fastdiff.pretrained import Pretrained, load_checkpoint, load_pretrained, save_checkpoint

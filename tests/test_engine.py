@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import fastdiff
-import fastdiff.engine as engine_mod
+import fastdiff.engine.cpu_loop as cpu_loop
+import fastdiff.engine.engine as engine_mod
 from fastdiff import DDIMSampler, DDPMSampler, NoiseSchedule
-from fastdiff.engine import SamplingEngine, _CaptureError
+from fastdiff.engine import SamplingEngine
+from fastdiff.engine.graphs import CaptureError
 from fastdiff.models.mlp import MLPDenoiser
 from fastdiff.models.unet import UNet, UNetConfig
 
@@ -25,7 +27,7 @@ SAMPLERS = {
 
 
 class FakeGraphRunner:
-    """A CPU stand-in for `_CudaGraphRunner` with the same contract: warm `step` up, then 'capture' `body` (a CUDA
+    """A CPU stand-in for `CudaGraphRunner` with the same contract: warm `step` up, then 'capture' `body` (a CUDA
     capture runs its Python once, here with `capturing` set so a denoiser can refuse), then replay `body`."""
 
     captures = True
@@ -39,7 +41,7 @@ class FakeGraphRunner:
         try:
             body()
         except Exception as err:
-            raise _CaptureError(str(err)) from err
+            raise CaptureError(str(err)) from err
         finally:
             FakeGraphRunner.capturing = False
         self._body = body
@@ -359,7 +361,7 @@ def test_compile_matches_eager(graph_mode):
 def test_auto_times_compiled_steps_then_picks_the_loop_or_steps(monkeypatch, threshold, chosen):
     """graph_mode="auto" on the CPU compile times the first compiled steps and runs the rest as one while_loop
     when a step is quicker than LOOP_BELOW_SECONDS (forced both ways here); a callback always steps."""
-    monkeypatch.setattr(engine_mod, "LOOP_BELOW_SECONDS", threshold)
+    monkeypatch.setattr(cpu_loop, "LOOP_BELOW_SECONDS", threshold)
     torch.manual_seed(0)
     model = MLPDenoiser(hidden=32, num_layers=1, time_embed_dim=16).eval()
     sampler = DDPMSampler(SCHEDULE, num_steps=8)
@@ -385,7 +387,7 @@ def test_compiled_loop_that_cannot_trace_falls_back_to_steps(monkeypatch, graph_
     """A denoiser with data-dependent Python cannot be a while_loop body: one warning, then per-step compiles
     (which graph-break around the host read) give the eager engine's result, from the step the loop was to
     start at (0 for "loop", after the timed steps for "auto")."""
-    monkeypatch.setattr(engine_mod, "LOOP_BELOW_SECONDS", float("inf"))
+    monkeypatch.setattr(cpu_loop, "LOOP_BELOW_SECONDS", float("inf"))
     torch.manual_seed(0)
     model = MLPDenoiser(hidden=32, num_layers=1, time_embed_dim=16).eval()
     sampler = DDIMSampler(SCHEDULE, num_steps=6, eta=1.0)
@@ -409,7 +411,7 @@ def test_compiled_loop_that_cannot_trace_falls_back_to_steps(monkeypatch, graph_
 
 def test_warmup_compiles_what_sample_runs(monkeypatch):
     """After warmup (on zeros, no generator drawn) the auto engine has chosen and compiled the loop."""
-    monkeypatch.setattr(engine_mod, "LOOP_BELOW_SECONDS", float("inf"))
+    monkeypatch.setattr(cpu_loop, "LOOP_BELOW_SECONDS", float("inf"))
     model = MLPDenoiser(hidden=32, num_layers=1, time_embed_dim=16).eval()
     sampler = DDIMSampler(SCHEDULE, num_steps=6)
     eng = SamplingEngine(model, sampler, compile=True)

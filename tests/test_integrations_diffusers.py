@@ -22,7 +22,7 @@ from fastdiff.accelerate import report
 from fastdiff.integrations import diffusers as integration
 
 diffusers = pytest.importorskip("diffusers")
-from fastdiff.engine import _CaptureError  # noqa: E402
+from fastdiff.engine.graphs import CaptureError  # noqa: E402
 from fastdiff.integrations.diffusers import (  # noqa: E402
     FastDDIMScheduler,
     FastDDPMScheduler,
@@ -393,7 +393,7 @@ class FakeGraphRunner:
         reset()
         step()
         if FakeGraphRunner.refuse:
-            raise _CaptureError("refused by the test")
+            raise CaptureError("refused by the test")
         self._outputs = body
         FakeGraphRunner.captured += 1
 

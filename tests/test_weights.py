@@ -18,11 +18,11 @@ from torch import nn
 
 import fastdiff
 from fastdiff import DDIMSampler, NoiseSchedule
+from fastdiff.engine.weights import WeightsWatch, update_weights
 from fastdiff.errors import StaleWeightsError
 from fastdiff.integrations.diffusers import accelerate_pipeline, graph_unet
 from fastdiff.models.mlp import MLPDenoiser
 from fastdiff.models.unet import UNet, UNetConfig
-from fastdiff.weights import WeightsWatch, update_weights
 
 SCHEDULE = NoiseSchedule.from_kind("linear")
 SHAPE = (2, 1, 8, 8)

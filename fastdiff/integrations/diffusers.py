@@ -7,19 +7,18 @@ import functools
 import inspect
 import sys
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from fastdiff.engine import _CaptureError, _copy_leaves, _CudaGraphRunner, _leaf_key
+from fastdiff.engine.graphs import CaptureError, CudaGraphRunner, GraphCache, copy_leaves, leaf_key
+from fastdiff.engine.weights import WeightsWatch
 from fastdiff.errors import FastdiffError, missing_extra
 from fastdiff.kernels.sampler_step import sampler_step
 from fastdiff.samplers import DIFFUSERS_BUILDERS, Sampler, StepTable
 from fastdiff.table import COLUMN, TABLE_COLUMNS, apply_row
-from fastdiff.weights import WeightsWatch
 
 
 def from_diffusers_scheduler(scheduler: Any, num_steps: int, **step_kwargs: Any) -> Sampler:
@@ -466,7 +465,7 @@ class GraphedForward:
     A diffusers pipeline calls `unet(sample, t, encoder_hidden_states=..., return_dict=False)` once per step with
     new tensors of the same shapes; each call here copies them into static buffers and replays the graph captured
     for their signature (shapes, dtypes and devices of the tensors, values of the other arguments) and the layout
-    of the U-Net's weights (`fastdiff.weights`, checked on every call: weights written in place are read by the
+    of the U-Net's weights (`fastdiff.engine.weights`, checked on every call: weights written in place are read by the
     graph as they are; moved, cast or replaced weights, or LoRA adapters loaded, rescaled, fused or unloaded,
     capture anew). The result is a fresh tensor. Calls
     the graph cannot serve run the original forward: tensors off CUDA, autograd on, unhashable arguments, or any
@@ -474,7 +473,7 @@ class GraphedForward:
     """
 
     # The capture backend and the device it captures on; tests substitute a CPU fake.
-    _graph_runner: ClassVar[type] = _CudaGraphRunner
+    _graph_runner: ClassVar[type] = CudaGraphRunner
     _graph_device: ClassVar[str] = "cuda"
     _fastdiff_wraps: ClassVar[str] = "unet"  # fastdiff.update_weights(replayer, ...) writes the U-Net's
 
@@ -486,7 +485,7 @@ class GraphedForward:
         self.captures = 0
         self.replays = 0
         self.failed = False
-        self._cache: OrderedDict[tuple, tuple[list[Any], Any]] = OrderedDict()
+        self._cache: GraphCache[tuple[list[Any], Any]] = GraphCache()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> GraphedForward:
         # A copy of the U-Net (accelerate() copies, for one) captures its own graphs: graphs cannot be copied, and
@@ -515,7 +514,7 @@ class GraphedForward:
             return None
         leaves, spec = tree_flatten((sample, torch.as_tensor(timestep, device=sample.device), args, kwargs))
         try:
-            key = (spec, tuple(_leaf_key("argument", leaf) for leaf in leaves), self._weights.state().layout)
+            key = (spec, tuple(leaf_key("argument", leaf) for leaf in leaves), self._weights.state().layout)
         except TypeError:  # an unhashable argument
             return None
         entry = self._cache.get(key)
@@ -523,12 +522,9 @@ class GraphedForward:
             entry = self._capture(leaves, spec)
             if entry is None:
                 return None
-            self._cache[key] = entry
-            if len(self._cache) > self.max_graphs:
-                self._cache.popitem(last=False)
+            self._cache.put(key, entry, self.max_graphs)
             return entry[1]
-        self._cache.move_to_end(key)
-        _copy_leaves(entry[0], leaves)
+        copy_leaves(entry[0], leaves)
         return entry[1]
 
     def _capture(self, leaves: list[Any], spec: Any) -> tuple[list[Any], Any] | None:
@@ -540,7 +536,7 @@ class GraphedForward:
 
         try:
             runner = self._graph_runner(call, call, lambda: None)
-        except _CaptureError as err:
+        except CaptureError as err:
             self.failed = True
             warnings.warn(
                 f"the U-Net could not be captured as a CUDA graph ({err}); running it eagerly from now on",

@@ -34,6 +34,8 @@ class SamplerEntry:
 
 
 SAMPLERS: dict[str, SamplerEntry] = {}
+# Options whose value here is what a sampler without the option does (no added noise; an epsilon model).
+NEUTRAL_OPTIONS: dict[str, Any] = {"eta": 0.0, "prediction_type": "epsilon"}
 DIFFUSERS_BUILDERS: dict[str, Callable[..., Sampler]] = {}
 
 
@@ -54,7 +56,24 @@ def register_diffusers(name: str, fn: Callable[..., Sampler]) -> None:
 
 
 def build_sampler(name: str, schedule: NoiseSchedule, num_steps: int, **options: Any) -> Sampler:
-    """The registered sampler `name` at `num_steps` steps on `schedule` (ValueError for an unknown name)."""
+    """The registered sampler `name` at `num_steps` steps on `schedule`, with its registered defaults (DDPM clips
+    x0 to [-1, 1] as in the paper, DDIM does not) overridden by `options`.
+
+    ValueError for an unknown name, more steps than the schedule has, or an option the sampler does not take.
+    An option at its neutral value (`NEUTRAL_OPTIONS`: eta=0, prediction_type="epsilon") is what a sampler without
+    it does anyway, so it is dropped instead: callers such as the CLI pass them for every sampler.
+    """
     if name not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {name!r}")
-    return SAMPLERS[name].build(schedule, num_steps, **options)
+    if num_steps > schedule.num_train_timesteps:
+        raise ValueError(
+            f"steps {num_steps} is larger than the model's schedule ({schedule.num_train_timesteps} steps)"
+        )
+    entry = SAMPLERS[name]
+    unknown = object()
+    options = {
+        key: value
+        for key, value in options.items()
+        if entry.accepts(key) or NEUTRAL_OPTIONS.get(key, unknown) != value
+    }
+    return entry.build(schedule, num_steps, **options)

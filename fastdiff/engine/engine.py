@@ -1,7 +1,7 @@
 """SamplingEngine: `fastdiff.sample` with static buffers, CUDA-graph replay and a graph cache (gpt-fast style).
 
 Per call key (mode, device, dtype, batch and sample shape, CFG on/off, conditioning structure and shapes, and the
-layout of the denoiser's weights: see `fastdiff.weights`) the engine allocates once: the sample buffer `x` (updated in place
+layout of the denoiser's weights: see `fastdiff.engine.weights`) the engine allocates once: the sample buffer `x` (updated in place
 by `fastdiff.kernels.sampler_step(..., out=x)`), the conditioning, the guidance scale (a 0-d device tensor, so changing it needs no new graph), a device-side step counter
 and a noise buffer (rows of pre-drawn noise plus a zero row, and the row each step reads), and for multistep tables
 the sampler state (history slots and UniPC's xs, zeroed at the start of every call, updated in place by the step). One step reads everything
@@ -17,12 +17,11 @@ PyTorch reference there). Noise is pre-drawn into the buffer in chunks of at mos
 than that, `graph_mode="loop"` falls back to step graphs (the buffer is refilled between chunks on the host).
 
 Off CUDA, `compile=True` compiles one step (`graph_mode="step"`) or the whole loop as one `torch.while_loop`
-(`graph_mode="loop"`): all steps in one call of inductor's C++ code, which removes the per-call cost a small model is
-bound by (swiss-roll MLP, batch 1, DDPM 1000 on 2 cores: 0.055 ms a step against 0.14 ms replaying a compiled step).
-The default, `graph_mode="auto"`, times the first compiled steps and switches to the loop when they are quick.
+(`graph_mode="loop"`): all steps in one call of inductor's C++ code (`fastdiff.engine.cpu_loop`). The default,
+`graph_mode="auto"`, times the first compiled steps and switches to the loop when they are quick.
 
-The capture itself sits behind a small runner interface (`_CudaGraphRunner`, `_EagerRunner`) so the cache, buffers and
-fallback logic run, and are tested, on CPU.
+The capture itself sits behind the runner interface of `fastdiff.engine.graphs` (`CudaGraphRunner`, `EagerRunner`),
+so the cache, buffers and fallback logic run, and are tested, on CPU.
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ import functools
 import math
 import time
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -47,9 +45,18 @@ from fastdiff.checks import (
     check_device,
     check_dtype,
 )
+from fastdiff.engine import cpu_loop
+from fastdiff.engine.graphs import (
+    CaptureError,
+    CudaGraphRunner,
+    EagerRunner,
+    GraphCache,
+    copy_leaves,
+    leaf_key,
+)
+from fastdiff.engine.weights import WeightsWatch
 from fastdiff.errors import StaleWeightsError
 from fastdiff.guidance import batch_conds, guidance_conds
-from fastdiff.kernels.backend import decomposed
 from fastdiff.kernels.sampler_step import sampler_step
 from fastdiff.loop import (
     Generator,
@@ -63,18 +70,10 @@ from fastdiff.loop import (
 )
 from fastdiff.samplers.base import Sampler
 from fastdiff.table import COLUMN, apply_row, sampler_table, table_row_kwargs
-from fastdiff.weights import WeightsWatch
 
 GRAPH_MODES = ("auto", "step", "loop")
 # Largest pre-drawn noise buffer per cache entry; beyond it the noise is drawn in chunks between step replays.
 NOISE_BUFFER_BYTES = 1 << 30
-# graph_mode="auto" with the CPU compile: steps compiled one at a time are timed (after the first, which compiles)
-# for this many steps, and the rest of the loop runs as one compiled while_loop when a step took less than
-# LOOP_BELOW_SECONDS. The while_loop saves the ~0.1 ms per-call cost of a compiled step, which matters for small
-# models (swiss-roll MLP, batch 1: 0.14 ms a step as steps, 0.06 ms in the loop) and not for large ones, where
-# it costs twice the compile time and ran ~5% slower (digits U-Net, batch 64, 37 ms a step).
-AUTO_TIMED_STEPS = 2
-LOOP_BELOW_SECONDS = 1e-3
 
 
 @dataclass
@@ -90,59 +89,6 @@ class EngineStats:
     # Calls that found the denoiser's weights written in place since the entry's last call: the graph reads the
     # new values, nothing was captured again.
     weight_refreshes: int = 0
-
-
-class _CaptureError(RuntimeError):
-    """A runner could not capture the step (as opposed to the step itself failing when run eagerly).
-
-    Runner contract: `runner(step, body, reset)` captures `body` (raising `_CaptureError` when that fails; errors of
-    an eager warm-up step propagate as they are), `replay()` runs it and returns its outputs, and `captures` says
-    whether anything was captured.
-    """
-
-
-class _EagerRunner:
-    """Runs the step function itself on every replay: the path without graphs (CPU, or after a failed capture)."""
-
-    captures = False
-
-    def __init__(self, step: Callable[[], Any], body: Callable[[], Any], reset: Callable[[], None]) -> None:
-        self._step = step
-
-    def replay(self) -> Any:
-        return self._step()
-
-
-class _CudaGraphRunner:
-    """Warms `step` up on a side stream, then captures `body` (one step or the whole loop) as one CUDA graph.
-
-    `reset` zeroes the step counter before each warm-up step and before the capture, so that warm-up never reads
-    past the table. Each runner owns its graph's private memory pool, freed with the runner (on cache eviction).
-    """
-
-    captures = True
-    warmup_steps = 2
-
-    def __init__(self, step: Callable[[], Any], body: Callable[[], Any], reset: Callable[[], None]) -> None:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        # Lazy initialisation (cuBLAS handles, Triton and torch.compile compilation) must happen outside capture.
-        with torch.cuda.stream(stream):
-            for _ in range(self.warmup_steps):
-                reset()
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        reset()
-        self._graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(self._graph):
-                self._outputs = body()
-        except Exception as err:
-            raise _CaptureError(f"{type(err).__name__}: {err}") from err
-
-    def replay(self) -> Any:
-        self._graph.replay()
-        return self._outputs
 
 
 @dataclass
@@ -171,39 +117,8 @@ class _Entry:
     # CPU compile: the whole (remaining) loop as one compiled while_loop, and whether it has run once.
     compiled_loop: Callable[[], None] | None = field(default=None, repr=False)
     loop_verified: bool = False
-    # The version counters of the denoiser's weights at the entry's last call (fastdiff.weights.WeightsState).
+    # The version counters of the denoiser's weights at the entry's last call (fastdiff.engine.weights.WeightsState).
     versions: tuple | None = None
-
-
-def _call_decomposed(fn: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
-    # Inside decomposed() our fused ops trace as their plain-PyTorch references, which inductor fuses with their
-    # neighbours; opaque custom ops it cannot. On CPU the custom ops run those same references, so only speed
-    # changes: the compiled digits U-Net (batch 128, one thread) took 160 ms a call this way against 191 ms
-    # compiled with the custom ops and 200 ms eager. Inductor's freezing gained nothing measurable in the
-    # engine (DDIM 50 steps, digits, batch 64 with CFG: 7.79 s against 7.82 s) and would fold the weights into
-    # the compiled code, so it is left off.
-    with decomposed():
-        return fn(*args, **kwargs)
-
-
-def _copy_leaves(buffers: list[Any], leaves: list[Any]) -> None:
-    """Copy a call's flattened inputs into the static buffers of its key (constants are part of the key)."""
-    for buf, leaf in zip(buffers, leaves, strict=True):
-        if isinstance(buf, torch.Tensor):
-            buf.copy_(leaf)
-
-
-def _leaf_key(name: str, leaf: Any) -> Any:
-    if isinstance(leaf, torch.Tensor):
-        return ("tensor", tuple(leaf.shape), leaf.dtype, leaf.device)
-    try:
-        hash(leaf)
-    except TypeError:
-        raise TypeError(
-            f"{name} values must be tensors, None or hashable constants (a graph bakes them in), "
-            f"got {type(leaf).__name__}"
-        ) from None
-    return ("const", type(leaf), leaf)
 
 
 class SamplingEngine:
@@ -218,7 +133,7 @@ class SamplingEngine:
       graph size), or off CUDA with `compile=True` compiles them as one `torch.while_loop`. "loop" needs all the
       call's noise pre-drawn: with more than `NOISE_BUFFER_BYTES` of it, it falls back to "step" with a warning.
       "auto" (default) is "step" for CUDA graphs; for the CPU compile it times the first compiled steps and runs
-      the rest as the loop when a step takes under `LOOP_BELOW_SECONDS`. Which is faster with CUDA graphs
+      the rest as the loop when a step takes under `cpu_loop.LOOP_BELOW_SECONDS`. Which is faster with CUDA graphs
       depends on the model and step count: benchmark both (`SamplingEngine(..., cuda_graphs=True, graph_mode=...)`).
       Ignored when nothing is captured or compiled.
     - `compile`: on CUDA, wraps the denoiser with `torch.compile(dynamic=False)`, mode "max-autotune-no-cudagraphs"
@@ -238,7 +153,7 @@ class SamplingEngine:
     """
 
     # The capture backend and the device type it captures on; tests substitute a CPU fake.
-    _graph_runner: ClassVar[type] = _CudaGraphRunner
+    _graph_runner: ClassVar[type] = CudaGraphRunner
     _graph_device: ClassVar[str] = "cuda"
     _fastdiff_wraps: ClassVar[str] = "denoiser"  # fastdiff.update_weights(engine, ...) writes the denoiser's
 
@@ -282,7 +197,7 @@ class SamplingEngine:
         self.max_graphs = max_graphs
         self.graph_mode = graph_mode
         self.stats = EngineStats()
-        self._cache: OrderedDict[tuple, _Entry] = OrderedDict()
+        self._cache: GraphCache[_Entry] = GraphCache(on_evict=self._evicted)
         self._compiled: dict[tuple[str, bool], Callable[..., torch.Tensor]] = {}
         self._timesteps: dict[torch.device, torch.Tensor] = {}
         self._noisy = self.table.noisy_steps()
@@ -363,10 +278,9 @@ class SamplingEngine:
                 entry.counter.zero_()
                 if entry.mode != "loop":
                     entry.runner.replay()
-                if entry.mode == "auto" and len(self.table) > AUTO_TIMED_STEPS + 1:
-                    self._choose(
-                        entry, [self._timed(entry.runner.replay)[0] for _ in range(AUTO_TIMED_STEPS)]
-                    )
+                if entry.mode == "auto" and len(self.table) > cpu_loop.AUTO_TIMED_STEPS + 1:
+                    timed = [cpu_loop.timed(entry.runner.replay)[0] for _ in range(cpu_loop.AUTO_TIMED_STEPS)]
+                    entry.mode = cpu_loop.choose_mode(timed)
                 if entry.mode == "loop":
                     entry.counter.fill_(len(self.table) - 1)
                     if not self._run_compiled_loop(entry):
@@ -377,6 +291,12 @@ class SamplingEngine:
         return time.perf_counter() - start
 
     # -- cache and buffers ------------------------------------------------------------------------------------
+
+    def _evicted(self, entry: _Entry) -> None:
+        # The runner refers back to its entry; breaking the cycle frees the graph's memory now rather than at the
+        # next garbage collection.
+        entry.runner = None
+        self.stats.evictions += 1
 
     def _uses_graphs(self, device: torch.device) -> bool:
         if self.cuda_graphs is False or self._capture_failed:
@@ -407,7 +327,7 @@ class SamplingEngine:
                     f"fastdiff.engine.NOISE_BUFFER_BYTES; running one step at a time",
                 )
             return "step"
-        # "auto" here: the CPU compile, which times the first steps and then picks (_choose).
+        # "auto" here: the CPU compile, which times the first steps and then picks (cpu_loop.choose_mode).
         return self.graph_mode
 
     def _prepare(
@@ -424,7 +344,7 @@ class SamplingEngine:
         """The entry of this call's key (allocated on a miss), with the conditioning and guidance copied in."""
         kwargs = batch_conds(cond, uncond) if uncond is not None else cond
         leaves, spec = tree_flatten(kwargs)
-        leaf_keys = tuple(_leaf_key("cond", leaf) for leaf in leaves)
+        leaf_keys = tuple(leaf_key("cond", leaf) for leaf in leaves)
         graphs = self._uses_graphs(device)
         rows = self._noise_rows(shape, dtype)
         mode = self._mode(device, graphs, rows, step_only)
@@ -436,21 +356,14 @@ class SamplingEngine:
             self.stats.cache_misses += 1
             entry = self._allocate(shape, device, dtype, leaves, spec, uncond is not None, rows, mode, graphs)
             entry.key = key
-            self._cache[key] = entry
-            if len(self._cache) > self.max_graphs:
-                _, evicted = self._cache.popitem(last=False)
-                # The runner refers back to its entry; breaking the cycle frees the graph's memory now rather
-                # than at the next garbage collection.
-                evicted.runner = None
-                self.stats.evictions += 1
+            self._cache.put(key, entry, self.max_graphs)
         else:
             self.stats.cache_hits += 1
-            self._cache.move_to_end(key)
             if weights is not None and weights.versions != entry.versions:
                 self.stats.weight_refreshes += 1
         if weights is not None:
             entry.versions = weights.versions
-        _copy_leaves(entry.leaves, leaves)
+        copy_leaves(entry.leaves, leaves)
         if entry.guidance is not None:
             entry.guidance.fill_(guidance_scale)
         return entry
@@ -518,21 +431,15 @@ class SamplingEngine:
             # Without graphs, the whole step (denoiser, CFG, sampler update, counter) is one compiled graph: the
             # update fuses into the model's last kernels and the per-op dispatch of a small model's step goes
             # away (swiss-roll MLP, batch 1, DDPM 1000: 0.19 s per call against 0.29 s compiling the denoiser only).
-            # The C++ wrapper removes most of what is left of the per-call Python (0.21 s against 0.29 s in one
-            # run on 2 cores) for a longer first compile. torch.compile is lazy: nothing compiles before a call.
-            options = {"cpp_wrapper": True}
-            step = functools.partial(_call_decomposed, torch.compile(step, dynamic=False, options=options))
-            entry.compiled_loop = functools.partial(
-                _call_decomposed,
-                torch.compile(functools.partial(self._while, entry), dynamic=False, options=options),
-            )
+            step = cpu_loop.compiled(step)
+            entry.compiled_loop = cpu_loop.compiled(functools.partial(self._while, entry))
         reset = entry.counter.zero_
         if entry.graphs:
             start = time.perf_counter()
             try:
                 entry.runner = self._graph_runner(step, body, reset)
                 self.stats.captures += 1
-            except _CaptureError as err:
+            except CaptureError as err:
                 self._capture_failed = True
                 self.stats.eager_fallbacks += 1
                 self._warn_once(
@@ -544,25 +451,14 @@ class SamplingEngine:
             finally:
                 self.stats.capture_seconds += time.perf_counter() - start
         if entry.runner is None:
-            entry.runner = _EagerRunner(step, body, reset)
+            entry.runner = EagerRunner(step, body, reset)
 
     def _demote(self, entry: _Entry) -> None:
         """Re-file `entry` under the key of an uncaptured, step-by-step run (after a failed capture or compile)."""
-        del self._cache[entry.key]
+        old = entry.key
         entry.mode, entry.graphs = "step", False
-        entry.key = ("step", *entry.key[1:])
-        self._cache.setdefault(entry.key, entry)
-
-    @staticmethod
-    def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-        """(seconds, result) of `fn()`: host time, which is the step's time on the CPU the auto mode serves."""
-        start = time.perf_counter()
-        result = fn()
-        return time.perf_counter() - start, result
-
-    def _choose(self, entry: _Entry, seconds: list[float]) -> None:
-        """graph_mode="auto" on the CPU compile: the compiled loop when a compiled step is this quick."""
-        entry.mode = "loop" if sorted(seconds)[len(seconds) // 2] < LOOP_BELOW_SECONDS else "step"
+        entry.key = ("step", *old[1:])
+        self._cache.rekey(old, entry.key)
 
     def _run_compiled_loop(self, entry: _Entry) -> bool:
         """Run the steps from the counter to the end as the compiled while_loop; False if it could not compile.
@@ -571,24 +467,20 @@ class SamplingEngine:
         both as they were: the caller goes on step by step from the same state, and the engine stays on steps
         from then on (one warning). A genuine error of the denoiser is raised again by that step.
         """
-        try:
-            entry.compiled_loop()
-        except Exception as err:  # any failure to compile the loop; the step path re-raises genuine errors
-            if entry.loop_verified:
-                raise
-            self._loop_failed = True
-            self.stats.eager_fallbacks += 1
-            first_line = str(err).splitlines()[0] if str(err) else ""
-            self._warn_once(
-                "while-loop",
-                f"SamplingEngine: the sampling loop could not be compiled as one torch.while_loop "
-                f"({type(err).__name__}: {first_line}); compiling one step at a time from now on",
-            )
-            entry.compiled_loop = None
-            self._demote(entry)
-            return False
-        entry.loop_verified = True
-        return True
+        why = cpu_loop.run_compiled_loop(entry.compiled_loop, entry.loop_verified)
+        if why is None:
+            entry.loop_verified = True
+            return True
+        self._loop_failed = True
+        self.stats.eager_fallbacks += 1
+        self._warn_once(
+            "while-loop",
+            f"SamplingEngine: the sampling loop could not be compiled as one torch.while_loop ({why}); "
+            "compiling one step at a time from now on",
+        )
+        entry.compiled_loop = None
+        self._demote(entry)
+        return False
 
     def _check_weights(self, e: _Entry) -> None:
         """After user code ran between two replays (a callback): weights written in place are read by the next
@@ -672,28 +564,12 @@ class SamplingEngine:
         return outputs
 
     def _while(self, e: _Entry) -> None:
-        """All remaining steps as one `torch.while_loop` (for the CPU compile): functional steps over a carried
-        (counter, x, history, xs), written back into the static buffers once at the end."""
-        n = len(self.table)
-        has_h, has_xs = e.history is not None, e.xs is not None
+        """All remaining steps as one `torch.while_loop` (for the CPU compile), over the static buffers."""
 
-        def cond(i: torch.Tensor, x: torch.Tensor, *state: torch.Tensor) -> torch.Tensor:
-            return i < n
+        def advance(i: torch.Tensor, x: torch.Tensor, h: torch.Tensor | None, xs: torch.Tensor | None) -> Any:
+            return self._advance(e, i, x, None, h, xs, functional=True)[:3]
 
-        def body(i: torch.Tensor, x: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            h = state[0] if has_h else None
-            xs = state[-1] if has_xs else None
-            x_next, h, xs, _, _ = self._advance(e, i, x, None, h, xs, functional=True)
-            return (i + 1, x_next, *(b for b in (h, xs) if b is not None))
-
-        buffers = [b for b in (e.history, e.xs) if b is not None]
-        i, x, *state = torch.while_loop(
-            cond, body, (e.counter.clone(), e.x.clone(), *(b.clone() for b in buffers))
-        )
-        e.x.copy_(x)
-        e.counter.copy_(i)
-        for buf, value in zip(buffers, state, strict=True):
-            buf.copy_(value)
+        cpu_loop.while_loop(advance, len(self.table), e.counter, e.x, e.history, e.xs)
 
     def _reset(self, e: _Entry, x: torch.Tensor) -> None:
         """Start a run: the state buffer from `x`, the counter and the sampler state (history, xs) at zero."""
@@ -731,15 +607,15 @@ class SamplingEngine:
             refill = {self._noisy[k]: k for k in range(e.rows, len(self._noisy), e.rows)} if e.rows else {}
             timed: list[float] = []
             for i in range(n):
-                if e.mode == "auto" and len(timed) == AUTO_TIMED_STEPS:
-                    self._choose(e, timed)
+                if e.mode == "auto" and len(timed) == cpu_loop.AUTO_TIMED_STEPS:
+                    e.mode = cpu_loop.choose_mode(timed)
                     if e.mode == "loop" and self._run_compiled_loop(e):
                         bar.update(n - i)
                         return
                 if i in refill:
                     self._fill_noise(e, refill[i], generator)
                 before = e.x.clone() if callback is not None else None
-                seconds, (out, out_u) = self._timed(e.runner.replay)
+                seconds, (out, out_u) = cpu_loop.timed(e.runner.replay)
                 watch.update(i, e.x)
                 if e.mode == "auto" and i > 0:  # the first step compiles
                     timed.append(seconds)
@@ -753,3 +629,16 @@ class SamplingEngine:
                         )
                     )
                     self._check_weights(e)
+
+
+def engine_for(
+    model: torch.nn.Module, sampler: Sampler, device: torch.device | str, *, compile: bool
+) -> SamplingEngine | None:
+    """The engine that `fastdiff sample` runs, or None for `fastdiff.sample`: with `compile`, the accelerated
+    model compiled (on a CPU the whole step or loop, see SamplingEngine); else CUDA graphs on a GPU, and None on
+    a CPU, where an engine without compile would only repeat fastdiff.sample."""
+    from fastdiff.accelerate import accelerate
+
+    if compile:
+        return SamplingEngine(accelerate(model), sampler, compile=True)
+    return SamplingEngine(model, sampler) if torch.device(device).type == "cuda" else None

@@ -1,7 +1,5 @@
 """Which weights a captured graph or compiled loop reads: a cheap fingerprint, and updates written in place.
 
-(`fastdiff/weights/` beside this module is package data: the shipped checkpoints.)
-
 A CUDA graph replays the addresses it captured; the compiled CPU loop takes the parameters as inputs (inductor's
 freezing, which would fold them into the code, is off); peft's adapter scales are Python numbers that a graph
 bakes in. So a change of weights is one of two kinds:

@@ -10,30 +10,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 from collections.abc import Callable, Sequence
-
-import torch
-
-from .backends import BACKENDS
-from .harness import DTYPES, BenchConfig, run_benchmark
-from .report import (
-    METRICS,
-    InvalidResultsError,
-    compare,
-    comparison_markdown,
-    load_results,
-    markdown,
-    parse_json,
-    parse_threshold,
-    plot,
-    validation_errors,
-    validator,
-    write_results,
-    write_text,
-)
-from .weight_swap import SWAP_BACKENDS
-from .workloads import SAMPLERS, WORKLOADS
 
 
 def _names(option: str, choices: Sequence[str]) -> Callable[[str], list[str]]:
@@ -77,6 +54,13 @@ def _count(minimum: int) -> Callable[[str], int]:
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """The options of a benchmark run."""
+    import torch
+
+    from fastdiff.benchmarks.backends import BACKENDS
+    from fastdiff.benchmarks.harness import DTYPES
+    from fastdiff.benchmarks.weight_swap import SWAP_BACKENDS
+    from fastdiff.benchmarks.workloads import SAMPLERS, WORKLOADS
+
     cuda = torch.cuda.is_available()
     p.add_argument(
         "--workloads",
@@ -185,6 +169,8 @@ def command_line(args: argparse.Namespace) -> str:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the benchmark, print the markdown report, write the files asked for."""
+    from fastdiff.benchmarks.harness import BenchConfig, run_benchmark
+    from fastdiff.benchmarks.report import markdown, plot, validator, write_results, write_text
     from fastdiff.output import check_output_path
 
     for path in (args.out, args.markdown, args.plot):
@@ -230,6 +216,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Print the differences of two results files; exit code 1 when a case regressed beyond the threshold."""
+    from fastdiff.benchmarks.report import compare, comparison_markdown, load_results, parse_threshold
+
     result = compare(
         load_results(args.base),
         load_results(args.new),
@@ -244,6 +232,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check results files against schema.json; exit code 1 if any is invalid."""
     from pathlib import Path
+
+    from fastdiff.benchmarks.report import InvalidResultsError, parse_json, validation_errors
 
     invalid = 0
     for name in args.files:
@@ -263,12 +253,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `bench` (with its `compare` and `validate` subcommands) on the `fastdiff` command line."""
-    p = sub.add_parser(
+    # The options name the benchmark's workloads and backends, which only fastdiff.benchmarks knows: they are
+    # added when `bench` is the subcommand parsed, so that parsing any other one does not import the benchmark.
+    sub.add_parser(
         "bench",
         help="sampling benchmark against eager PyTorch (JSON, markdown, PNG); compare / validate results",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        populate=add_bench_arguments,
     )
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `fastdiff bench` and its `compare` and `validate` subcommands."""
+    from fastdiff.benchmarks.report import METRICS
+
     add_run_arguments(p)
     p.set_defaults(func=cmd_bench)
     actions = p.add_subparsers(dest="bench_command", metavar="{compare,validate}")
@@ -293,11 +292,3 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v = actions.add_parser("validate", help="check results files against benchmarks/schema.json")
     v.add_argument("files", nargs="+", help="results JSON files")
     v.set_defaults(func=cmd_validate)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m benchmarks ...`: the same as `fastdiff bench ...`."""
-    from fastdiff.cli import main as fastdiff_main
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return fastdiff_main(["bench", *argv])

@@ -7,10 +7,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from fastdiff.output import check_output_path
+
+if TYPE_CHECKING:
+    from torch import nn
 
 FORMATS = ("onnx", "openvino", "tensorrt")
 SUFFIXES = {"onnx": ".onnx", "openvino": ".xml"}  # tensorrt engines: any name

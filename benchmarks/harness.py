@@ -41,7 +41,16 @@ from .backends import BACKENDS, Backend, BackendSkipped, Case, EagerBackend, pre
 from .environment import device_info, git_revision, load_average, versions
 from .scaling import plan, run_scaling
 from .weight_swap import SWAP_BACKENDS, run_weight_swap
-from .workloads import SAMPLERS, WORKLOADS, Workload, build_workload
+from .workloads import (
+    LATENT_WORKLOADS,
+    SAMPLERS,
+    WORKLOADS,
+    Workload,
+    build_workload,
+    check_latent_size,
+    cpu_skip_reason,
+    workload_name,
+)
 
 SCHEMA_VERSION = 1
 KIND = "fastdiff.benchmarks.sampling"
@@ -76,6 +85,8 @@ class BenchConfig:
     seed: int = 0
     profile: bool = True
     graph_mode: str = "auto"
+    # Latent height and width of the workloads in LATENT_WORKLOADS (sd15-unet), named sd15-unet-<size>; None: 64.
+    latent_size: int | None = None
     # Data-parallel scaling section (benchmarks/scaling.py): process counts (empty: none), threads per process
     # (CPU) and images per timed run; it samples digits with the digits workload's guidance, at the largest batch.
     processes: Sequence[int] = ()
@@ -105,6 +116,11 @@ class BenchConfig:
         ):
             raise ValueError(f"processes: expected positive integers including 1, got {procs!r}")
         self.processes = list(dict.fromkeys(procs))
+        self.latent_size = check_latent_size(self.latent_size)
+        if self.latent_size is not None and not set(self.workloads) & set(LATENT_WORKLOADS):
+            raise ValueError(
+                f"latent_size applies to the workloads {LATENT_WORKLOADS}; none of {self.workloads} takes it"
+            )
         self.weight_swap = list(dict.fromkeys(self.weight_swap))
         if any(b not in SWAP_BACKENDS for b in self.weight_swap):
             raise ValueError(
@@ -390,22 +406,33 @@ def _run_workload(
     device: torch.device,
     workdir: Path,
     progress: _Progress,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """All rows of one workload, and its description."""
+) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
+    """All rows of one workload, its name in the results (with the latent size, if any) and its description."""
     grid = [(d, b, n) for d in config.dtypes for n in config.batch_sizes for b in backends]
+    latent_size = config.latent_size if name in LATENT_WORKLOADS else None
+    row_name = workload_name(name, latent_size)
 
-    def skip_all(reason: str) -> list[dict[str, Any]]:
+    def skip_all(reason: str) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
         progress.advance(len(grid))
-        return [_row(name, backend, batch, dtype, "skipped", reason) for dtype, backend, batch in grid]
+        rows = [_row(row_name, backend, batch, dtype, "skipped", reason) for dtype, backend, batch in grid]
+        return row_name, {"description": spec.description, "skipped": reason}, rows
 
     spec = WORKLOADS[name]
-    if spec.gpu_only and device.type != "cuda":
-        return {"description": spec.description, "skipped": spec.gpu_only}, skip_all(spec.gpu_only)
+    gpu_only = cpu_skip_reason(name, latent_size)
+    if gpu_only and device.type != "cuda":
+        return skip_all(gpu_only)
     try:
-        workload = build_workload(name, device, sampler=config.sampler, steps=config.steps, seed=config.seed)
+        workload = build_workload(
+            name,
+            device,
+            sampler=config.sampler,
+            steps=config.steps,
+            seed=config.seed,
+            latent_size=latent_size,
+        )
     except ImportError as err:
-        reason = _error_text(err)
-        return {"description": spec.description, "skipped": reason}, skip_all(reason)
+        return skip_all(_error_text(err))
+    name = workload.name  # the rows' name from here on
 
     rows: list[dict[str, Any]] = []
     references: dict[int, torch.Tensor] = {}
@@ -476,7 +503,7 @@ def _run_workload(
             progress.advance(len(backends))
         prepared.clear()
         _release(device)
-    return workload.describe(), rows
+    return name, workload.describe(), rows
 
 
 def _add_speedups(rows: list[dict[str, Any]]) -> None:
@@ -514,7 +541,7 @@ def run_benchmark(
     try:
         with tempfile.TemporaryDirectory(prefix="fastdiff-bench-") as tmp:
             for name in config.workloads:
-                workloads[name], rows = _run_workload(name, config, backends, device, Path(tmp), bar)
+                label, workloads[label], rows = _run_workload(name, config, backends, device, Path(tmp), bar)
                 results += rows
         scaling = None
         if config.processes:

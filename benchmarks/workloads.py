@@ -6,7 +6,12 @@
 | `ddpm-cifar10`   | `UNet(UNetConfig.preset("ddpm-cifar10"))`, random weights | DDIM 50         | none                  |
 | `adm-imagenet64` | `UNet(UNetConfig.preset("adm-imagenet64"))`, random       | DDIM 50         | class labels, CFG 2   |
 | `sd15-unet`      | diffusers `UNet2DConditionModel`, SD 1.5 config, random   | DDIM 50         | 77x768 text, CFG 7.5  |
+| `sd15-unet-N`    | the same at NxN latents (`latent_size=N`, 8N x 8N images)   | DDIM 50         | 77x768 text, CFG 7.5  |
 | `swissroll`      | `MLPDenoiser()`, random weights                           | DDPM 1000       | none                  |
+
+`sd15-unet` at its own 64x64 latents takes minutes per sample on a CPU, so it is GPU only there; a reduced
+`latent_size` (a multiple of 8: the U-Net downsamples three times) runs the full 860M-parameter model on any device,
+as its own workload `sd15-unet-<latent_size>` (16: 1.3 s per CFG-batched U-Net call on our 2-core CPUs).
 
 Random weights: the ADM U-Net zero-initialises the last convolution of every residual branch and its output,
 so a freshly built model predicts exactly zero and every backend would "agree" trivially. Those all-zero
@@ -55,6 +60,8 @@ SD15_UNET_CONFIG: dict[str, Any] = {
     "use_linear_projection": False,
 }
 SD15_TEXT_TOKENS = 77
+# The workloads whose latent size `latent_size` sets (a model built from a config, not a fixed checkpoint).
+LATENT_WORKLOADS = ("sd15-unet",)
 
 
 @dataclass(frozen=True)
@@ -66,7 +73,7 @@ class WorkloadSpec:
     sampler: str
     steps: int
     guidance_scale: float = 1.0
-    gpu_only: str | None = None  # why it is skipped without a GPU
+    gpu_only: str | None = None  # why it is skipped without a GPU (at its default size)
 
 
 WORKLOADS: dict[str, WorkloadSpec] = {
@@ -79,11 +86,12 @@ WORKLOADS: dict[str, WorkloadSpec] = {
         ),
         WorkloadSpec(
             "sd15-unet",
-            "SD 1.5 U-Net (diffusers, 860M), 64x64x4 latents, 77x768 text, CFG 7.5, random weights",
+            "SD 1.5 U-Net (diffusers, 860M), 4-channel latents, 77x768 text, CFG 7.5, random weights",
             "ddim",
             50,
             7.5,
-            gpu_only="GPU only: the 860M-parameter SD 1.5 U-Net takes minutes per sample on a CPU",
+            gpu_only="GPU only: the 860M-parameter SD 1.5 U-Net takes minutes per sample on a CPU at 64x64 "
+            "latents (--latent-size 16 runs it at 16x16)",
         ),
         WorkloadSpec(
             "swissroll", "MLPDenoiser on 2-D points, random weights (per-step overhead)", "ddpm", 1000
@@ -106,11 +114,13 @@ class Workload:
     make_cond: Callable[[int, torch.device, torch.dtype], tuple[dict | None, dict | None]]
     is_diffusers: bool = False
     notes: list[str] = field(default_factory=list)
+    latent_size: int | None = None
     _by_dtype: dict[torch.dtype, nn.Module] = field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str:
-        return self.spec.name
+        """The name of its results rows: the spec's, with the latent size when one was chosen."""
+        return workload_name(self.spec.name, self.latent_size)
 
     @property
     def device(self) -> torch.device:
@@ -150,7 +160,44 @@ class Workload:
             "schedule": self.schedule.kind,
             "weights": self.weights,
             "notes": list(self.notes),
+            **({"latent_size": self.latent_size} if self.latent_size is not None else {}),
         }
+
+
+def workload_name(name: str, latent_size: int | None) -> str:
+    """`sd15-unet-16` for `sd15-unet` at latent size 16: a run at another size is a distinct case."""
+    return name if latent_size is None else f"{name}-{latent_size}"
+
+
+def latent_factor(overrides: dict[str, Any] | None = None) -> int:
+    """What the SD 1.5 U-Net's latent size must be a multiple of: 2 per downsampling (every down block but the
+    last halves the latents). diffusers runs other sizes by resizing to the skip connections' sizes in the up
+    blocks; the benchmark refuses them, so that every size runs the same network as the full-size model."""
+    blocks = {**SD15_UNET_CONFIG, **(overrides or {})}["down_block_types"]
+    return 2 ** (len(blocks) - 1)
+
+
+def check_latent_size(latent_size: object, overrides: dict[str, Any] | None = None) -> int | None:
+    """`latent_size` if the SD 1.5 U-Net (with `overrides`) can take it, None for None; ValueError otherwise."""
+    if latent_size is None:
+        return None
+    factor = latent_factor(overrides)
+    if isinstance(latent_size, bool) or not isinstance(latent_size, int) or latent_size < 1:
+        raise ValueError(
+            f"latent_size must be a positive integer (a multiple of {factor}), got {latent_size!r}"
+        )
+    if latent_size % factor:
+        raise ValueError(
+            f"latent_size must be a multiple of {factor} (the U-Net halves the latents {factor.bit_length() - 1} "
+            f"times; at other sizes diffusers resizes inside the up blocks, a different model), got {latent_size}"
+        )
+    return latent_size
+
+
+def cpu_skip_reason(name: str, latent_size: int | None) -> str | None:
+    """Why workload `name` (at `latent_size`) is not run without a GPU, or None when it is."""
+    spec = WORKLOADS[name]
+    return None if latent_size is not None and name in LATENT_WORKLOADS else spec.gpu_only
 
 
 def randomize_zero_parameters(model: nn.Module, seed: int = 0, std: float = 0.02) -> nn.Module:
@@ -215,10 +262,13 @@ def build_workload(
     steps: int | None = None,
     seed: int = 0,
     sd15_overrides: dict[str, Any] | None = None,
+    latent_size: int | None = None,
 ) -> Workload:
     """Build workload `name` in float32 and eval mode on `device`; `sampler` / `steps` override its defaults.
 
     `sd15_overrides` change fields of the SD 1.5 U-Net config (tests build a tiny one to run its code path on CPU).
+    `latent_size` (workloads in `LATENT_WORKLOADS` only) samples latents of that height and width instead of the
+    config's 64: a multiple of 8 for SD 1.5 (ValueError otherwise); the workload is then named `sd15-unet-<size>`.
     """
     from fastdiff import train
 
@@ -226,6 +276,9 @@ def build_workload(
         raise ValueError(f"workload must be one of {sorted(WORKLOADS)}, got {name!r}")
     if sampler is not None and sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
+    if latent_size is not None and name not in LATENT_WORKLOADS:
+        raise ValueError(f"latent_size applies to the workloads {LATENT_WORKLOADS} only, not {name!r}")
+    latent_size = check_latent_size(latent_size, sd15_overrides)
     spec = WORKLOADS[name]
     notes: list[str] = []
     is_diffusers = False
@@ -251,7 +304,8 @@ def build_workload(
         sample_shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
         make_cond = _no_conds if model.num_classes is None else _class_conds(model.num_classes)
     elif name == "sd15-unet":
-        model = sd15_unet(seed, **(sd15_overrides or {}))
+        sized = {} if latent_size is None else {"sample_size": latent_size}
+        model = sd15_unet(seed, **{**(sd15_overrides or {}), **sized})
         schedule = NoiseSchedule.from_kind("scaled_linear", beta_start=0.00085, beta_end=0.012)
         weights = "random"
         config = model.config
@@ -281,6 +335,7 @@ def build_workload(
         make_cond=make_cond,
         is_diffusers=is_diffusers,
         notes=notes,
+        latent_size=latent_size,
     )
     workload.sampler()  # fails early on a step count the schedule cannot give
     return workload

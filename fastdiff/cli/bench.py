@@ -105,6 +105,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         "auto: step graphs on GPU, the compiled loop on CPU",
     )
     p.add_argument(
+        "--latent-size",
+        type=_count(1),
+        default=None,
+        help="sd15-unet at NxN latents (8N x 8N images; a multiple of 8), as the workload sd15-unet-N; "
+        "16 runs the full model on a CPU (default: its 64x64, GPU only)",
+    )
+    p.add_argument(
         "--no-profile", action="store_true", help="skip the model-only timing of the per-step profile"
     )
     p.add_argument(
@@ -152,6 +159,7 @@ def command_line(args: argparse.Namespace) -> str:
         ("--warmup", args.warmup),
         ("--seed", args.seed),
         ("--graph-mode", args.graph_mode),
+        ("--latent-size", args.latent_size),
         ("--processes", ",".join(map(str, args.processes)) if args.processes else None),
         ("--threads-per-process", args.threads_per_process if args.processes else None),
         ("--scaling-samples", args.scaling_samples if args.processes else None),
@@ -191,6 +199,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         seed=args.seed,
         profile=not args.no_profile,
         graph_mode=args.graph_mode,
+        latent_size=args.latent_size,
         processes=args.processes or (),
         threads_per_process=args.threads_per_process,
         scaling_samples=args.scaling_samples,

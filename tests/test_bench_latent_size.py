@@ -95,28 +95,9 @@ def test_bench_runs_the_latent_size_row_on_cpu(tmp_path, monkeypatch):
     tiny = functools.partial(harness.build_workload, sd15_overrides=TINY_SD)
     monkeypatch.setattr(harness, "build_workload", tiny)
     out = tmp_path / "results.json"
-    argv = [
-        "bench",
-        "--workloads",
-        "sd15-unet,swissroll",
-        "--latent-size",
-        "8",
-        "--backends",
-        "eager,fastdiff",
-    ]
-    argv += [
-        "--batch-sizes",
-        "1",
-        "--steps",
-        "2",
-        "--repeats",
-        "1",
-        "--device",
-        "cpu",
-        "--quiet",
-        "--out",
-        str(out),
-    ]
+    options = "--workloads sd15-unet,swissroll --latent-size 8 --backends eager,fastdiff --batch-sizes 1"
+    options += " --steps 2 --repeats 1 --device cpu --quiet"
+    argv = ["bench", *options.split(), "--out", str(out)]
     assert cli(argv) == 0
     doc = json.loads(out.read_text())
     assert report.validation_errors(doc) == []

@@ -13,6 +13,7 @@ costs about 1e-2 of absolute error on the digits U-Net (CPU_NOTES.md); both the 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -34,6 +35,7 @@ from fastdiff.export.onnx import (
     _shape,
     eager_checks,
     max_abs_diff,
+    onnx_metadata,
     set_eval,
     to_onnx,
 )
@@ -47,6 +49,7 @@ from fastdiff.export.runtime import (
     publish,
     verify_sidecar,
 )
+from fastdiff.fingerprint import state_sha256
 from fastdiff.output import check_output_path
 
 FORMAT = "fastdiff-openvino-v1"
@@ -97,10 +100,14 @@ def to_openvino(
     opset: int | None = None,
     atol: float | None = None,
     return_report: bool = False,
+    onnx_path: str | os.PathLike | None = None,
 ) -> Path | ExportReport:
     """Export a float32 denoiser to OpenVINO IR at `path` (.xml, weights in the .bin beside it), verified.
 
-    The arguments are those of `to_onnx`, which does the export (and checks onnxruntime against eager); the
+    The arguments are those of `to_onnx`, which does the export (and checks onnxruntime against eager); with
+    `onnx_path`, a file `to_onnx` already wrote from this model with these conditioning inputs is converted instead
+    (its sidecar is verified, and its weights digest must be the model's: ValueError otherwise), which saves a
+    second export of a large model (minutes and a copy of the weights for the SD 1.5 U-Net). The
     converted model is then run by OpenVINO on CPU with the f32 precision hint on the same example batches
     (two batch sizes when `dynamic_batch`) and compared with eager PyTorch: a max abs difference above `atol`
     (default 1e-4) raises FastdiffError. The .bin, the .xml and their sha256 sidecar appear only when everything
@@ -121,21 +128,24 @@ def to_openvino(
             "choose the runtime precision with OpenVinoDenoiser(path, precision=...)"
         )
     ov = import_openvino()  # fail before the slow ONNX export
+    exporter = None if onnx_path is None else _exported_from(Path(onnx_path), model, cond_shapes)
 
     workdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
-        onnx_report = to_onnx(
-            model,
-            workdir / "model.onnx",
-            sample_shape=sample_shape,
-            cond_shapes=cond_shapes,
-            dynamic_batch=dynamic_batch,
-            opset=opset,
-            atol=atol,
-            return_report=True,
-        )
+        if onnx_path is None:
+            onnx_report = to_onnx(
+                model,
+                workdir / "model.onnx",
+                sample_shape=sample_shape,
+                cond_shapes=cond_shapes,
+                dynamic_batch=dynamic_batch,
+                opset=opset,
+                atol=atol,
+                return_report=True,
+            )
+            onnx_path, exporter = onnx_report.path, onnx_report.exporter
         try:
-            converted = ov.convert_model(onnx_report.path)
+            converted = ov.convert_model(onnx_path)
             compiled = ov.Core().compile_model(converted, "CPU", _config("f32", 0))
         except Exception as err:
             raise FastdiffError(f"OpenVINO cannot convert the exported graph: {_first_line(err)}") from err
@@ -174,7 +184,7 @@ def to_openvino(
 
     report = ExportReport(
         path=path,
-        exporter=onnx_report.exporter,
+        exporter=exporter,
         max_abs_diff=diff,
         atol=limit,
         seconds=time.perf_counter() - start,
@@ -182,6 +192,25 @@ def to_openvino(
         external_data=True,
     )
     return report if return_report else path
+
+
+def _exported_from(onnx_path: Path, model: nn.Module, cond_shapes: Mapping[str, Sequence[int]] | None) -> str:
+    """The exporter that wrote `onnx_path`, after checking that `to_onnx` wrote it from `model`'s weights with the
+    conditioning inputs `cond_shapes` (FileNotFoundError / CheckpointError / ValueError otherwise)."""
+    if onnx_path.suffix != ".onnx" or not onnx_path.is_file():
+        raise FileNotFoundError(f"onnx_path {str(onnx_path)!r} is not an existing .onnx file")
+    if not verify_sidecar(onnx_path):
+        raise ValueError(f"onnx_path {str(onnx_path)!r} has no sha256 sidecar: it was not written by to_onnx")
+    meta = onnx_metadata(onnx_path)
+    if meta.get("fastdiff.weights_sha256") != state_sha256(model.state_dict()):
+        raise ValueError(f"onnx_path {str(onnx_path)!r} was exported from other weights than model's")
+    conds = json.loads(meta.get("fastdiff.cond_names", "[]"))
+    if conds != list(cond_shapes or {}):
+        raise ValueError(
+            f"onnx_path {str(onnx_path)!r} takes the conditioning inputs {conds}, cond_shapes names "
+            f"{list(cond_shapes or {})}"
+        )
+    return meta.get("fastdiff.exporter", "unknown")
 
 
 def _port(output: Any) -> Port:

@@ -151,6 +151,45 @@ def test_mlp_matches_eager(mlp, reuse_mlp_onnx, tmp_path):
     assert denoiser.compiled.get_property("INFERENCE_NUM_THREADS") == 1
 
 
+def test_an_existing_onnx_export_is_converted_not_exported_again(mlp, tmp_path, monkeypatch):
+    model, onnx_report = mlp
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("to_onnx must not run when onnx_path is given")
+
+    monkeypatch.setattr(ov_export, "to_onnx", no_export)
+    report = to_openvino(
+        model, tmp_path / "mlp.xml", sample_shape=(2, 2), onnx_path=onnx_report.path, return_report=True
+    )
+    assert report.exporter == onnx_report.exporter and report.max_abs_diff <= ATOL
+    assert _files(tmp_path) == ["mlp.bin", "mlp.xml", "mlp.xml.sha256"]
+    x, t = torch.randn(3, 2, generator=torch.Generator().manual_seed(1)), torch.tensor([1, 500, 999])
+    with torch.no_grad():
+        torch.testing.assert_close(OpenVinoDenoiser(report.path)(x, t), model(x, t), atol=ATOL, rtol=0)
+
+
+def test_an_onnx_export_of_other_weights_or_inputs_is_refused(mlp, tmp_path):
+    model, onnx_report = mlp
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ValueError, match="other weights"):
+        to_openvino(other, out / "m.xml", sample_shape=(2, 2), onnx_path=onnx_report.path)
+    with pytest.raises(ValueError, match="conditioning inputs"):
+        to_openvino(
+            model, out / "m.xml", sample_shape=(2, 2), cond_shapes={"y": (2,)}, onnx_path=onnx_report.path
+        )
+    with pytest.raises(FileNotFoundError, match="onnx_path"):
+        to_openvino(model, out / "m.xml", sample_shape=(2, 2), onnx_path=tmp_path / "absent.onnx")
+    unlisted = tmp_path / "unlisted.onnx"
+    shutil.copy(onnx_report.path, unlisted)  # no sidecar: not known to be to_onnx's
+    with pytest.raises(ValueError, match="sidecar"):
+        to_openvino(model, out / "m.xml", sample_shape=(2, 2), onnx_path=unlisted)
+    assert _files(out) == []
+
+
 # ------------------------------------------------------------------------------------------------ errors
 
 

@@ -544,3 +544,27 @@ def test_cuda_graphs_follow_weight_changes():
     )
     assert eng.stats.captures == 2
     gc.collect()
+
+
+class _SlicesItsLayers(nn.Module):
+    """Builds a ModuleList in every forward, as diffusers' UNetMidBlock2DCrossAttn does (`self.resnets[1:]`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers[1:]:
+            x = layer(x)
+        return x
+
+
+def test_a_module_built_inside_a_compiled_forward_recompiles_nothing():
+    model = _SlicesItsLayers()
+    WeightsWatch(model)  # installs the registration hooks, as every engine and exported denoiser does
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", dynamic=False)
+    x = torch.randn(2, 4)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            torch.testing.assert_close(compiled(x), model(x), atol=0, rtol=0)

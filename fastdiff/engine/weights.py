@@ -48,6 +48,11 @@ _version = attrgetter("_version")
 
 
 def _registered(*_: Any) -> None:
+    # A module built inside a compiled forward (diffusers' mid block slices `self.resnets[1:]`, a new ModuleList
+    # every call) is no change of the model's structure; counted while dynamo traces, the count would become a
+    # guard that fails on every call (torch.compile of the SD 1.5 U-Net recompiled up to its limit, then ran eager).
+    if torch.compiler.is_compiling():
+        return
     global _generation
     _generation += 1
 

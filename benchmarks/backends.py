@@ -7,7 +7,7 @@
 | `torch-compile`   | `torch.compile(model)` (max-autotune on GPU)   | the same diffusers loop                         |
 | `fastdiff`        | `fastdiff.accelerate(model)`                   | `fastdiff.sample` (table + fused sampler step)  |
 | `fastdiff-graphs` | `fastdiff.accelerate(model)`                   | `SamplingEngine`: CUDA graphs on GPU, `compile=True` on CPU |
-| `fastdiff-auto`   | the planner's choice (`fastdiff.planner`, backend "auto"), per batch size | the engine's loop     |
+| `fastdiff-auto`   | the planner's choice (`fastdiff.engine.planner`, backend "auto"), per batch size | the engine's loop     |
 | `onnxruntime`     | `fastdiff.export.to_onnx` + `OnnxDenoiser`     | `fastdiff.sample`                               |
 | `openvino`        | `fastdiff.export.to_openvino` + `OpenVinoDenoiser` (f32 precision hint) | `fastdiff.sample`      |
 | `tensorrt`        | ONNX -> `build_tensorrt_engine` + `TensorRTDenoiser` | `fastdiff.sample`                         |
@@ -300,7 +300,7 @@ class FastdiffGraphsBackend(Backend):
         cuda = workload.device.type == "cuda"
         start = time.perf_counter()
         self.engine = SamplingEngine(
-            denoiser, self.sampler, cuda_graphs="auto", compile=not cuda, graph_mode=graph_mode
+            denoiser, self.sampler, backend="cuda-graphs" if cuda else "compile", graph_mode=graph_mode
         )
         self.setup_s = seconds + time.perf_counter() - start
         # The engine runs model and step as one captured / compiled unit: no separate model time.
@@ -334,12 +334,12 @@ class FastdiffAutoBackend(Backend):
     def __init__(self, workload: Workload, dtype: torch.dtype, expected_calls: int) -> None:
         super().__init__(workload, dtype)
         from fastdiff.accelerate import as_denoiser
-        from fastdiff.planner import PlannedSampler
+        from fastdiff.engine.planner import PlannedSampler
 
         self.planned = PlannedSampler(
             as_denoiser(workload.model_as(dtype)), self.sampler, expected_calls=expected_calls
         )
-        self.info.update(loop="fastdiff.planner.PlannedSampler (SamplingEngine loops)", plans={})
+        self.info.update(loop="fastdiff.engine.planner.PlannedSampler (SamplingEngine loops)", plans={})
 
     def plan(self, case: Case) -> None:
         """Plan the case's key now (measuring, building, or loading the cached decision)."""

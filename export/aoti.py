@@ -1,6 +1,6 @@
 """A denoiser compiled ahead of time by AOTInductor (`torch.export` + `torch._inductor.aoti_compile_and_package`),
 loaded from its `.pt2` package in milliseconds: the compiled model a later process does not compile again.
-`fastdiff.candidates.Aoti` builds the package into the planner's cache."""
+`fastdiff.engine.candidates.Aoti` builds the package into the planner's cache."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ absent; an artifact is then built again. Writes are atomic (temporary name, then
 entry or none, and artifacts are built under a per-entry `flock`, so two processes asking for the same artifact
 build it once: the second waits, then finds it. Hashing reads every file of an artifact on each use (a few ms for
 the digits U-Net's 11 MB ONNX file; about 2 s per GB), which is what makes a corrupt export impossible to load.
-What goes into a key (weights' hash, shapes, versions, ...) is the planner's business (`fastdiff.planner`).
+What goes into a key (weights' hash, shapes, versions, ...) is the planner's business (`fastdiff.engine.planner`).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ def nan_from(step):
 
 RUNNERS = {
     "sample": lambda model: lambda shape, **kw: fastdiff.sample(model, SAMPLER, shape, **kw),
-    "engine": lambda model: SamplingEngine(model, SAMPLER).sample,
+    "engine": lambda model: SamplingEngine(model, SAMPLER, backend="eager").sample,
     "engine-step-graph": lambda model: FakeEngine(model, SAMPLER, graph_mode="step").sample,
 }
 
@@ -110,7 +110,7 @@ def test_dtype_and_device_are_checked_with_a_fix(mlp, api):
     run = (
         fastdiff.sample
         if api == "sample"
-        else (lambda m, s, shape, **kw: SamplingEngine(m, s).sample(shape, **kw))
+        else (lambda m, s, shape, **kw: SamplingEngine(m, s, backend="eager").sample(shape, **kw))
     )
     with pytest.raises(TypeError, match=r"x_T is float64 but the model's weights are float32: pass x_T.to"):
         run(mlp, SAMPLER, SHAPE, x_T=torch.zeros(SHAPE, dtype=torch.float64))

@@ -195,3 +195,40 @@ def test_parsing_imports_no_benchmark_export_distributed_or_diffusers_code():
     script = "from fastdiff.cli import build_parser; print(build_parser().parse_args(['bench', '--workloads', 'all']).workloads)"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert "swissroll" in result.stdout
+
+
+def test_sample_prints_its_backend_and_auto_agrees_with_eager(tmp_path, capsys):
+    """`--backend eager` is the reference loop; `auto` (the default) says what it chose and why, gives the same
+    images (up to one uint8 level where float rounding differs), and the same command again loads its plan."""
+    args = ["sample", "--steps", "3", "--num-samples", "4", "--batch-size", "4", "--seed", "3", "--quiet"]
+    code, out, _ = run([*args, "--backend", "eager", "--out", str(tmp_path / "eager.npz")], capsys)
+    assert code == 0 and out.splitlines()[0] == "backend: eager (requested)"
+    code, out, _ = run([*args, "--out", str(tmp_path / "auto.npz")], capsys)
+    line = out.splitlines()[0]
+    assert code == 0 and line.startswith("backend: ") and "s of planning" in line, line
+    eager, auto = (np.load(tmp_path / f"{n}.npz")["images"].astype(int) for n in ("eager", "auto"))
+    assert np.abs(eager - auto).max() <= 1
+    code, out, _ = run([*args, "--out", str(tmp_path / "again.npz")], capsys)
+    assert code == 0 and "plan cached" in out.splitlines()[0]
+    assert np.array_equal(np.load(tmp_path / "again.npz")["images"].astype(int), auto)
+
+
+@pytest.mark.parametrize(
+    ("backend", "message"),
+    [("onnx", "backend must be one of"), ("tensorrt", "'tensorrt' cannot run here: needs a CUDA device")],
+)
+def test_sample_refuses_a_backend_it_cannot_run(tmp_path, capsys, backend, message):
+    args = [
+        "sample",
+        "--steps",
+        "2",
+        "--num-samples",
+        "2",
+        "--backend",
+        backend,
+        "--out",
+        str(tmp_path / "x.npz"),
+    ]
+    code, _, err = run([*args, "--device", "cpu", "--quiet"], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.npz").exists()

@@ -130,7 +130,7 @@ def test_guided_fixed_label(digits, tmp_path):
 
 def test_sampling_engine_gives_the_same_images(digits, reference, tmp_path):
     pre = digits[0]
-    engine = SamplingEngine(pre.model, DDIMSampler(pre.schedule, STEPS))
+    engine = SamplingEngine(pre.model, DDIMSampler(pre.schedule, STEPS), backend="eager")
     _run(pre, tmp_path / "run", engine=engine)
     assert (engine.stats.cache_misses, engine.stats.cache_hits) == (1, 2)  # three batches of 8 ran in it
     np.testing.assert_array_equal(_merged(tmp_path / "run")["images"], reference[1]["images"])
@@ -404,7 +404,7 @@ def test_a_held_lock_refuses_runs_and_merges(tmp_path):
 def test_resume_with_another_backend_is_refused(tmp_path):
     out = _toy_run(tmp_path / "run", 0)
     (out / shard_name(3)).unlink()
-    engine = SamplingEngine(_slow_toy, TOY_SAMPLER)
+    engine = SamplingEngine(_slow_toy, TOY_SAMPLER, backend="eager")
     with pytest.raises(
         ValueError,
         match=r"backend: 'fastdiff.sample' in the folder, 'SamplingEngine\(compile=False, cuda_graphs=auto\)' now",

@@ -51,10 +51,16 @@ class FakeGraphRunner:
 
 
 class FakeEngine(SamplingEngine):
-    """The engine with graphs 'on' for CPU tensors, through the fake capture backend."""
+    """The engine with graphs 'on' for CPU tensors, through the fake capture backend (backend "cuda-graphs"
+    unless the test sets the flags itself)."""
 
     _graph_runner = FakeGraphRunner
     _graph_device = "cpu"
+
+    def __init__(self, *args, **kwargs):
+        if not {"backend", "cuda_graphs", "compile"} & set(kwargs):
+            kwargs["backend"] = "cuda-graphs"
+        super().__init__(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +84,7 @@ def gen(seed=0):
 
 def make_engine(kind, denoiser, sampler, **kwargs):
     if kind == "eager":
-        return SamplingEngine(denoiser, sampler, **kwargs)
+        return SamplingEngine(denoiser, sampler, backend="eager", **kwargs)
     return FakeEngine(denoiser, sampler, graph_mode=kind, **kwargs)
 
 
@@ -169,7 +175,9 @@ def test_noise_drawn_in_chunks(unet, monkeypatch):
     sampler = SAMPLERS["ddpm"]()
     monkeypatch.setattr(engine_mod, "NOISE_BUFFER_BYTES", 3 * 4 * 64 * 2)  # two rows of noise
     expected = fastdiff.sample(unet, sampler, SHAPE, generator=gen(2))
-    assert torch.equal(SamplingEngine(unet, sampler).sample(SHAPE, generator=gen(2)), expected)
+    assert torch.equal(
+        SamplingEngine(unet, sampler, backend="eager").sample(SHAPE, generator=gen(2)), expected
+    )
     eng = FakeEngine(unet, sampler, graph_mode="loop")
     with pytest.warns(RuntimeWarning, match="NOISE_BUFFER_BYTES"):
         got = eng.sample(SHAPE, generator=gen(2))
@@ -315,7 +323,7 @@ def test_argument_errors(unet):
     with pytest.raises(TypeError, match="denoiser"):
         SamplingEngine("unet", sampler)
 
-    eng = SamplingEngine(unet, sampler)
+    eng = SamplingEngine(unet, sampler, backend="eager")
     for shape in ((), (3,), (0, 1, 8, 8), (3, -1, 8, 8)):
         with pytest.raises(ValueError, match="shape"):
             eng.sample(shape)
@@ -344,7 +352,7 @@ def test_compile_matches_eager(graph_mode):
     torch.manual_seed(0)
     model = MLPDenoiser(hidden=32, num_layers=1, time_embed_dim=16).eval()
     sampler = DDIMSampler(SCHEDULE, num_steps=4, eta=1.0)
-    expected = SamplingEngine(model, sampler).sample((8, 2), generator=gen())
+    expected = SamplingEngine(model, sampler, backend="eager").sample((8, 2), generator=gen())
     eng = SamplingEngine(model, sampler, compile=True, graph_mode=graph_mode)
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -365,7 +373,7 @@ def test_auto_times_compiled_steps_then_picks_the_loop_or_steps(monkeypatch, thr
     torch.manual_seed(0)
     model = MLPDenoiser(hidden=32, num_layers=1, time_embed_dim=16).eval()
     sampler = DDPMSampler(SCHEDULE, num_steps=8)
-    expected = SamplingEngine(model, sampler).sample((8, 2), generator=gen())
+    expected = SamplingEngine(model, sampler, backend="eager").sample((8, 2), generator=gen())
     eng = SamplingEngine(model, sampler, compile=True)
     first = eng.sample((8, 2), generator=gen(), progress=True)
     (entry,) = eng._cache.values()
@@ -395,7 +403,7 @@ def test_compiled_loop_that_cannot_trace_falls_back_to_steps(monkeypatch, graph_
     def host_read(x, t):
         return model(x, t) * (2.0 if int(t[0]) > 500 else 1.0)
 
-    expected = SamplingEngine(host_read, sampler).sample((8, 2), generator=gen())
+    expected = SamplingEngine(host_read, sampler, backend="eager").sample((8, 2), generator=gen())
     eng = SamplingEngine(host_read, sampler, compile=True, graph_mode=graph_mode)
     with pytest.warns(RuntimeWarning, match="could not be compiled as one torch.while_loop"):
         got = eng.sample((8, 2), generator=gen())
@@ -418,7 +426,7 @@ def test_warmup_compiles_what_sample_runs(monkeypatch):
     eng.warmup((4, 2))
     (entry,) = eng._cache.values()
     assert entry.mode == "loop" and entry.loop_verified
-    expected = SamplingEngine(model, sampler).sample((4, 2), generator=gen())
+    expected = SamplingEngine(model, sampler, backend="eager").sample((4, 2), generator=gen())
     torch.testing.assert_close(eng.sample((4, 2), generator=gen()), expected, rtol=0, atol=1e-4)
 
 
@@ -457,7 +465,7 @@ def test_cuda_graph_parity(cuda_unet, name, graph_mode):
 def test_cuda_graph_replay_with_changing_batch(cuda_unet):
     model = cuda_unet
     sampler = SAMPLERS["ddpm"]()
-    eng = SamplingEngine(model, sampler, max_graphs=2)
+    eng = SamplingEngine(model, sampler, backend="eager", max_graphs=2)
     batches = [3, 5, 3, 1, 5, 3]
     for b in batches:
         labels = torch.arange(b, device="cuda") % 10
@@ -480,7 +488,7 @@ def test_cuda_uncapturable_denoiser_falls_back(cuda_unet):
         return model(x, t) * float(t[0] >= 0)  # reads a device value: not capturable
 
     expected = fastdiff.sample(model, sampler, SHAPE, generator=torch.Generator("cuda").manual_seed(0))
-    eng = SamplingEngine(host_sync, sampler)
+    eng = SamplingEngine(host_sync, sampler, backend="eager")
     with pytest.warns(RuntimeWarning, match="could not be captured"):
         got = eng.sample(SHAPE, generator=torch.Generator("cuda").manual_seed(0), device="cuda")
     torch.testing.assert_close(got, expected, **CUDA_TOL)

@@ -304,7 +304,7 @@ def test_sampling_with_onnx_matches_pytorch(digits):
         from fastdiff.engine import SamplingEngine
     except ImportError:
         return
-    engine_run = SamplingEngine(OnnxDenoiser(report.path), sampler).sample(
+    engine_run = SamplingEngine(OnnxDenoiser(report.path), sampler, backend="eager").sample(
         (10, 1, 8, 8),
         generator=torch.Generator().manual_seed(0),
         cond={"class_labels": labels},

@@ -1,4 +1,4 @@
-"""fastdiff.planner with injected timings: the choice, skipped and refused candidates, amortisation, the cache."""
+"""fastdiff.engine.planner with injected timings: the choice, skipped and refused candidates, amortisation, the cache."""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ import torch
 
 import fastdiff
 from fastdiff.cache import DiskCache
-from fastdiff.candidates import Candidate, Eager
-from fastdiff.errors import BackendUnavailableError
-from fastdiff.models.mlp import MLPDenoiser
-from fastdiff.planner import (
+from fastdiff.engine.candidates import Candidate, Eager
+from fastdiff.engine.planner import (
     MARGIN,
     PLAN_KIND,
     RECHECK_CALLS,
@@ -19,6 +17,8 @@ from fastdiff.planner import (
     check_backend,
     resolve_backend,
 )
+from fastdiff.errors import BackendUnavailableError
+from fastdiff.models.mlp import MLPDenoiser
 
 STEPS = 30  # probe: 3 rows, so a probe's time counts 10x per call
 

@@ -9,10 +9,10 @@ import torch
 
 import fastdiff
 from fastdiff.cache import DiskCache
-from fastdiff.candidates import Aoti, Eager, OnnxRuntime, OpenVino
+from fastdiff.engine.candidates import Aoti, Eager, OnnxRuntime, OpenVino
+from fastdiff.engine.planner import PlannedSampler, Planner
 from fastdiff.models.mlp import MLPDenoiser
 from fastdiff.models.unet import UNet, UNetConfig
-from fastdiff.planner import PlannedSampler, Planner
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")

@@ -54,6 +54,7 @@ from fastdiff.engine.graphs import (
     copy_leaves,
     leaf_key,
 )
+from fastdiff.engine.planner import SELF_RUN, Plan, PlannedSampler, resolve_backend
 from fastdiff.engine.weights import WeightsWatch
 from fastdiff.errors import StaleWeightsError
 from fastdiff.guidance import batch_conds, guidance_conds
@@ -121,9 +122,23 @@ class _Entry:
     versions: tuple | None = None
 
 
+class _OwnLoop:
+    """An engine's own loop as a runner (`sample`), for the keys its planner sends to eager."""
+
+    def __init__(self, engine: SamplingEngine) -> None:
+        self.sample = engine._sample_here
+
+
 class SamplingEngine:
     """`fastdiff.sample` for one denoiser and sampler, with static buffers and (on CUDA) graph replay.
 
+    - `backend`: "auto" (default) plans each call key (shape, dtype, device, conditioning) on its first call with
+      `fastdiff.engine.planner`: the fastest backend verified against eager that pays for its build, remembered in
+      the on-disk cache (see README "Choosing a backend"); keys planned to eager run on this engine's own loop.
+      "eager", "compile" and "cuda-graphs" run this engine as told (`compile=True` means "compile",
+      `cuda_graphs=True` "cuda-graphs", `cuda_graphs=False` "eager"); "onnxruntime", "openvino", "tensorrt" and
+      "aoti" run the model exported into the cache, in the engine's loop. `plan(shape, ..., calls=N)` plans a key
+      ahead of `sample` for N expected calls and says why (`Plan.line()`); `planner`: the `Planner` to use.
     - `cuda_graphs`: "auto" captures on CUDA and runs eagerly elsewhere; True requires CUDA (ValueError otherwise);
       False never captures. A denoiser that cannot be captured falls back to eager execution with one warning per
       engine. The denoiser must be a pure function of its tensor inputs: a graph replays the kernels it launched
@@ -162,10 +177,12 @@ class SamplingEngine:
         denoiser: Callable[..., torch.Tensor],
         sampler: Sampler,
         *,
+        backend: str = "auto",
         cuda_graphs: bool | str = "auto",
         compile: bool = False,
         max_graphs: int = 8,
         graph_mode: str = "auto",
+        planner: Any = None,
     ) -> None:
         if not callable(denoiser):
             raise TypeError(
@@ -180,6 +197,7 @@ class SamplingEngine:
             raise ValueError(f"max_graphs must be a positive int, got {max_graphs!r}")
         if graph_mode not in GRAPH_MODES:
             raise ValueError(f"graph_mode must be one of {GRAPH_MODES}, got {graph_mode!r}")
+        backend, cuda_graphs, compile = resolve_backend(backend, cuda_graphs, compile)
         if cuda_graphs is True:
             if self._graph_device == "cuda" and not torch.cuda.is_available():
                 raise ValueError("cuda_graphs=True needs a CUDA device, and none is available")
@@ -192,6 +210,14 @@ class SamplingEngine:
         self.denoiser = denoiser
         self._weights = WeightsWatch(denoiser) if isinstance(denoiser, torch.nn.Module) else None
         self.sampler = sampler
+        self.backend = backend
+        # Planned backends: keys planned to eager run here, on the plain loop; the others on the planner's runners.
+        self._planned = None
+        if backend not in SELF_RUN:
+            cuda_graphs = False
+            self._planned = PlannedSampler(
+                denoiser, sampler, backend=backend, planner=planner, eager=_OwnLoop(self)
+            )
         self.cuda_graphs = cuda_graphs
         self.compile = compile
         self.max_graphs = max_graphs
@@ -225,6 +251,75 @@ class SamplingEngine:
 
         The result is a new tensor (the engine's buffers are reused by the next call).
         """
+        if self._planned is not None:
+            return self._planned.sample(
+                shape,
+                generator=generator,
+                x_T=x_T,
+                cond=cond,
+                uncond=uncond,
+                guidance_scale=guidance_scale,
+                progress=progress,
+                callback=callback,
+                device=device,
+                dtype=dtype,
+            )
+        return self._sample_here(
+            shape,
+            generator=generator,
+            x_T=x_T,
+            cond=cond,
+            uncond=uncond,
+            guidance_scale=guidance_scale,
+            progress=progress,
+            callback=callback,
+            device=device,
+            dtype=dtype,
+        )
+
+    def plan(
+        self,
+        shape: Sequence[int],
+        *,
+        calls: float = 1,
+        cond: Mapping[str, Any] | None = None,
+        uncond: Mapping[str, Any] | None = None,
+        guidance_scale: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Plan:
+        """How calls like `sample(shape, cond=..., ...)` will run, planned now for `calls` expected calls (the work
+        a build must pay for): the `Plan`, whose `line()` says which backend and why. With a backend this engine
+        runs itself, the plan just names it."""
+        shape = check_shape(shape)
+        dev = check_device(infer_device(self.denoiser, None, device))
+        if self._planned is None:
+            return Plan(self.backend, self, self.backend, {}, None, 0.0, False)
+        return self._planned.plan_for(
+            shape,
+            device=dev,
+            dtype=check_dtype(dtype),
+            cond=cond,
+            uncond=uncond,
+            guidance_scale=guidance_scale,
+            work_calls=calls,
+        )
+
+    def _sample_here(
+        self,
+        shape: Sequence[int],
+        *,
+        generator: Generator = None,
+        x_T: torch.Tensor | None = None,
+        cond: Mapping[str, Any] | None = None,
+        uncond: Mapping[str, Any] | None = None,
+        guidance_scale: float = 1.0,
+        progress: bool = False,
+        callback: Callable[[dict[str, Any]], None] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """`sample` on this engine's own loop (graphs or compile as configured)."""
         shape = check_shape(shape)
         dev = check_device(infer_device(self.denoiser, x_T, device))
         check_dtype(dtype)
@@ -262,9 +357,17 @@ class SamplingEngine:
         """Allocate, compile and capture for calls like `sample(shape, cond=..., ...)` ahead of time.
 
         Runs a few steps on zero inputs (no generator is consumed); returns the seconds it took, which is the
-        compile/capture cost a later `sample` with the same key no longer pays.
+        compile/capture cost a later `sample` with the same key no longer pays. A planned engine plans the key
+        (for one call) and warms up what it chose.
         """
         start = time.perf_counter()
+        if self._planned is not None:
+            kwargs = {"cond": cond, "uncond": uncond, "guidance_scale": guidance_scale, "device": device}
+            plan = self.plan(shape, dtype=dtype, **kwargs)
+            if plan.backend != "eager":
+                if hasattr(plan.runner, "warmup"):
+                    plan.runner.warmup(shape, dtype=dtype, **kwargs)
+                return time.perf_counter() - start
         shape = check_shape(shape)
         dev = check_device(infer_device(self.denoiser, None, device))
         check_denoiser_matches(self.denoiser, dev, check_dtype(dtype))
@@ -632,13 +735,23 @@ class SamplingEngine:
 
 
 def engine_for(
-    model: torch.nn.Module, sampler: Sampler, device: torch.device | str, *, compile: bool
+    model: torch.nn.Module,
+    sampler: Sampler,
+    device: torch.device | str,
+    *,
+    compile: bool = False,
+    backend: str | None = None,
 ) -> SamplingEngine | None:
-    """The engine that `fastdiff sample` runs, or None for `fastdiff.sample`: with `compile`, the accelerated
-    model compiled (on a CPU the whole step or loop, see SamplingEngine); else CUDA graphs on a GPU, and None on
-    a CPU, where an engine without compile would only repeat fastdiff.sample."""
+    """The engine that `fastdiff sample` runs for `backend` ("compile" and "cuda-graphs" on the accelerated model,
+    the others on the model as given: the planner compiles or exports what it chooses itself). Without a
+    backend: with `compile` the accelerated model compiled; else CUDA graphs on a GPU, and None (for
+    `fastdiff.sample`) on a CPU."""
     from fastdiff.accelerate import accelerate
 
-    if compile:
-        return SamplingEngine(accelerate(model), sampler, compile=True)
-    return SamplingEngine(model, sampler) if torch.device(device).type == "cuda" else None
+    if backend is None:
+        if not compile and torch.device(device).type != "cuda":
+            return None
+        backend = "compile" if compile else "cuda-graphs"
+    if backend in ("compile", "cuda-graphs"):
+        model = accelerate(model)
+    return SamplingEngine(model, sampler, backend=backend)

@@ -1,6 +1,6 @@
 """The planner: how a (denoiser, sampler, shape, dtype, device) runs, chosen by measurement and remembered.
 
-`backend="auto"` takes every candidate of `fastdiff.candidates` that can run here (one that cannot is kept with
+`backend="auto"` takes every candidate of `fastdiff.engine.candidates` that can run here (one that cannot is kept with
 its reason), builds those whose build pays for itself, checks each one's samples against eager on the same x_T and
 noise, times them, and takes the fastest verified one, or eager:
 
@@ -8,7 +8,7 @@ noise, times them, and takes the fastest verified one, or eager:
    reference samples and, scaled to the whole table, eager's seconds per call.
 2. Cost: the work at hand is `work_calls` sample() calls (the CLI knows its batches) plus the calls that earlier runs
    of the same key recorded. A build is paid only if its cost (a build recorded in the cache for this model, else the
-   prior of `fastdiff.candidates`; nothing when its artifact is cached) is at most the eager time of that work: the
+   prior of `fastdiff.engine.candidates`; nothing when its artifact is cached) is at most the eager time of that work: the
    most the candidate could save. So a 10-sample run does not pay a 60-second compile, and a command repeated often
    enough pays it once (the ski-rental rule: builds never cost more than the work they could have saved).
 3. Verification: the candidate's samples after the same rows (whole runs for per-table candidates) must be within
@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from fastdiff.cache import DiskCache, canonical_json, use_for_inductor
-from fastdiff.candidates import CANDIDATES, Candidate, Target, package_version
+from fastdiff.engine.candidates import CANDIDATES, Candidate, Target, package_version
 from fastdiff.errors import BackendUnavailableError, StaleWeightsError
 from fastdiff.fingerprint import state_sha256, tensor_sha256
 from fastdiff.samplers.base import Sampler
@@ -85,6 +85,8 @@ def resolve_backend(backend: object, cuda_graphs: bool | str, compile: bool) -> 
             and not (flag == "cuda_graphs" and backend == "compile")
         ):
             raise ValueError(f"{flag}=True asks for backend={means!r}, which contradicts backend={backend!r}")
+    if cuda_graphs is False and backend == "cuda-graphs":
+        raise ValueError("cuda_graphs=False contradicts backend='cuda-graphs'")
     if compile:
         return "compile", cuda_graphs, True
     if cuda_graphs is True or backend == "cuda-graphs":
@@ -240,7 +242,7 @@ class Planner:
     """Chooses and builds backends (see the module docstring). `cache`: a DiskCache (default: the user's cache
     folder; its inductor/ folder becomes inductor's cache unless TORCHINDUCTOR_CACHE_DIR is set). `timer(name,
     run)`: seconds of one run of candidate `name` (default: `run()` timed with `clock`, synchronised on CUDA).
-    `candidates`: the candidate objects by name (default: `fastdiff.candidates.CANDIDATES`)."""
+    `candidates`: the candidate objects by name (default: `fastdiff.engine.candidates.CANDIDATES`)."""
 
     def __init__(
         self,

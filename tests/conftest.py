@@ -1,0 +1,17 @@
+"""Suite-wide settings: every test plans with its own empty planner cache (decisions and exports of one test never
+steer another's engine, and nothing is written to the user's ~/.cache/fastdiff); inductor keeps torch's default
+cache folder for the whole run (the planner would otherwise move it into the first test's planner cache)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+
+
+@pytest.fixture(autouse=True)
+def _own_planner_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path_factory.mktemp("fastdiff-cache")))

@@ -696,7 +696,10 @@ class PlannedSampler:
             plan = self.plan_for(
                 shape, device=dev, dtype=dtype, cond=cond, uncond=uncond, guidance_scale=guidance_scale
             )
-            state = None if generator is None else generator.get_state()
+            generators = (
+                [] if generator is None else generator if isinstance(generator, list) else [generator]
+            )
+            states = [g.get_state() for g in generators]
             start = self.planner.clock()
             runner = self.eager if plan.backend == "eager" and self.eager is not None else plan.runner
             try:
@@ -705,8 +708,8 @@ class PlannedSampler:
                 if attempt or plan.backend in ("eager", "compile", "cuda-graphs"):
                     raise
                 del self.plans[plan._call_key]  # type: ignore[attr-defined]
-                if state is not None:
-                    generator.set_state(state)
+                for g, state in zip(generators, states, strict=True):
+                    g.set_state(state)
                 continue
             self._served(plan, self.planner.clock() - start)
             return out

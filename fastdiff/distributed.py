@@ -517,7 +517,9 @@ def _backend_of(engine: Any, denoiser: Any) -> str:
     """What makes the images of a shard folder: `fastdiff.sample`, or the engine and its settings."""
     if engine is None:
         return "fastdiff.sample"
-    options = ", ".join(f"{a}={getattr(engine, a)}" for a in ("compile", "cuda_graphs") if hasattr(engine, a))
+    options = ", ".join(
+        f"{a}={getattr(engine, a)}" for a in ("backend", "compile", "cuda_graphs") if hasattr(engine, a)
+    )
     own = getattr(engine, "denoiser", denoiser) is not denoiser
     return f"{type(engine).__name__}({options})" + (
         " with its own denoiser (e.g. accelerated)" if own else ""

@@ -407,7 +407,7 @@ def test_resume_with_another_backend_is_refused(tmp_path):
     engine = SamplingEngine(_slow_toy, TOY_SAMPLER, backend="eager")
     with pytest.raises(
         ValueError,
-        match=r"backend: 'fastdiff.sample' in the folder, 'SamplingEngine\(compile=False, cuda_graphs=auto\)' now",
+        match=r"backend: 'fastdiff.sample' in the folder, 'SamplingEngine\(backend=eager, compile=False, cuda_graphs=False\)' now",
     ):
         _toy_run(out, 0, engine=engine)
     _toy_run(out, 0)  # the same backend resumes

@@ -7,6 +7,12 @@ from __future__ import annotations
 import os
 
 import pytest
+
+# Before anything imports triton (torch._inductor below does): triton reads TRITON_INTERPRET when its own
+# `@triton.jit` helpers (tl.sigmoid, ...) are defined, and interpreted kernels cannot call compiled helpers.
+# Kernel tests run under the interpreter here; on a GPU machine `TRITON_INTERPRET=0 pytest -m cuda` wins.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())

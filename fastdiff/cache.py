@@ -150,12 +150,18 @@ class DiskCache:
             return None
         return entry["record"]
 
-    def put(self, kind: str, key: Mapping[str, Any], record: Any) -> Path:
-        """Store `record` (plain JSON data) under `key`, atomically; returns the file."""
+    def put(self, kind: str, key: Mapping[str, Any], record: Any) -> Path | None:
+        """Store `record` (plain JSON data) under `key`, atomically; returns the file, or None when it could not be
+        written (a full disk, a read-only cache): a record only saves the next run some planning, so the run that
+        made it goes on, with a warning."""
         path = self.record_path(kind, key)
         data = canonical_json(_sealed(key, record))
-        self._folder("records", kind)
-        return write_bytes_atomic(path, data)
+        try:
+            self._folder("records", kind)
+            return write_bytes_atomic(path, data)
+        except OSError as err:
+            log.warning("fastdiff cache: could not write %s (%s); the next run plans again", path, err)
+            return None
 
     def discard(self, kind: str, key: Mapping[str, Any]) -> None:
         """Remove the record of `key` (a no-op when there is none)."""

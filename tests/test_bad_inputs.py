@@ -157,9 +157,15 @@ def test_nan_is_an_error_and_writes_nothing(tmp_path, capsys, ckpt):
     refused(
         ["sample", *FAST, "--model", str(bad), "--out", str(tmp_path / "n.npz")], capsys, "first after step 0"
     )
-    # Into a shard folder: no shard is written or recorded, so nothing NaN can be merged.
+    # Into a shard folder: no shard is written or recorded, so nothing NaN can be merged. With the default
+    # backend the planner's eager probe meets the NaN before the folder is opened; with --backend eager the
+    # first shard's run does, after the manifest was written.
+    refused(["sample", *FAST, "--model", str(bad), "--out", f"{tmp_path / 'planned'}/"], capsys, "NaN")
+    assert not (tmp_path / "planned").exists()
     shards = tmp_path / "shards"
-    refused(["sample", *FAST, "--model", str(bad), "--out", f"{shards}/"], capsys, "NaN")
+    refused(
+        ["sample", *FAST, "--model", str(bad), "--backend", "eager", "--out", f"{shards}/"], capsys, "NaN"
+    )
     assert json.loads((shards / MANIFEST).read_text())["shards"] == []
     assert sorted(os.listdir(shards)) == [LOCK, MANIFEST]
     assert sorted(os.listdir(tmp_path)) == ["nan.safetensors", "shards"]

@@ -192,3 +192,18 @@ def test_cache_root_must_be_a_folder(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         DiskCache(tmp_path / "file")
+
+
+def test_a_record_that_cannot_be_written_is_skipped_with_a_warning(tmp_path, monkeypatch, caplog):
+    def full(self, data):
+        raise OSError(28, "No space left on device")
+
+    cache = DiskCache(tmp_path / "cache")
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with caplog.at_level("WARNING", logger="fastdiff.cache"):
+        assert cache.put("plan", KEY, {"choice": "eager"}) is None
+    assert "No space left on device" in caplog.text
+    monkeypatch.undo()
+    assert cache.get("plan", KEY) is None
+    assert cache.put("plan", KEY, {"choice": "eager"}) is not None
+    assert cache.get("plan", KEY) == {"choice": "eager"}

@@ -12,6 +12,10 @@ import pytest
 # `@triton.jit` helpers (tl.sigmoid, ...) are defined, and interpreted kernels cannot call compiled helpers.
 # Kernel tests run under the interpreter here; on a GPU machine `TRITON_INTERPRET=0 pytest -m cuda` wins.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Under pytest-xdist (`pytest -n 2`) each worker takes one core: two workers with two OpenMP threads each on two
+# cores would spin against each other. Set before torch starts its thread pool; subprocesses inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 

@@ -28,7 +28,6 @@ reason, which the harness records.
 from __future__ import annotations
 
 import copy
-import importlib.metadata
 import math
 import time
 import types
@@ -40,6 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fastdiff.engine.candidates import package_version
 from fastdiff.loop import initial_state
 from fastdiff.samplers import batch_conds, run_table
 
@@ -98,13 +98,6 @@ def _tensor_output(model: Callable) -> Callable[..., torch.Tensor]:
     return call
 
 
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def _sdpa_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
     """fastdiff.models.unet.AttentionBlock.forward with the attention itself through SDPA."""
     b, c, height, width = x.shape
@@ -150,7 +143,9 @@ class EagerBackend(Backend):
         if self.scheduler is None:
             self.info["loop"] = f"fastdiff.samplers.run_table with the plain-PyTorch step ({why})"
         else:
-            self.info["loop"] = f"diffusers {type(self.scheduler).__name__}.step() ({_version('diffusers')})"
+            self.info["loop"] = (
+                f"diffusers {type(self.scheduler).__name__}.step() ({package_version('diffusers')})"
+            )
 
     def _diffusers_scheduler(self) -> tuple[Any, str]:
         """(the diffusers scheduler of this workload's sampler, or None; why there is none)."""
@@ -414,13 +409,13 @@ class OnnxRuntimeBackend(FastdiffBackend):
             from fastdiff.export import OnnxDenoiser
         except ImportError as err:
             raise BackendSkipped(f"fastdiff.export.OnnxDenoiser is not available: {err}") from None
-        if _version("onnxruntime") is None:
+        if package_version("onnxruntime") is None:
             raise BackendSkipped('onnxruntime is not installed (pip install "fastdiff[onnx]")')
         path, export_s = self._export()
         start = time.perf_counter()
         denoiser = OnnxDenoiser(path)
         providers = getattr(getattr(denoiser, "session", None), "get_providers", lambda: None)()
-        info = {"export_s": export_s, "onnxruntime": _version("onnxruntime"), "providers": providers}
+        info = {"export_s": export_s, "onnxruntime": package_version("onnxruntime"), "providers": providers}
         return denoiser, info, export_s + time.perf_counter() - start
 
 
@@ -437,7 +432,7 @@ class OpenVinoBackend(OnnxRuntimeBackend):
             raise BackendSkipped(
                 "OpenVINO IR is exported in float32 (its precision is a runtime hint, measured here at f32)"
             )
-        if _version("openvino") is None:
+        if package_version("openvino") is None:
             raise BackendSkipped('openvino is not installed (pip install "fastdiff[openvino]")')
         try:
             from fastdiff.export import OpenVinoDenoiser, to_openvino
@@ -452,7 +447,7 @@ class OpenVinoBackend(OnnxRuntimeBackend):
         info = {
             "export_s": export_s,
             "onnx": "the onnxruntime backend's export, converted" if reused else "exported by to_openvino",
-            "openvino": _version("openvino"),
+            "openvino": package_version("openvino"),
             "precision": denoiser.precision,
             "threads": int(denoiser.compiled.get_property("INFERENCE_NUM_THREADS")),
         }
@@ -467,7 +462,7 @@ class TensorRTBackend(OnnxRuntimeBackend):
     def _denoiser(self) -> tuple[Callable, dict[str, Any], float]:
         if self.workload.device.type != "cuda":
             raise BackendSkipped("TensorRT needs a CUDA GPU")
-        if _version("tensorrt") is None:
+        if package_version("tensorrt") is None:
             raise BackendSkipped('tensorrt is not installed (pip install "fastdiff[tensorrt]")')
         try:
             from fastdiff.export import TensorRTDenoiser, build_tensorrt_engine
@@ -488,7 +483,7 @@ class TensorRTBackend(OnnxRuntimeBackend):
         )
         denoiser = TensorRTDenoiser(engine_path)
         build_s = time.perf_counter() - start
-        info = {"export_s": export_s, "build_s": build_s, "tensorrt": _version("tensorrt")}
+        info = {"export_s": export_s, "build_s": build_s, "tensorrt": package_version("tensorrt")}
         return denoiser, info, export_s + build_s
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import platform
 import subprocess
@@ -10,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from fastdiff.engine.candidates import package_version
+from fastdiff.engine.planner import cpu_model
 
 PACKAGES = (
     "fastdiff",
@@ -37,24 +39,10 @@ ENV_VARS = (
 def versions() -> dict[str, str | None]:
     """Installed versions of the packages that decide the numbers (None: not installed), plus Python and CUDA."""
     found: dict[str, str | None] = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = None
+    found.update({name: package_version(name) for name in PACKAGES})
     found["cuda"] = torch.version.cuda
     found["cudnn"] = str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else None
     return found
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def _nvidia_driver() -> str | None:
@@ -74,7 +62,7 @@ def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's model name."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return _cpu_model()
+    return cpu_model()
 
 
 def device_info(device: torch.device) -> dict[str, Any]:
@@ -84,7 +72,7 @@ def device_info(device: torch.device) -> dict[str, Any]:
         "name": device_name(device),
         "driver": None,
         "cuda": torch.version.cuda,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "env": {name: os.environ[name] for name in ENV_VARS if name in os.environ},

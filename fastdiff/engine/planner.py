@@ -98,7 +98,8 @@ def resolve_backend(backend: object, cuda_graphs: bool | str, compile: bool) -> 
     return backend, cuda_graphs, False
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -106,7 +107,7 @@ def _cpu_model() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -115,7 +116,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "versions": {
             p: package_version(p) for p in ("fastdiff", "torch", "onnxruntime", "openvino", "tensorrt")
         },
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
     }
     if device.type == "cuda":

@@ -13,8 +13,11 @@ one. Every entry carries a content hash: a record the sha256 of its key and payl
 file. An entry that fails its check (corrupt, truncated, missing files, another key) is removed and reported as
 absent; an artifact is then built again. Writes are atomic (temporary name, then rename), so a reader sees a whole
 entry or none, and artifacts are built under a per-entry `flock`, so two processes asking for the same artifact
-build it once: the second waits, then finds it. Hashing reads every file of an artifact on each use (a few ms for
-the digits U-Net's 11 MB ONNX file; about 2 s per GB), which is what makes a corrupt export impossible to load.
+build it once: the second waits, then finds it. Hashing reads every file of an artifact (a few ms for the digits
+U-Net's 11 MB ONNX file; about 2 s per GB), which is what makes a corrupt export impossible to load. A process
+hashes an artifact once: later uses in it compare each file's (size, mtime, ctime, inode) with what it saw when the
+hashes matched, and hash again on any difference. Files modified less than STAMP_AGE_S before that check are hashed
+on every use, since a write within the file system's timestamp tick would not change their mtime.
 What goes into a key (weights' hash, shapes, versions, ...) is the planner's business (`fastdiff.engine.planner`).
 """
 
@@ -42,6 +45,8 @@ log = logging.getLogger("fastdiff.cache")
 FORMAT = "fastdiff-cache-v1"
 ENV_VAR = "FASTDIFF_CACHE"
 ENTRY = "entry.json"
+# Files younger than this at a successful check are not remembered as checked (see the module docstring).
+STAMP_AGE_S = 2.0
 INDUCTOR_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 
@@ -90,6 +95,8 @@ class DiskCache:
         self.root = Path(root).expanduser() if root is not None else default_root()
         if self.root.exists() and not self.root.is_dir():
             raise ValueError(f"cache folder {str(self.root)!r} is a file, expected a folder")
+        # artifact folder -> the stat of its files when their hashes last matched (this process only)
+        self._checked: dict[Path, tuple] = {}
 
     # -- paths and locks ------------------------------------------------------------------------------------------
 
@@ -169,16 +176,30 @@ class DiskCache:
 
     # -- artifacts ------------------------------------------------------------------------------------------------
 
+    @staticmethod
+    def _stamp(folder: Path) -> tuple:
+        stats = ((p.name, p.stat()) for p in folder.iterdir())
+        return tuple(sorted((n, s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino) for n, s in stats))
+
     def _valid_artifact(self, folder: Path, key: Mapping[str, Any]) -> bool:
         try:
+            stamp = self._stamp(folder)
+            if self._checked.get(folder) == stamp:
+                return True
+            self._checked.pop(folder, None)
             entry = json.loads((folder / ENTRY).read_bytes())
             files = entry["record"]
             if entry != _sealed(json.loads(canonical_json(key)), files) or not isinstance(files, dict):
                 return False
             present = {p.name for p in folder.iterdir()} - {ENTRY}
-            return present == set(files) and all(file_sha256(folder / n) == d for n, d in files.items())
+            if present != set(files) or any(file_sha256(folder / n) != d for n, d in files.items()):
+                return False
         except (OSError, ValueError, KeyError, TypeError):
             return False
+        newest = max(s[2] for s in stamp)
+        if newest <= time.time_ns() - STAMP_AGE_S * 1e9 and stamp == self._stamp(folder):
+            self._checked[folder] = stamp
+        return True
 
     def find_artifact(self, kind: str, key: Mapping[str, Any]) -> Path | None:
         """The folder of a valid artifact of `key`, or None (an invalid one is removed)."""

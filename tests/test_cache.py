@@ -125,6 +125,29 @@ def test_find_artifact_removes_a_damaged_one(tmp_path):
     assert not folder.exists()
 
 
+def test_an_artifact_is_hashed_once_per_process_until_a_file_changes(tmp_path, monkeypatch):
+    import fastdiff.cache as cache_module
+
+    cache = DiskCache(tmp_path)
+    folder = cache.artifact("onnx", KEY, _builder(tmp_path / "log")).path
+    hashed = []
+    real = cache_module.file_sha256
+    monkeypatch.setattr(cache_module, "file_sha256", lambda path: hashed.append(path.name) or real(path))
+    assert cache.find_artifact("onnx", KEY) == folder
+    assert len(hashed) == 2  # just written: too young to be remembered, so hashed again
+    old = time.time() - 60
+    for f in folder.iterdir():
+        os.utime(f, (old, old))
+    for _ in range(3):
+        assert cache.find_artifact("onnx", KEY) == folder
+    assert len(hashed) == 4  # hashed once more, then remembered
+    assert DiskCache(tmp_path).find_artifact("onnx", KEY) == folder
+    assert len(hashed) == 6  # another cache object (another process) hashes for itself
+    _flip(folder / "model.onnx.data")  # same size, a new mtime
+    assert cache.find_artifact("onnx", KEY) is None
+    assert not folder.exists()
+
+
 def test_a_failed_build_leaves_nothing(tmp_path):
     cache = DiskCache(tmp_path / "cache")
 

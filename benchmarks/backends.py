@@ -321,7 +321,7 @@ class FastdiffGraphsBackend(Backend):
 
 class FastdiffAutoBackend(Backend):
     """What `backend="auto"` picks for each case: `PlannedSampler` over the model, planned (`plan(case)`, which the
-    harness times apart from the runs as `planning_s`) with the harness's runs of the case as the work at hand.
+    harness times apart from the runs as `planning_s`) for a job of `expected_calls` calls of the case.
     The planner's cache is the user's (`FASTDIFF_CACHE`): a second benchmark run loads its decisions."""
 
     name = "fastdiff-auto"
@@ -495,13 +495,13 @@ def prepare(
     workdir: Path,
     max_batch: int,
     graph_mode: str = "auto",
-    runs_per_case: int = 1,
+    auto_calls: int = 1,
 ) -> Backend:
     """Build backend `name` for `workload` in `dtype` (files such as ONNX exports go to `workdir`).
 
     `max_batch` is the largest batch it will sample (TensorRT builds its engine for it); `graph_mode` is the
-    SamplingEngine's ("step" or "loop"); `runs_per_case` the sample() calls of one case (fastdiff-auto's work at
-    hand). Raises `BackendSkipped` with the reason when it cannot run here.
+    SamplingEngine's ("step" or "loop"); `auto_calls` the sample() calls fastdiff-auto plans each case for (the
+    work its builds must pay for). Raises `BackendSkipped` with the reason when it cannot run here.
     """
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
@@ -511,7 +511,7 @@ def prepare(
     if name == "fastdiff-graphs":
         return FastdiffGraphsBackend(workload, dtype, graph_mode)
     if name == "fastdiff-auto":
-        return FastdiffAutoBackend(workload, dtype, runs_per_case)
+        return FastdiffAutoBackend(workload, dtype, auto_calls)
     classes = {
         "eager": EagerBackend,
         "eager-sdpa": EagerSdpaBackend,

@@ -94,6 +94,9 @@ class BenchConfig:
     scaling_samples: int = 256
     # Weight-swap section (benchmarks/weight_swap.py): the backends to time a swap of the digits weights on.
     weight_swap: Sequence[str] = ()
+    # fastdiff-auto plans each case as a job of this many sample() calls: the work a build (export, compile) must
+    # pay for. The default is a served deployment; the benchmark's own few runs would never pay for a build.
+    auto_calls: int = 1000
 
     def __post_init__(self) -> None:
         self.workloads = _check_names("workloads", self.workloads, tuple(WORKLOADS))
@@ -132,6 +135,7 @@ class BenchConfig:
             ("steps", 1),
             ("threads_per_process", 1),
             ("scaling_samples", 1),
+            ("auto_calls", 1),
         ):
             value = getattr(self, name)
             if name == "steps" and value is None:
@@ -457,7 +461,7 @@ def _run_workload(
                     workdir=workdir,
                     max_batch=max(config.batch_sizes),
                     graph_mode=config.graph_mode,
-                    runs_per_case=1 + config.warmup + config.repeats,
+                    auto_calls=config.auto_calls,
                 )
             except BackendSkipped as skip:
                 unavailable[backend_name] = ("skipped", str(skip))

@@ -468,6 +468,7 @@ def test_scaling_plan_and_gpu_rows_without_enough_gpus(monkeypatch):
         ({"processes": [2]}, "processes"),
         ({"processes": [0, 1]}, "processes"),
         ({"threads_per_process": 0}, "threads_per_process"),
+        ({"auto_calls": 0}, "auto_calls"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, name):
@@ -484,6 +485,7 @@ def test_config_rejects_bad_values(kwargs, name):
         ["--dtype", "int8"],
         ["--repeats", "0"],
         ["--warmup", "-1"],
+        ["--auto-calls", "0"],
     ],
 )
 def test_bad_command_line_is_a_usage_error(argv, capsys):
@@ -576,9 +578,11 @@ def test_fastdiff_auto_reports_its_plan_and_planning_time_apart():
         warmup=0,
         device="cpu",
         profile=False,
+        auto_calls=7,
     )
     doc = run_benchmark(config, progress=False)
     assert report.validation_errors(doc) == []
+    assert doc["settings"]["auto_calls"] == 7
     (auto,) = _rows(doc, backend="fastdiff-auto")
     assert auto["status"] == "ok", auto["reason"]
     assert auto["planning_s"] is not None and auto["planning_s"] >= 0
@@ -586,4 +590,5 @@ def test_fastdiff_auto_reports_its_plan_and_planning_time_apart():
     plan = auto["info"]["plans"]["2"]
     assert plan["line"].startswith(f"backend: {plan['backend']} (")
     assert plan["candidates"]["eager"]["status"] == "ok"
+    assert plan["work_calls"] == 7  # the job the planner weighed builds against
     assert auto["numerics"]["max_abs"] < 1e-3  # whatever it chose, verified against eager

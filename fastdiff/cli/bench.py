@@ -138,6 +138,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         + ", ".join(SWAP_BACKENDS)
         + "): new weights to the first correct sample, in place and with re-capture / re-export",
     )
+    p.add_argument(
+        "--auto-calls",
+        type=_count(1),
+        default=1000,
+        help="fastdiff-auto plans each case as a job of this many sample() calls, the work an export or compile "
+        "must pay for (default 1000: a served deployment; planning time is reported apart as planning_s)",
+    )
     p.add_argument("--out", help="results JSON (validated against schema.json, written atomically)")
     p.add_argument("--markdown", help="markdown report")
     p.add_argument("--plot", help="PNG of the speedups over eager (needs matplotlib, the `plot` extra)")
@@ -164,6 +171,7 @@ def command_line(args: argparse.Namespace) -> str:
         ("--threads-per-process", args.threads_per_process if args.processes else None),
         ("--scaling-samples", args.scaling_samples if args.processes else None),
         ("--weight-swap", ",".join(args.weight_swap) if args.weight_swap else None),
+        ("--auto-calls", args.auto_calls if "fastdiff-auto" in args.backends else None),
         ("--out", args.out),
         ("--markdown", args.markdown),
         ("--plot", args.plot),
@@ -204,6 +212,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         threads_per_process=args.threads_per_process,
         scaling_samples=args.scaling_samples,
         weight_swap=args.weight_swap or (),
+        auto_calls=args.auto_calls,
     )
     report = run_benchmark(config, command=command_line(args), progress=not args.quiet)
     text = markdown(report)

@@ -222,6 +222,7 @@ class Plan:
             "speedup_vs_eager": self.speedup,
             "planning_s": self.planning_s,
             "from_cache": self.from_cache,
+            "work_calls": self.work_seen,
             "candidates": {n: r.to_json() for n, r in self.results.items()},
         }
 

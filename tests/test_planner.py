@@ -20,7 +20,8 @@ from fastdiff.engine.planner import (
 from fastdiff.errors import BackendUnavailableError
 from fastdiff.models.mlp import MLPDenoiser
 
-STEPS = 30  # probe: 3 rows, so a probe's time counts 10x per call
+STEPS = 30
+PROBE_ROWS = 3  # the shortest probe: a fake's seconds are per 3 rows (10x per call), nothing fixed per call
 
 
 class _Shifted:
@@ -84,16 +85,16 @@ class Clock:
 
 
 class Timer:
-    """Seconds per probe run by candidate name; counts calls and runs each function (so outputs are real)."""
+    """Seconds per 3 rows by candidate name; counts calls and runs each function (so outputs are real)."""
 
     def __init__(self, seconds):
         self.seconds = seconds
         self.calls = 0
 
-    def __call__(self, name, run):
+    def __call__(self, name, run, rows):
         self.calls += 1
         run()
-        return self.seconds[name]
+        return self.seconds[name] * rows / PROBE_ROWS
 
 
 @pytest.fixture(scope="module")
@@ -310,7 +311,7 @@ def test_when_nothing_can_pay_eager_is_chosen_after_one_timed_probe(tmp_path, mo
     )
     plan = planner.plan(_target(planner, model, sampler), work_calls=3)
     assert plan.backend == "eager" and expensive.built == 0
-    assert timer.calls == 2  # a warm-up run and one timed run of the probe rows
+    assert timer.calls == 1  # the warm-up run shows that 3 calls cannot pay 60 s: nothing more is timed
     assert plan.results["eager"].s_per_call == pytest.approx(1.0)
 
 
@@ -337,7 +338,7 @@ def test_a_cached_choice_that_costs_more_to_load_than_this_work_saves_gives_way_
     def planner():
         clock = Clock()
         compiled = Fake("compiled", per_table=True, clock=clock, build_s=30.0)
-        return _planner(tmp_path, {"eager": 0.1, "compiled": 0.2}, compiled, clock=clock)[0]
+        return _planner(tmp_path, {"eager": 0.1, "compiled": 0.02}, compiled, clock=clock)[0]
 
     # per-table candidates are timed on whole runs: 0.2 s a call against eager's 1.0 s
     assert planner().plan(_target(planner(), model, sampler), work_calls=100).backend == "compiled"
@@ -373,3 +374,22 @@ def test_resolve_backend(given, expected):
 def test_resolve_backend_refuses_contradictions(backend, cuda_graphs, compile):
     with pytest.raises(ValueError, match="contradicts backend"):
         resolve_backend(backend, cuda_graphs, compile)
+
+
+def test_a_fixed_cost_per_call_is_not_scaled_with_the_probe(tmp_path, model, sampler):
+    class FixedPlusRows(Timer):
+        def __call__(self, name, run, rows):
+            self.calls += 1
+            run()
+            fixed, per_row = self.seconds[name]
+            return fixed + per_row * rows
+
+    # eager: 0.1 s a row, 3 s a call; "fast": 0.5 s of fixed cost per call and 0.01 s a row, 0.8 s a call.
+    # One 3-row probe scaled 10x would put "fast" at 5.3 s a call, slower than eager.
+    timer = FixedPlusRows({"eager": (0.0, 0.1), "fast": (0.5, 0.01)})
+    fast = Fake("fast")
+    planner = Planner(DiskCache(tmp_path), timer=timer, candidates={"eager": Eager(), "fast": fast})
+    plan = planner.plan(_target(planner, model, sampler), work_calls=10)
+    assert plan.backend == "fast"
+    assert plan.results["fast"].s_per_call == pytest.approx(0.8)
+    assert plan.results["eager"].s_per_call == pytest.approx(3.0)

@@ -48,10 +48,10 @@ class Timer:
     def __init__(self, seconds):
         self.seconds, self.calls = seconds, 0
 
-    def __call__(self, name, run):
+    def __call__(self, name, run, rows):
         self.calls += 1
         run()
-        return self.seconds[name]
+        return self.seconds[name] * rows
 
 
 def _planner(root, seconds):

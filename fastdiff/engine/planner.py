@@ -4,8 +4,10 @@
 its reason), builds those whose build pays for itself, checks each one's samples against eager on the same x_T and
 noise, times them, and takes the fastest verified one, or eager:
 
-1. Eager first: a run of the first `k` rows of the table (k >= PROBE_STEPS, enough rows for MIN_PROBE_S) gives the
-   reference samples and, scaled to the whole table, eager's seconds per call.
+1. Eager first: runs of the first `k` and `2k` rows of the table (k >= PROBE_STEPS, enough rows for MIN_PROBE_S)
+   give the reference samples and, fitted to a fixed cost per call plus a cost per row and extrapolated to the
+   whole table, eager's seconds per call (a call's fixed cost, scaled with the rows, would inflate it n/k times).
+   When the warm-up run alone, scaled to the table, shows that no build could pay, nothing more is timed.
 2. Cost: the work at hand is `work_calls` sample() calls (the CLI knows its batches) plus the calls that earlier runs
    of the same key recorded. A build is paid only if its cost (a build recorded in the cache for this model, else the
    prior of `fastdiff.engine.candidates`; nothing when its artifact is cached) is at most the eager time of that work: the
@@ -14,8 +16,8 @@ noise, times them, and takes the fastest verified one, or eager:
 3. Verification: the candidate's samples after the same rows (whole runs for per-table candidates) must be within
    its tolerance of eager's (`Candidate.tolerance`: max abs difference over max(1, max |eager|)); one that is not is
    refused with the difference it showed.
-4. Timing: REPEATS rounds, one run of every built candidate per round in an order that rotates, the median per
-   candidate (2 shared cores are noisy; interleaving spreads a change of load over all). A candidate is taken only
+4. Timing: REPEATS rounds, one run of every built candidate per round (both probe lengths) in an order that
+   rotates, the median per candidate and length (2 shared cores are noisy; interleaving spreads a change of load over all). A candidate is taken only
    when it beats eager by more than MARGIN, so `auto` is never slower than eager beyond that noise.
 
 The decision, every candidate's measurements and the work seen are stored in the cache (`fastdiff.cache`) under a key
@@ -232,6 +234,16 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
 
 
+def _per_call(seconds: Mapping[int, float], n: int) -> float:
+    """Seconds of a whole `n`-row call from runs of `rows -> seconds`: one length scaled, or two fitted to a
+    fixed cost plus a cost per row (never below either measurement)."""
+    if len(seconds) == 1:
+        ((rows, t),) = seconds.items()
+        return t * n / rows
+    (r1, t1), (r2, t2) = sorted(seconds.items())
+    return max(t1 + (t2 - t1) * (n - r1) / (r2 - r1), t1, t2)
+
+
 def _difference(out: torch.Tensor, ref: torch.Tensor) -> float:
     ref = ref.detach().float().cpu()
     out = out.detach().float().cpu()
@@ -243,14 +255,15 @@ def _difference(out: torch.Tensor, ref: torch.Tensor) -> float:
 class Planner:
     """Chooses and builds backends (see the module docstring). `cache`: a DiskCache (default: the user's cache
     folder; its inductor/ folder becomes inductor's cache unless TORCHINDUCTOR_CACHE_DIR is set). `timer(name,
-    run)`: seconds of one run of candidate `name` (default: `run()` timed with `clock`, synchronised on CUDA).
+    run, rows)`: seconds of one run of candidate `name` over `rows` rows of the table (default: `run()` timed with
+    `clock`, synchronised on CUDA).
     `candidates`: the candidate objects by name (default: `fastdiff.engine.candidates.CANDIDATES`)."""
 
     def __init__(
         self,
         cache: DiskCache | None = None,
         *,
-        timer: Callable[[str, Callable[[], Any]], float] | None = None,
+        timer: Callable[[str, Callable[[], Any], int], float] | None = None,
         clock: Callable[[], float] = time.perf_counter,
         candidates: Mapping[str, Candidate] | None = None,
         repeats: int = REPEATS,
@@ -268,7 +281,7 @@ class Planner:
             )
         self.repeats = repeats
 
-    def _time(self, name: str, run: Callable[[], Any]) -> float:
+    def _time(self, name: str, run: Callable[[], Any], rows: int) -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         start = self.clock()
@@ -438,21 +451,19 @@ class Planner:
         seen: float,
         start: float,
     ) -> Plan:
-        results: dict[str, Result] = {}
+        results: dict[str, Result] = {"eager": Result("ok", build_s=0.0)}
         eager = self.candidates["eager"]
         n = len(sampler_table(target.sampler))
         rows = min(n, PROBE_STEPS)
         eager_runner, _ = self._ready(eager, target, _Probe(target.sampler, rows))
-        first = self.timer("eager", lambda: self._run(eager_runner, target))
+        first = self.timer("eager", lambda: self._run(eager_runner, target), rows)
         if first > 0 and first < MIN_PROBE_S and rows < n:
             rows = min(n, math.ceil(rows * MIN_PROBE_S / first))
             eager_runner, _ = self._ready(eager, target, _Probe(target.sampler, rows))
-        probe = _Probe(target.sampler, rows)
-        runners: dict[str, tuple[Any, float]] = {"eager": (eager_runner, n / rows)}
-        results["eager"] = Result("ok", build_s=0.0)
-        # eager's time per call after a warm-up run (refined with the others' rounds below)
-        eager_s = self.timer("eager", lambda: self._run(eager_runner, target)) * n / rows
-        budget = eager_s * (work_calls + seen)
+        # Two probe lengths: a call's fixed cost (argument checks, buffers, a weights check) is not per row, and
+        # scaling one short probe to the whole table would multiply it by n / rows.
+        lengths = (rows,) if rows == n else (rows, min(n, 2 * rows))
+        probes = {r: _Probe(target.sampler, r) for r in lengths}
 
         order = []
         for name in names:
@@ -464,11 +475,23 @@ class Planner:
                 results[name] = Result("unavailable", reason)
                 continue
             order.append((self._estimate(candidate, target), name))
-        if all(estimate > budget for estimate, _ in order):
-            # nothing can pay for itself: eager, without measuring anything more
-            runners = {}
-        else:
+        # The warm-up run scaled to the table bounds eager's time per call from above: when even that much work
+        # cannot pay for any build, eager is the answer without timing anything more.
+        eager_s = first * n / rows
+        runners: dict[str, list[tuple[Any, int]]] = {}
+        if any(estimate <= eager_s * (work_calls + seen) for estimate, _ in order):
+            runners["eager"] = [(eager_runner, rows)]
+            runners["eager"] += [(self._ready(eager, target, probes[r])[0], r) for r in lengths[1:]]
+            eager_s = _per_call(
+                {
+                    r: self.timer("eager", lambda run=run: self._run(run, target), r)
+                    for run, r in runners["eager"]
+                },
+                n,
+            )
             reference = self._run(eager_runner, target)
+        budget = eager_s * (work_calls + seen)
+
         full_reference: list[torch.Tensor] = []
         for estimate, name in sorted(order):
             candidate = self.candidates[name]
@@ -481,7 +504,7 @@ class Planner:
                 continue
             cached = candidate.cached(target)
             try:
-                sampler = target.sampler if candidate.per_table else probe
+                sampler = target.sampler if candidate.per_table else probes[rows]
                 runner, build_s = self._ready(candidate, target, sampler)
                 if not cached:
                     self.cache.put(BUILD_KIND, candidate.build_key(target), {"build_s": build_s})
@@ -495,6 +518,9 @@ class Planner:
                 else:
                     ref = reference
                 diff = _difference(self._run(runner, target), ref)
+                timed = [(runner, n if candidate.per_table else rows)]
+                if not candidate.per_table:
+                    timed += [(self._ready(candidate, target, probes[r])[0], r) for r in lengths[1:]]
             except StaleWeightsError:
                 raise
             except Exception as err:  # a candidate that fails here is a result, not the end of planning
@@ -507,17 +533,20 @@ class Planner:
                 result.reason = f"its samples differ from eager's by {diff:.3g} > {tolerance:g}"
             results[name] = result
             if result.status == "ok":
-                runners[name] = (runner, 1.0 if candidate.per_table else n / rows)
+                runners[name] = timed
 
-        times: dict[str, list[float]] = {name: [] for name in runners}
+        times: dict[str, dict[int, list[float]]] = {name: {} for name in runners}
         for r in range(self.repeats if runners else 0):
             order_r = list(runners)
             order_r = order_r[r % len(order_r) :] + order_r[: r % len(order_r)]
             for name in order_r:
-                runner, scale = runners[name]
-                times[name].append(self.timer(name, lambda runner=runner: self._run(runner, target)) * scale)
-        for name, values in times.items():
-            results[name].s_per_call = statistics.median(values)
+                for run, length in runners[name]:
+                    seconds = self.timer(name, lambda run=run: self._run(run, target), length)
+                    times[name].setdefault(length, []).append(seconds)
+        for name, by_length in times.items():
+            results[name].s_per_call = _per_call(
+                {length: statistics.median(values) for length, values in by_length.items()}, n
+            )
         if runners:
             eager_s = results["eager"].s_per_call
         results["eager"].s_per_call = eager_s
@@ -533,7 +562,7 @@ class Planner:
                 r.reason = f"{eager_s / r.s_per_call:.2f}x eager"
         candidate = self.candidates[choice]
         if candidate.per_table:
-            runner = runners[choice][0]
+            runner = runners[choice][0][0]
         else:
             runner, _ = self._ready(candidate, target, target.sampler)
         skipped = [r.estimate_s for r in results.values() if r.status == "skipped"]
@@ -546,7 +575,7 @@ class Planner:
                     "eager_s": eager_s,
                     "candidates": {n: r.to_json() for n, r in results.items()},
                     "calls_seen": work_calls + seen,
-                    "probe_rows": rows,
+                    "probe_rows": list(lengths),
                 },
             )
         plan = Plan(choice, runner, "auto", results, eager_s, self.clock() - start, False, key or {})

@@ -9,6 +9,7 @@ import torch
 from fastdiff.kernels.backend import (
     check_backend,
     decomposing,
+    eager_call,
     interpreter_enabled,
     multiprocessor_count,
     resolve_backend,
@@ -250,8 +251,7 @@ def attention_reference(
     return torch.matmul(w, v.float()).to(q.dtype)
 
 
-@torch.library.custom_op("fastdiff::attention", mutates_args=())
-def _attention_op(
+def _attention_body(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str, allow_tf32: bool
 ) -> torch.Tensor:
     if resolve_backend(backend, q.device) == "triton":
@@ -260,6 +260,9 @@ def _attention_op(
             return q.new_empty((*q.shape[:3], v.shape[3]))
         return _attention_triton(q, k, v, scale, allow_tf32=allow_tf32)
     return attention_reference(q, k, v, scale=scale)
+
+
+_attention_op = torch.library.custom_op("fastdiff::attention", mutates_args=())(_attention_body)
 
 
 @_attention_op.register_fake
@@ -355,4 +358,6 @@ def attention(
         check_backend(backend)
         return attention_reference(q, k, v, scale=scale)
     # the backend is resolved inside the op, so a compiled graph keeps one opaque node
+    if eager_call(q, k, v):
+        return _attention_body(q, k, v, scale, backend, allow_tf32)
     return _attention_op(q, k, v, scale, backend, allow_tf32)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from fastdiff.kernels.backend import check_backend, decomposing, memory_format, resolve_backend
+from fastdiff.kernels.backend import check_backend, decomposing, eager_call, memory_format, resolve_backend
 from fastdiff.table import COLUMN, HISTORY_KINDS, LEARNED_VARIANCES, TABLE_COLUMNS, apply_row, threshold_scale
 
 try:
@@ -655,6 +655,8 @@ def sampler_step(
         return torch.empty_like(x) if out is None else out
     args = (x, eps, table, step_index, step_tensor, noise, eps_uncond, w, w_tensor, clip, backend)
     v2 = (history, xs, variance, scale, history_kind or "", learned_variance or "")
+    if eager_call(x, eps, table, step_tensor, noise, eps_uncond, w_tensor, out, *v2[:4]):
+        return _run_op(out, *args, *v2)
     if out is None:
         return _sampler_step_op(*args, *v2)
     _sampler_step_out_op(out, *args, *v2)

@@ -333,8 +333,9 @@ TOY_SAMPLER = DDIMSampler(fastdiff.NoiseSchedule.from_kind("linear"), 5)
 
 
 def _slow_toy(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """A denoiser slow enough (5 ms a call) that two runs started together overlap."""
-    time.sleep(0.005)
+    """A denoiser slow enough (20 ms a call, 0.4 s a run) that two runs started together overlap, even when a
+    loaded machine delays one process's start."""
+    time.sleep(0.02)
     return torch.tanh(x)
 
 

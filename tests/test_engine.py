@@ -398,7 +398,7 @@ def test_compiled_loop_that_cannot_trace_falls_back_to_steps(monkeypatch, graph_
     monkeypatch.setattr(cpu_loop, "LOOP_BELOW_SECONDS", float("inf"))
     torch.manual_seed(0)
     model = MLPDenoiser(hidden=32, num_layers=1, time_embed_dim=16).eval()
-    sampler = DDIMSampler(SCHEDULE, num_steps=6, eta=1.0)
+    sampler = DDIMSampler(SCHEDULE, num_steps=10, eta=1.0)  # more steps than auto times
 
     def host_read(x, t):
         return model(x, t) * (2.0 if int(t[0]) > 500 else 1.0)
@@ -421,7 +421,7 @@ def test_warmup_compiles_what_sample_runs(monkeypatch):
     """After warmup (on zeros, no generator drawn) the auto engine has chosen and compiled the loop."""
     monkeypatch.setattr(cpu_loop, "LOOP_BELOW_SECONDS", float("inf"))
     model = MLPDenoiser(hidden=32, num_layers=1, time_embed_dim=16).eval()
-    sampler = DDIMSampler(SCHEDULE, num_steps=6)
+    sampler = DDIMSampler(SCHEDULE, num_steps=10)  # more steps than auto times
     eng = SamplingEngine(model, sampler, compile=True)
     eng.warmup((4, 2))
     (entry,) = eng._cache.values()

@@ -21,7 +21,10 @@ from fastdiff.kernels.backend import decomposed
 # LOOP_BELOW_SECONDS. The while_loop saves the ~0.1 ms per-call cost of a compiled step, which matters for small
 # models (swiss-roll MLP, batch 1: 0.14 ms a step as steps, 0.06 ms in the loop) and not for large ones, where
 # it costs twice the compile time and ran ~5% slower (digits U-Net, batch 64, 37 ms a step).
-AUTO_TIMED_STEPS = 2
+# Five, and their median: with two, the slower one decided, and a step still paying a one-off cost after the
+# compile sent the swiss-roll MLP (0.3 ms a compiled step) down the step path in a benchmark run (1.28x eager
+# against 6.3x in the loop).
+AUTO_TIMED_STEPS = 5
 LOOP_BELOW_SECONDS = 1e-3
 
 # A function of the carried (step counter, x, history, xs) -> (the next x, history, xs), None where absent.

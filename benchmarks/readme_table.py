@@ -46,9 +46,11 @@ def readme_table(report: dict[str, Any], source: str) -> str:
                 cells = []
                 for b in backends:
                     r = ok.get((name, batch, dtype, b))
-                    cells.append(
+                    cell = (
                         "—" if r is None or r["speedup_vs_eager"] is None else f"{r['speedup_vs_eager']:.2f}x"
                     )
+                    chosen = _auto_choice(r)
+                    cells.append(cell if chosen is None else f"{cell} ({chosen})")
                 label = f"{name} ({desc['sampler'].upper()} {desc['steps']})"
                 lines.append(
                     f"| {label} | {batch} | {dtype} | {eager['samples_per_s']:.4g} | "
@@ -72,6 +74,14 @@ def readme_table(report: dict[str, Any], source: str) -> str:
             + ", ".join(f"{b} {v:.2g}" for b, v in worst.items())
             + "."
         )
+    planning = [r["planning_s"] for r in ok.values() if r["backend"] == "fastdiff-auto" and r["planning_s"]]
+    if planning:
+        notes.append(
+            f"fastdiff-auto: the planner's choice (in brackets) for a job of "
+            f"{report['settings'].get('auto_calls', '?')} calls per case (`--auto-calls`), from an empty cache; "
+            f"planning (measuring, exporting, compiling) took {min(planning):.0f}-{max(planning):.0f} s per case, "
+            "apart from the timed runs."
+        )
     if skipped:
         notes.append(f"Not measured on this machine: {', '.join(skipped)} (reasons in the results file).")
     notes += [f"Results: `{source}`.", *header(report)]
@@ -81,6 +91,14 @@ def readme_table(report: dict[str, Any], source: str) -> str:
             "\n".join(scaling_lines(report["scaling"], heading="Data-parallel sampling, same run:")) + "\n"
         )
     return text
+
+
+def _auto_choice(row: dict[str, Any] | None) -> str | None:
+    """The backend fastdiff-auto ran for this row, from its recorded plan (None for other backends)."""
+    if row is None or row["backend"] != "fastdiff-auto":
+        return None
+    plan = (row.get("info") or {}).get("plans", {}).get(str(row["batch_size"]))
+    return None if plan is None else plan.get("backend")
 
 
 def replace_between_markers(text: str, body: str, start: str = START, end: str = END) -> str:

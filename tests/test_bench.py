@@ -591,4 +591,7 @@ def test_fastdiff_auto_reports_its_plan_and_planning_time_apart():
     assert plan["line"].startswith(f"backend: {plan['backend']} (")
     assert plan["candidates"]["eager"]["status"] == "ok"
     assert plan["work_calls"] == 7  # the job the planner weighed builds against
+    table = readme_table.readme_table(doc, "r.json")
+    assert f"x ({plan['backend']}) |" in table  # the README cell names what auto ran
+    assert "a job of 7 calls per case" in table
     assert auto["numerics"]["max_abs"] < 1e-3  # whatever it chose, verified against eager

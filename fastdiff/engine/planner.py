@@ -4,7 +4,7 @@
 its reason), builds those whose build pays for itself, checks each one's samples against eager on the same x_T and
 noise, times them, and takes the fastest verified one, or eager:
 
-1. Eager first: runs of the first `k` and `2k` rows of the table (k >= PROBE_STEPS, enough rows for MIN_PROBE_S)
+1. Eager first: runs of the first `k` rows and of half the table (k >= PROBE_STEPS, enough rows for MIN_PROBE_S)
    give the reference samples and, fitted to a fixed cost per call plus a cost per row and extrapolated to the
    whole table, eager's seconds per call (a call's fixed cost, scaled with the rows, would inflate it n/k times).
    When the warm-up run alone, scaled to the table, shows that no build could pay, nothing more is timed.
@@ -461,8 +461,10 @@ class Planner:
             rows = min(n, math.ceil(rows * MIN_PROBE_S / first))
             eager_runner, _ = self._ready(eager, target, _Probe(target.sampler, rows))
         # Two probe lengths: a call's fixed cost (argument checks, buffers, a weights check) is not per row, and
-        # scaling one short probe to the whole table would multiply it by n / rows.
-        lengths = (rows,) if rows == n else (rows, min(n, 2 * rows))
+        # scaling one short probe to the whole table would multiply it by n / rows. The second covers half the
+        # table, so that extrapolating it multiplies the noise of a difference of two timings by at most about 2
+        # (a 3 and 6-row pair on digits multiplied it by 16: onnxruntime measured 0.03 s a call against 0.1 s).
+        lengths = (rows,) if rows == n else (rows, min(n, max(2 * rows, math.ceil(n / 2))))
         probes = {r: _Probe(target.sampler, r) for r in lengths}
 
         order = []

@@ -103,6 +103,10 @@ def ckpt(tmp_path_factory) -> pathlib.Path:
         (["--model", "{tmp}/huge-schedule.safetensors"], "num_train_timesteps must be an int in [1, 100000]"),
         (["--model", "{tmp}/garbage-prediction.safetensors"], "prediction_type must be one of"),
         (["--model", "{tmp}/huge-model.safetensors"], "does not match the stored tensors"),
+        (
+            ["--model", "{tmp}/sample-prediction.safetensors", "--sampler", "euler-a"],
+            "--sampler euler-a (model prediction_type 'sample'): prediction_type must be one of",
+        ),
         (["--model", "{tmp}/mlp.safetensors", "--out", "{tmp}/points.png"], "not images; use .npz"),
     ],
 )
@@ -117,6 +121,7 @@ def test_sample_arguments_are_refused_before_any_work(args, message, tmp_path, c
     edits = {
         "huge-schedule": lambda h: {**h, "schedule": {"kind": "linear", "num_train_timesteps": 10**9}},
         "garbage-prediction": lambda h: {**h, "prediction_type": "garbage"},
+        "sample-prediction": lambda h: {**h, "prediction_type": "sample"},
         "huge-model": lambda h: {**h, "config": {**h["config"], "model_channels": 4096}},
     }
     for name, edit in edits.items():

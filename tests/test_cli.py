@@ -110,7 +110,8 @@ def test_x_T_file(tmp_path, capsys):
     ("args", "message"),
     [
         (["--model", "cifar"], "--model"),
-        (["--steps", "1001"], "larger than the model's schedule"),
+        (["--steps", "1001"], "--steps 1001 is larger than the model's schedule"),
+        (["--sampler", "dpmpp-2m", "--eta", "0.5"], "--eta 0.5: --sampler dpmpp-2m has no eta"),
         (["--class-label", "10"], "--class-label"),
         (["--out", "{tmp}/missing/x.png"], "does not exist"),
         (["--out", "{tmp}/x.jpg"], "--out"),

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import torch
 
     from fastdiff.pretrained import Pretrained
+    from fastdiff.samplers import Sampler
 
 # Upper bounds of the sampling arguments, checked before anything is allocated (and stated in --help).
 MAX_SEED = 2**63 - 1
@@ -88,6 +89,28 @@ def _load_x_T(path: str, shape: tuple[int, ...]) -> torch.Tensor:
     return x
 
 
+def _sampler(args: argparse.Namespace, pre: Pretrained) -> Sampler:
+    """The sampler the flags ask for on the model's schedule; a refusal names the flag (--steps, --eta, --sampler)."""
+    from fastdiff.samplers import SAMPLERS, build_sampler
+
+    total = pre.schedule.num_train_timesteps
+    if args.steps > total:
+        raise ValueError(f"--steps {args.steps} is larger than the model's schedule ({total} steps)")
+    try:
+        return build_sampler(
+            args.sampler, pre.schedule, args.steps, eta=args.eta, prediction_type=pre.prediction_type
+        )
+    except ValueError as err:
+        if "'eta'" in str(err):
+            takers = sorted(n for n, entry in SAMPLERS.items() if entry.accepts("eta"))
+            raise ValueError(
+                f"--eta {args.eta}: --sampler {args.sampler} has no eta (samplers with one: {', '.join(takers)})"
+            ) from None
+        raise ValueError(
+            f"--sampler {args.sampler} (model prediction_type {pre.prediction_type!r}): {err}"
+        ) from None
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     """Generate images with a shipped or trained model and write a PNG grid, an .npz or a shard folder."""
     import math
@@ -98,7 +121,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from fastdiff.engine.planner import check_backend
     from fastdiff.output import check_output_path, save_npz, save_png_grid
     from fastdiff.pretrained import load_model
-    from fastdiff.samplers import build_sampler
 
     if not args.out:
         raise ValueError("--out is empty: give a .png or .npz file, or a shard folder DIR/")
@@ -127,9 +149,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             f"--num-samples {args.num_samples} would hold {nbytes / 2**30:.1f} GiB in memory for one file (at most "
             f"{MAX_FILE_BYTES >> 30} GiB); write them to a shard folder instead: --out DIR/"
         )
-    sampler = build_sampler(
-        args.sampler, pre.schedule, args.steps, eta=args.eta, prediction_type=pre.prediction_type
-    )
+    sampler = _sampler(args, pre)
     guidance = guidance_scale_for(pre, args.guidance_scale)
     labels = _labels(pre, args)
     shape = (args.num_samples, *pre.sample_shape)
@@ -192,7 +212,6 @@ def cmd_sample_to_dir(args: argparse.Namespace) -> int:
     from fastdiff.engine import engine_for
     from fastdiff.engine.planner import check_backend
     from fastdiff.pretrained import load_model
-    from fastdiff.samplers import build_sampler
 
     if args.x_T:
         raise ValueError(
@@ -208,9 +227,7 @@ def cmd_sample_to_dir(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     group = init_distributed(device)
     pre = load_model(args.model, str(device), argument="--model")
-    sampler = build_sampler(
-        args.sampler, pre.schedule, args.steps, eta=args.eta, prediction_type=pre.prediction_type
-    )
+    sampler = _sampler(args, pre)
     engine = engine_for(pre.model, sampler, device, backend=check_backend(args.backend))
     guidance = guidance_scale_for(pre, args.guidance_scale)
     first = min(args.batch_size, args.num_samples)

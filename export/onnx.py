@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastdiff.engine.weights import wrapped_module
 from fastdiff.errors import CheckpointError, FastdiffError, missing_extra
 from fastdiff.export.runtime import (
     RESERVED,
@@ -374,9 +375,9 @@ def to_onnx(
     ort = _import("onnxruntime")
 
     model_dtype, device = _model_dtype_device(model)
-    digest = state_sha256(
-        model.state_dict()
-    )  # of the module as given: what a denoiser's `source` is compared with
+    # Of the module that holds the weights (a wrapper such as as_denoiser's unwrapped, as a denoiser's `source` is):
+    # a wrapper's state_dict names them differently.
+    digest = state_sha256(wrapped_module(model).state_dict())
     if (dtype or model_dtype) not in DEFAULT_ATOL:
         raise ValueError(
             f"cannot export a {dtype or model_dtype} model: the parity check feeds onnxruntime float32 or float16 "

@@ -219,6 +219,25 @@ def test_diffusers_unet2d_parity(unet2d):
     assert OnnxDenoiser(path).null_label is None  # diffusers has no null class unless told (as_denoiser)
 
 
+def test_a_wrapped_model_exports_with_the_digest_of_the_weights_it_wraps(unet2d, tmp_path):
+    """as_denoiser wraps a diffusers U-Net in a module whose state_dict names the weights differently; the export
+    records the wrapped weights' digest, so the wrapper and the bare model are both its source (the planner binds
+    the wrapper: an SD 1.5 benchmark failed with StaleWeightsError before)."""
+    from fastdiff.accelerate import as_denoiser
+
+    model, _ = unet2d
+    wrapped = as_denoiser(model)
+    assert wrapped is not model
+    path = to_onnx(
+        wrapped, tmp_path / "w.onnx", sample_shape=(2, 1, 8, 8), cond_shapes={"class_labels": (2,)}
+    )
+    for source in (wrapped, model):
+        denoiser = OnnxDenoiser(path, ["CPUExecutionProvider"], source=source)
+        x, t = torch.zeros(1, 1, 8, 8), torch.tensor([10])
+        out = denoiser(x, t, class_labels=torch.tensor([3]))
+        torch.testing.assert_close(out, model(x, t, class_labels=torch.tensor([3])).sample, rtol=0, atol=ATOL)
+
+
 def test_diffusers_unet2d_condition_parity(unet2d_condition):
     model, path = unet2d_condition
 

@@ -393,3 +393,19 @@ def test_a_fixed_cost_per_call_is_not_scaled_with_the_probe(tmp_path, model, sam
     assert plan.backend == "fast"
     assert plan.results["fast"].s_per_call == pytest.approx(0.8)
     assert plan.results["eager"].s_per_call == pytest.approx(3.0)
+
+
+def test_a_build_paid_at_planning_counts_before_a_skipped_one_is_reconsidered(tmp_path, model, sampler):
+    clock = Clock()
+    paid = Fake("paid", estimate=4.0, clock=clock, build_s=4.0)
+    later = Fake("later", estimate=8.0)
+    planner, _ = _planner(tmp_path, {"eager": 0.1, "paid": 0.05, "later": 0.01}, paid, later, clock=clock)
+    planned = PlannedSampler(model, sampler, planner=planner, expected_calls=10)
+    planned.sample((4, 2), generator=torch.Generator().manual_seed(0))
+    (plan,) = planned.plans.values()
+    # 10 s of eager work: "paid" spends 4 s of it, so "later" (8 s) needs 12 s of work to pay
+    assert plan.backend == "paid" and later.built == 0
+    assert plan.results["later"].status == "skipped"
+    assert plan.results["later"].pays_at_s == pytest.approx(12.0)
+    planned.sample((4, 2), generator=torch.Generator().manual_seed(0))
+    assert list(planned.plans.values()) == [plan]  # the served calls have not paid for "later" yet

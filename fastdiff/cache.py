@@ -191,7 +191,7 @@ class DiskCache:
             files = entry["record"]
             if entry != _sealed(json.loads(canonical_json(key)), files) or not isinstance(files, dict):
                 return False
-            present = {p.name for p in folder.iterdir()} - {ENTRY}
+            present = {name for name, *_ in stamp} - {ENTRY}
             if present != set(files) or any(file_sha256(folder / n) != d for n, d in files.items()):
                 return False
         except (OSError, ValueError, KeyError, TypeError):

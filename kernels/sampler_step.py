@@ -655,7 +655,7 @@ def sampler_step(
         return torch.empty_like(x) if out is None else out
     args = (x, eps, table, step_index, step_tensor, noise, eps_uncond, w, w_tensor, clip, backend)
     v2 = (history, xs, variance, scale, history_kind or "", learned_variance or "")
-    if eager_call(x, eps, table, step_tensor, noise, eps_uncond, w_tensor, out, *v2[:4]):
+    if eager_call(x, eps, table, step_tensor, noise, eps_uncond, w_tensor, out, history, xs, variance, scale):
         return _run_op(out, *args, *v2)
     if out is None:
         return _sampler_step_op(*args, *v2)

@@ -220,6 +220,10 @@ class _Exported(Candidate):
     def onnx_cached(self, target: Target) -> bool:
         return target.cache.find_artifact("onnx", self.onnx_key(target)) is not None
 
+    def cached(self, target: Target) -> bool:
+        """The ONNX export in the cache (what onnxruntime and OpenVINO load; TensorRT and AOTI say their own)."""
+        return self.onnx_cached(target)
+
     def onnx_file(self, target: Target) -> Path:
         """The verified ONNX export of the target's model in the cache, exported now if absent."""
         if "onnx" not in target.shared:
@@ -264,9 +268,6 @@ class OnnxRuntime(_Exported):
     def estimate_build_s(self, target: Target) -> float:
         return self.export_estimate(target)
 
-    def cached(self, target: Target) -> bool:
-        return self.onnx_cached(target)
-
     def load(self, target: Target) -> Callable[..., torch.Tensor]:
         from fastdiff.export import OnnxDenoiser
 
@@ -289,9 +290,6 @@ class OpenVino(_Exported):
     def estimate_build_s(self, target: Target) -> float:
         a, b = OPENVINO_LOAD_PRIOR
         return self.export_estimate(target) + a + b * target.millions_of_parameters
-
-    def cached(self, target: Target) -> bool:
-        return self.onnx_cached(target)
 
     def load(self, target: Target) -> Callable[..., torch.Tensor]:
         from fastdiff.export import OpenVinoDenoiser

@@ -17,8 +17,9 @@ noise, times them, and takes the fastest verified one, or eager:
    its tolerance of eager's (`Candidate.tolerance`: max abs difference over max(1, max |eager|)); one that is not is
    refused with the difference it showed.
 4. Timing: REPEATS rounds, one run of every built candidate per round (both probe lengths) in an order that
-   rotates, the median per candidate and length (2 shared cores are noisy; interleaving spreads a change of load over all). A candidate is taken only
-   when it beats eager by more than MARGIN, so `auto` is never slower than eager beyond that noise.
+   rotates, the median per candidate and length (2 shared cores are noisy; interleaving spreads a change of load
+   over all). A candidate is taken only when it beats eager by more than MARGIN, so `auto` is never slower than
+   eager beyond that noise.
 
 The decision, every candidate's measurements and the work seen are stored in the cache (`fastdiff.cache`) under a key
 of the weights' sha256, the table, shape, dtype, device, conditioning, library versions, CPU and threads; the next

@@ -345,9 +345,25 @@ def _toy_run(out: Path, seed: int, **kwargs) -> Path:
 
 
 def _racer(seed: int, folder: str, trials: int, barrier: Any, results: Any) -> None:
+    import fastdiff.distributed as shards
+
     torch.set_num_threads(1)
+    check = shards._check_folder
+    first_check = []
+
+    def meet_after_the_first_check(out_dir, settings):
+        # Both runs pass the check made before the lock (no manifest yet), then race for the lock: without this
+        # the faster start-up let the winner write its manifest first, and the loser never reached the lock.
+        records = check(out_dir, settings)
+        if not first_check:
+            first_check.append(True)
+            barrier.wait(timeout=60)
+        return records
+
+    shards._check_folder = meet_after_the_first_check
     for k in range(trials):
         barrier.wait()
+        first_check.clear()
         try:
             _toy_run(Path(folder) / f"trial{k}", seed)
             results.put((k, seed, "ok"))

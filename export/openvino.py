@@ -214,11 +214,14 @@ def _exported_from(onnx_path: Path, model: nn.Module, cond_shapes: Mapping[str, 
 
 
 def _port(output: Any) -> Port:
+    # A tensor can carry several names: OpenVINO merges an input's name with that of a node it folded into it
+    # (the TorchScript exporter's Cast of `timestep`); ours are identifiers, its generated ones are paths.
+    name = min((n for n in output.get_names() if n.isidentifier()), default=output.get_any_name())
     type_name = output.get_element_type().get_type_name()
     if type_name not in _OV_TYPES:
-        raise ValueError(f"unsupported OpenVINO element type {type_name} for {output.get_any_name()!r}")
+        raise ValueError(f"unsupported OpenVINO element type {type_name} for {name!r}")
     shape = tuple(d.get_length() if d.is_static else None for d in output.get_partial_shape())
-    return Port(output.get_any_name(), _OV_TYPES[type_name], shape)
+    return Port(name, _OV_TYPES[type_name], shape)
 
 
 class OpenVinoDenoiser(GraphDenoiser):

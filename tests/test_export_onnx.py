@@ -1,7 +1,7 @@
 """ONNX export (fastdiff.export.onnx, the `fastdiff export` CLI) against eager PyTorch, run with onnxruntime on CPU.
 
-Exports are slow (10-30 s each with the dynamo exporter), so every exported file is made once per module and
-shared. Parity tolerance: max abs difference <= 1e-4 in float32 (what `to_onnx` itself enforces).
+Exports take seconds (1-2 s with the TorchScript tracer, 10-30 s with the dynamo exporter), so every exported
+file is made once per module and shared. Parity tolerance: max abs difference <= 1e-4 in float32 (what `to_onnx` itself enforces).
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def test_digits_parity_at_other_batches(digits):
     model, _, _, report = digits
     assert isinstance(report, ExportReport) and report.path.is_file()
     assert report.max_abs_diff <= ATOL and report.atol == ATOL
-    assert report.exporter == "dynamo" and not report.external_data
+    assert report.exporter == "torchscript" and not report.external_data
 
     def labels(batch, gen):
         return {"class_labels": torch.randint(0, 11, (batch,), generator=gen)}  # 10 is the null label
@@ -193,7 +193,7 @@ def test_digits_graph_signature_metadata_and_standard_ops(digits):
     assert _domains(report.path) <= {"", "ai.onnx"}
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["fastdiff.null_class_label"] == "10" and meta["fastdiff.num_classes"] == "10"
-    assert meta["fastdiff.exporter"] == "dynamo"
+    assert meta["fastdiff.exporter"] == "torchscript"
     denoiser = OnnxDenoiser(report.path)
     assert denoiser.cond_names == ["class_labels"] and denoiser.null_label == 10
     y = torch.tensor([3, 7])
@@ -537,16 +537,54 @@ class _DataDependent(nn.Module):
         return y * 2 if (t > -1).all() else y
 
 
-def test_falls_back_to_torchscript_exporter_and_logs_it(tmp_path, caplog):
-    model = _DataDependent()
+class _Plain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 1)
+
+    def forward(self, x, t):
+        return self.conv(x)
+
+
+def test_auto_falls_back_to_dynamo_when_the_tracer_fails_and_logs_it(tmp_path, caplog, monkeypatch):
+    real_export = torch.onnx.export
+
+    def export_without_tracer(*args, dynamo=True, **kwargs):
+        if not dynamo:
+            raise RuntimeError("the TorchScript exporter was removed")
+        return real_export(*args, dynamo=dynamo, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", export_without_tracer)
+    model = _Plain()
     with caplog.at_level(logging.INFO, logger="fastdiff.export"):
         report = to_onnx(model, tmp_path / "m.onnx", sample_shape=(2, 1, 4, 4), return_report=True)
-    assert report.exporter == "torchscript" and report.max_abs_diff <= ATOL
-    assert "trying the TorchScript exporter" in caplog.text and "torchscript exporter" in caplog.text
+    assert report.exporter == "dynamo" and report.max_abs_diff <= ATOL
+    assert (
+        "the torchscript ONNX exporter failed (RuntimeError: the TorchScript exporter was removed)"
+        in caplog.text
+    )
+    assert "with the dynamo exporter" in caplog.text
     assert _files(tmp_path) == ["m.onnx", "m.onnx.sha256"]
-    x, t = torch.randn(3, 1, 4, 4), torch.tensor([1, 2, 3])
+    x = torch.randn(3, 1, 4, 4)
     with torch.no_grad():
-        torch.testing.assert_close(OnnxDenoiser(report.path)(x, t), model(x, t), atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            OnnxDenoiser(report.path)(x, torch.zeros(3)), model(x, None), atol=ATOL, rtol=0
+        )
+
+
+def test_a_named_exporter_is_the_only_one_tried(tmp_path):
+    model = _DataDependent()
+    # The tracer records the branch taken (the parity check passes: every timestep here is > -1) ...
+    report = to_onnx(
+        model, tmp_path / "m.onnx", sample_shape=(2, 1, 4, 4), exporter="torchscript", return_report=True
+    )
+    assert report.exporter == "torchscript" and report.max_abs_diff <= ATOL
+    # ... torch.export refuses the branch, and nothing else is tried.
+    with pytest.raises(FastdiffError, match=r"failed with the exporter \(dynamo: "):
+        to_onnx(model, tmp_path / "d.onnx", sample_shape=(2, 1, 4, 4), exporter="dynamo")
+    assert _files(tmp_path) == ["m.onnx", "m.onnx.sha256"]
+    with pytest.raises(ValueError, match="exporter must be 'auto', 'torchscript' or 'dynamo', got 'onnx'"):
+        to_onnx(model, tmp_path / "x.onnx", sample_shape=(2, 1, 4, 4), exporter="onnx")
 
 
 def test_large_model_path_writes_external_data(tmp_path, monkeypatch):

@@ -35,14 +35,15 @@ from fastdiff.samplers.base import Sampler
 
 # Build-cost priors (seconds) for a model never built on this machine: a + b * millions of parameters, measured
 # here on 2 shared cores and rounded up (conservative: a candidate skipped by mistake costs speed, one built by
-# mistake costs a minute). ONNX export with its parity check: digits U-Net (1.1M) 7-25 s, swiss-roll MLP 1.3-2.5 s,
-# the SD 1.5 U-Net (860M, 16x16 latents) 83 s with the session load. OpenVINO reading and compiling that file:
+# mistake costs a minute). ONNX export with its parity check, TorchScript tracer: digits U-Net (1.1M) 0.9-1.5 s,
+# DDPM-CIFAR10 U-Net (35.7M) 3.7 s; the SD 1.5 U-Net (860M, 16x16 latents, weights over 1.5 GB: the dynamo
+# exporter) 83 s with the session load. OpenVINO reading and compiling that file:
 # digits 0.3-2.5 s, SD 1.5 35 s. Engine compile (inductor, cold cache): swiss-roll MLP 12 s, digits 40-60 s
 # (CPU_NOTES.md: about a minute); AOTInductor: digits 28-107 s. How those two grow with the model is not measured
 # here: 0.5 s per million parameters is assumed (a per-parameter slope fitted to digits alone put SD 1.5 at
 # 10-19 hours, so the planner never built anything for it). A build measured once is recorded in the cache and
 # replaces the prior for that model.
-EXPORT_PRIOR = (25.0, 0.08)
+EXPORT_PRIOR = (3.0, 0.1)
 COMPILE_PRIOR = (60.0, 0.5)
 OPENVINO_LOAD_PRIOR = (2.0, 0.04)
 TENSORRT_PRIOR = (30.0, 30.0)

@@ -12,6 +12,7 @@ from fastdiff.engine.planner import (
     MARGIN,
     PLAN_KIND,
     RECHECK_CALLS,
+    REPEATS,
     PlannedSampler,
     Planner,
     check_backend,
@@ -90,9 +91,11 @@ class Timer:
     def __init__(self, seconds):
         self.seconds = seconds
         self.calls = 0
+        self.log = []
 
     def __call__(self, name, run, rows):
         self.calls += 1
+        self.log.append((name, rows))
         run()
         return self.seconds[name] * rows / PROBE_ROWS
 
@@ -170,6 +173,30 @@ def test_auto_keeps_eager_unless_a_candidate_beats_it_beyond_noise(tmp_path, mod
     assert plan.backend == "eager"
     assert plan.results["wrong"].status == "unverified"
     assert "close: 1.03x eager" in plan.line()
+
+
+def test_timing_rounds_fit_a_share_of_the_work_at_hand(tmp_path, model, sampler):
+    # eager: 0.1 s per 3 rows, 1 s per 30-row call; one round times eager and "fast" at both probe lengths
+    seconds = {"eager": 0.1, "fast": 0.05}
+    planner, timer = _planner(tmp_path / "big", seconds, Fake("fast"))
+    assert planner.plan(_target(planner, model, sampler), work_calls=1000).backend == "fast"
+    fast = [rows for name, rows in timer.log if name == "fast"]
+    assert sorted(fast) == sorted(
+        [PROBE_ROWS, STEPS // 2] * REPEATS
+    )  # 3 rows and half the table, every round
+    # 2 calls (2 s of eager work): a quarter of it buys one round, at 3 and 6 rows (6 rows of both: 0.6 s)
+    planner, timer = _planner(tmp_path / "small", seconds, Fake("fast"))
+    assert planner.plan(_target(planner, model, sampler), work_calls=2).backend == "fast"
+    assert [rows for name, rows in timer.log if name == "fast"] == [PROBE_ROWS, 2 * PROBE_ROWS]
+
+
+def test_a_lengthened_first_probe_still_measures_eager_per_row(tmp_path, model, sampler):
+    # 0.003 s per 3 rows is under MIN_PROBE_S: the probe grows to the whole table, and eager's time per call
+    # is still 0.001 s per row x 30 rows, so 5 calls (0.15 s) pay a 0.1 s build
+    planner, _ = _planner(tmp_path, {"eager": 0.003, "fast": 0.001}, Fake("fast", estimate=0.1))
+    plan = planner.plan(_target(planner, model, sampler), work_calls=5)
+    assert plan.results["fast"].status == "ok" and plan.backend == "fast"
+    assert plan.results["eager"].s_per_call == pytest.approx(0.03)
 
 
 def test_a_failing_build_is_a_result(tmp_path, model, sampler):

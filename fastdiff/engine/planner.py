@@ -18,7 +18,8 @@ noise, times them, and takes the fastest verified one, or eager:
    refused with the difference it showed.
 4. Timing: REPEATS rounds, one run of every built candidate per round (both probe lengths) in an order that
    rotates, the median per candidate and length (2 shared cores are noisy; interleaving spreads a change of load
-   over all). A candidate is taken only when it beats eager by more than MARGIN, so `auto` is never slower than
+   over all). Fewer rounds and a shorter long probe when the rounds would cost more than TIMING_SHARE of the
+   eager time of the work at hand. A candidate is taken only when it beats eager by more than MARGIN, so `auto` is never slower than
    eager beyond that noise.
 
 The decision, every candidate's measurements and the work seen are stored in the cache (`fastdiff.cache`) under a key
@@ -54,6 +55,10 @@ BACKENDS = ("auto", *CANDIDATES)
 PROBE_STEPS = 3
 MIN_PROBE_S = 0.05
 REPEATS = 3
+# Timing rounds cost at most about this share of the eager time of the work at hand (at least one round runs): a
+# 256-sample digits run spent 22 s planning for 13.5 s of work with three full rounds. A choice made on fewer
+# rounds is checked against the time its calls are served in (PlannedSampler), and measured again if slower.
+TIMING_SHARE = 0.25
 # A candidate must be this much faster than eager to be taken: run-to-run noise of one timing on 2 shared cores.
 MARGIN = 0.05
 # PlannedSampler re-checks a choice after this many calls that measured slower than the recorded eager time.
@@ -470,16 +475,10 @@ class Planner:
         rows = min(n, PROBE_STEPS)
         eager_runner, _ = self._ready(eager, target, _Probe(target.sampler, rows))
         first = self.timer("eager", lambda: self._run(eager_runner, target), rows)
+        per_row = first / rows
         if first > 0 and first < MIN_PROBE_S and rows < n:
             rows = min(n, math.ceil(rows * MIN_PROBE_S / first))
             eager_runner, _ = self._ready(eager, target, _Probe(target.sampler, rows))
-        # Two probe lengths: a call's fixed cost (argument checks, buffers, a weights check) is not per row, and
-        # scaling one short probe to the whole table would multiply it by n / rows. The second covers half the
-        # table, so that extrapolating it multiplies the noise of a difference of two timings by at most about 2
-        # (a 3 and 6-row pair on digits multiplied it by 16: onnxruntime measured 0.03 s a call against 0.1 s).
-        lengths = (rows,) if rows == n else (rows, min(n, max(2 * rows, math.ceil(n / 2))))
-        probes = {r: _Probe(target.sampler, r) for r in lengths}
-
         order = []
         for name in names:
             if name == "eager":
@@ -492,9 +491,21 @@ class Planner:
             order.append((self._estimate(candidate, target), name))
         # The warm-up run scaled to the table bounds eager's time per call from above: when even that much work
         # cannot pay for any build, eager is the answer without timing anything more.
-        eager_s = first * n / rows
+        eager_s = per_row * n
+        work_s = eager_s * (work_calls + seen)
+        timed = 1 + sum(estimate <= work_s for estimate, _ in order)
+        # Two probe lengths: a call's fixed cost (argument checks, buffers, a weights check) is not per row, and
+        # scaling one short probe to the whole table would multiply it by n / rows. The second covers half the
+        # table, so that extrapolating it multiplies the noise of a difference of two timings by at most about 2
+        # (a 3 and 6-row pair on digits multiplied it by 16: onnxruntime measured 0.03 s a call against 0.1 s),
+        # unless one round of timing at that length would cost more than TIMING_SHARE of the work at hand: rows
+        # that cost that much are mostly per-row cost, which a shorter pair measures well enough.
+        share_rows = math.floor(TIMING_SHARE * work_s / (timed * per_row)) - rows
+        long = min(n, max(2 * rows, math.ceil(n / 2)), max(2 * rows, share_rows))
+        lengths = (rows,) if rows == n else (rows, long)
+        probes = {r: _Probe(target.sampler, r) for r in lengths}
         runners: dict[str, list[tuple[Any, int]]] = {}
-        if any(estimate <= eager_s * (work_calls + seen) for estimate, _ in order):
+        if any(estimate <= work_s for estimate, _ in order):
             runners["eager"] = [(eager_runner, rows)]
             runners["eager"] += [(self._ready(eager, target, probes[r])[0], r) for r in lengths[1:]]
             eager_s = _per_call(
@@ -553,7 +564,9 @@ class Planner:
                 runners[name] = timed
 
         times: dict[str, dict[int, list[float]]] = {name: {} for name in runners}
-        for r in range(self.repeats if runners else 0):
+        round_s = sum(length for timings in runners.values() for _, length in timings) * per_row
+        repeats = max(1, min(self.repeats, math.floor(TIMING_SHARE * work_s / round_s))) if runners else 0
+        for r in range(repeats):
             order_r = list(runners)
             order_r = order_r[r % len(order_r) :] + order_r[: r % len(order_r)]
             for name in order_r:

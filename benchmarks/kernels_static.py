@@ -125,7 +125,7 @@ def _meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _group_norm_cases(workloads: Sequence[str]) -> Iterator[CaseSpec]:
-    from fastdiff.kernels.group_norm import _group_norm_silu_triton
+    from fastdiff.kernels.group_norm_triton import group_norm_silu_triton
 
     for workload in workloads:
         shapes, scale_shift = GROUP_NORM_SHAPES[workload]
@@ -138,14 +138,14 @@ def _group_norm_cases(workloads: Sequence[str]) -> Iterator[CaseSpec]:
                 w, b = _meta(channels, dtype=dtype), _meta(channels, dtype=dtype)
                 # ADM's scale and shift are the halves of one (N, 2C) embedding
                 sc, sh = _meta(batch, 2 * channels, dtype=dtype).chunk(2, 1) if scale_shift else (None, None)
-                _group_norm_silu_triton(x, 32, w, b, 1e-5, sc, sh, True)
+                group_norm_silu_triton(x, 32, w, b, 1e-5, sc, sh, True)
 
             label = f"{channels}ch {size}x{size}" + (" scale-shift" if scale_shift else "")
             yield workload, label, {"x": [batch, channels, size, size], "groups": 32}, launch
 
 
 def _attention_cases(workloads: Sequence[str]) -> Iterator[CaseSpec]:
-    from fastdiff.kernels.attention import _attention_triton
+    from fastdiff.kernels.attention_triton import attention_triton
 
     for workload in workloads:
         batch = _batch(workload)
@@ -158,13 +158,14 @@ def _attention_cases(workloads: Sequence[str]) -> Iterator[CaseSpec]:
                     _meta(batch, s, heads, head_dim, dtype=dtype).transpose(1, 2)
                     for s in (seq_q, seq_k, seq_k)
                 )
-                _attention_triton(q, k, v, head_dim**-0.5, allow_tf32=dtype_name == "float32+tf32")
+                attention_triton(q, k, v, head_dim**-0.5, allow_tf32=dtype_name == "float32+tf32")
 
             yield workload, label, {"q": [batch, heads, seq_q, head_dim], "seq_k": seq_k}, launch
 
 
 def _sampler_cases(workloads: Sequence[str]) -> Iterator[CaseSpec]:
-    from fastdiff.kernels.sampler_step import TABLE_COLUMNS, _sampler_step_triton
+    from fastdiff.kernels.sampler_step import TABLE_COLUMNS
+    from fastdiff.kernels.sampler_step_triton import sampler_step_triton
 
     for workload in workloads:
         batch = _batch(workload)
@@ -174,7 +175,7 @@ def _sampler_cases(workloads: Sequence[str]) -> Iterator[CaseSpec]:
                 dtype = DTYPES[dtype_name]
                 x, m, u, z, out = (_meta(batch, *shape, dtype=dtype) for _ in range(5))
                 table = _meta(50, len(TABLE_COLUMNS), dtype=torch.float32)
-                _sampler_step_triton(
+                sampler_step_triton(
                     out, x, m, table, 25, None, z if noise else None, u if cfg else None, 7.5, None, None
                 )
 
@@ -198,14 +199,16 @@ class KernelOp:
 # The report discovers kernels through this list only: a new kernel is one entry here.
 OPS: dict[str, KernelOp] = {
     "group_norm_silu": KernelOp(
-        "fastdiff.kernels.group_norm",
+        "fastdiff.kernels.group_norm_triton",
         ("_group_norm_silu_fused_kernel", "_group_norm_stats_kernel", "_group_norm_apply_kernel"),
         _group_norm_cases,
     ),
     "attention": KernelOp(
-        "fastdiff.kernels.attention", ("_attention_fwd_kernel",), _attention_cases, tuple(DTYPES)
+        "fastdiff.kernels.attention_triton", ("_attention_fwd_kernel",), _attention_cases, tuple(DTYPES)
     ),
-    "sampler_step": KernelOp("fastdiff.kernels.sampler_step", ("_sampler_step_kernel",), _sampler_cases),
+    "sampler_step": KernelOp(
+        "fastdiff.kernels.sampler_step_triton", ("_sampler_step_kernel",), _sampler_cases
+    ),
 }
 WORKLOADS = tuple(GROUP_NORM_SHAPES)
 
@@ -430,7 +433,7 @@ def _kernels_are_compiled() -> bool:
     from triton.runtime.jit import JITFunction
 
     return isinstance(
-        importlib.import_module("fastdiff.kernels.attention")._attention_fwd_kernel, JITFunction
+        importlib.import_module("fastdiff.kernels.attention_triton")._attention_fwd_kernel, JITFunction
     )
 
 

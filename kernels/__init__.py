@@ -1,4 +1,5 @@
-"""fastdiff.kernels: fused ops (Triton kernel + validating wrapper + plain-PyTorch reference twin)."""
+"""fastdiff.kernels: fused ops, each a validating wrapper with a plain-PyTorch reference twin (`<op>.py`) and its
+Triton kernels (`<op>_triton.py`, imported on first Triton use, so `import fastdiff` does not load triton)."""
 
 from fastdiff.kernels.attention import attention, attention_reference
 from fastdiff.kernels.backend import available

@@ -37,11 +37,10 @@ def interpreter_enabled() -> bool:
 
 def triton_runs_on(device: torch.device) -> bool:
     """Whether a Triton kernel can run on tensors of `device` in this process."""
-    if not triton_importable():
-        return False
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and interpreter_enabled()
+    # The device first: a CPU tensor without the interpreter never needs Triton imported (about 0.3 s).
+    if device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()):
+        return triton_importable()
+    return False
 
 
 def check_backend(backend: str) -> None:

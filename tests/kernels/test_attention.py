@@ -28,17 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from fastdiff.errors import BackendUnavailableError
-from fastdiff.kernels.attention import (
-    _attention_triton,
-    _block_m_for_grid,
-    _vector_alignment,
-    attention,
-    attention_reference,
-)
+from fastdiff.kernels.attention import attention, attention_reference
 from fastdiff.kernels.backend import interpreter_enabled, simulated_gpu, triton_importable
 
-# the module (fastdiff.kernels.attention as an attribute is the function of that name)
-attention_module = importlib.import_module("fastdiff.kernels.attention")
+# The Triton half of the op, which `import fastdiff` does not load (tests that use it need triton).
+kernel = importlib.import_module("fastdiff.kernels.attention_triton") if triton_importable() else None
 
 interpreted = pytest.mark.skipif(
     not (triton_importable() and interpreter_enabled()), reason="needs triton and TRITON_INTERPRET=1"
@@ -131,7 +125,7 @@ def test_small_tiles_rescale_across_many_blocks(dtype):
     # max rises from block to block and every earlier partial sum must be rescaled correctly.
     q, k, v = _qkv((1, 2, 70, 45, 32), dtype)
     k = k * torch.linspace(0.2, 3.0, 45, dtype=dtype)[:, None]
-    out = _attention_triton(q, k, v, 1 / math.sqrt(32), block_m=16, block_n=16)
+    out = kernel.attention_triton(q, k, v, 1 / math.sqrt(32), block_m=16, block_n=16)
     check = assert_close_float32 if dtype == torch.float32 else assert_close_low_precision
     check(out, q, k, v)
 
@@ -333,7 +327,7 @@ def _recorded_launch(fn):
     """The kwargs of the one attention kernel launch that `fn()` makes, recorded instead of run."""
     from fastdiff.benchmarks.aot_compile import record_launches
 
-    with record_launches([attention_module._attention_fwd_kernel]) as launches:
+    with record_launches([kernel._attention_fwd_kernel]) as launches:
         fn()
     assert len(launches) == 1
     return launches[0]
@@ -349,18 +343,20 @@ def _heads_view(batch, seq, heads, head_dim, dtype=torch.float16, device="cpu", 
 @needs_triton_only
 def test_vector_alignment_needs_aligned_pointers_and_strides():
     sd = _heads_view(1, 8, 8, 40)  # strides (2560, 40, 320, 1): multiples of 8 halves
-    assert _vector_alignment(sd, sd, sd) == 8
-    assert _vector_alignment(sd.float(), sd.float()) == 4
-    assert _vector_alignment(_heads_view(1, 8, 8, 40, offset=4)) == 1  # base pointer 8 bytes off
-    assert _vector_alignment(_heads_view(1, 8, 8, 36)) == 1  # head stride 36 halves = 72 bytes
-    assert _vector_alignment(torch.randn(1, 2, 8, 80, dtype=torch.float16)[..., ::2]) == 1  # last stride 2
+    assert kernel._vector_alignment(sd, sd, sd) == 8
+    assert kernel._vector_alignment(sd.float(), sd.float()) == 4
+    assert kernel._vector_alignment(_heads_view(1, 8, 8, 40, offset=4)) == 1  # base pointer 8 bytes off
+    assert kernel._vector_alignment(_heads_view(1, 8, 8, 36)) == 1  # head stride 36 halves = 72 bytes
+    assert (
+        kernel._vector_alignment(torch.randn(1, 2, 8, 80, dtype=torch.float16)[..., ::2]) == 1
+    )  # last stride 2
 
 
 @needs_triton_only
 @pytest.mark.parametrize(("offset", "align"), [(0, 8), (4, 1)])
 def test_launch_passes_the_checked_alignment(offset, align):
     q = _heads_view(1, 8, 8, 40, offset=offset)
-    launch = _recorded_launch(lambda: _attention_triton(q, q, q, 0.1))
+    launch = _recorded_launch(lambda: kernel.attention_triton(q, q, q, 0.1))
     assert launch.kwargs["ALIGN"] == align
 
 
@@ -376,18 +372,18 @@ def test_aligned_and_misaligned_views_match_reference(dtype, offset):
 
 
 def test_block_m_shrinks_until_every_sm_has_a_program():
-    assert _block_m_for_grid(64, 256, 16, None) == 64  # CPU interpreter: no SMs to fill
-    assert _block_m_for_grid(64, 256, 16, 108) == 32  # SD 1.5 16x16, batch 2 x 8 heads: 128 programs
-    assert _block_m_for_grid(64, 256, 16, 132) == 16  # H100: 256 programs
-    assert _block_m_for_grid(64, 64, 16, 108) == 16  # 8x8: 64 programs is all there is
-    assert _block_m_for_grid(128, 4096, 16, 132) == 128  # 512 programs already
+    assert kernel._block_m_for_grid(64, 256, 16, None) == 64  # CPU interpreter: no SMs to fill
+    assert kernel._block_m_for_grid(64, 256, 16, 108) == 32  # SD 1.5 16x16, batch 2 x 8 heads: 128 programs
+    assert kernel._block_m_for_grid(64, 256, 16, 132) == 16  # H100: 256 programs
+    assert kernel._block_m_for_grid(64, 64, 16, 108) == 16  # 8x8: 64 programs is all there is
+    assert kernel._block_m_for_grid(128, 4096, 16, 132) == 128  # 512 programs already
 
 
 @needs_triton_only
 def test_short_sequences_get_small_tiles_on_a_gpu():
     q = _heads_view(2, 64, 8, 160, device="meta")
     with simulated_gpu(108):
-        launch = _recorded_launch(lambda: _attention_triton(q, q, q, 0.1))
+        launch = _recorded_launch(lambda: kernel.attention_triton(q, q, q, 0.1))
     assert launch.kwargs["BLOCK_M"] == 16 and launch.kwargs["num_warps"] == 4
     assert launch.programs == 64
 
@@ -397,7 +393,7 @@ def test_short_sequences_get_small_tiles_on_a_gpu():
 def test_head_dim_160_in_16_row_tiles_with_4_warps(dtype):
     # the configuration the grid rule picks for SD's 8x8 level: BLOCK_M 16, 4 warps, BLOCK_D 256
     q, k, v = _qkv((1, 1, 40, 77, 160), dtype)
-    out = _attention_triton(q, k, v, 160**-0.5, block_m=16, block_n=32)
+    out = kernel.attention_triton(q, k, v, 160**-0.5, block_m=16, block_n=32)
     check = assert_close_float32 if dtype == torch.float32 else assert_close_low_precision
     check(out, q, k, v)
 

@@ -9,6 +9,7 @@ Tolerances (binding, see the kernel notes):
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -18,9 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from fastdiff.errors import BackendUnavailableError
-from fastdiff.kernels import group_norm as gn
 from fastdiff.kernels.backend import simulated_gpu, triton_importable, triton_runs_on
 from fastdiff.kernels.group_norm import group_norm_silu, group_norm_silu_reference
+
+group_norm_module = importlib.import_module("fastdiff.kernels.group_norm")
+# The Triton half of the op, which `import fastdiff` does not load (tests that use it need triton).
+gnt = importlib.import_module("fastdiff.kernels.group_norm_triton") if triton_importable() else None
 
 needs_triton = pytest.mark.skipif(not triton_importable(), reason="needs triton")
 needs_interpreter = pytest.mark.skipif(
@@ -140,7 +144,7 @@ def test_float32_matches_reference(shape, num_groups, layout, ops, silu, tiles):
         out = group_norm_silu(x, num_groups, w, b, scale=sc, shift=sh, silu=silu, backend="triton")
     else:
         block_c, block_s, chunk_s = tiles
-        out = gn._group_norm_silu_triton(
+        out = gnt.group_norm_silu_triton(
             x, num_groups, w, b, 1e-5, sc, sh, silu, block_c=block_c, block_s=block_s, chunk_s=chunk_s
         )
     assert out.shape == x.shape
@@ -163,7 +167,7 @@ LOW_PRECISION_CASES = [
 def test_low_precision_matches_reference(dtype, shape, num_groups, layout, param_dtype, tiles):
     x, w, b, sc, sh = _inputs(shape, num_groups, dtype=dtype, param_dtype=param_dtype, layout=layout)
     block_c, block_s, chunk_s = tiles or (None, None, None)
-    out = gn._group_norm_silu_triton(
+    out = gnt.group_norm_silu_triton(
         x, num_groups, w, b, 1e-5, sc, sh, True, block_c=block_c, block_s=block_s, chunk_s=chunk_s
     )
     assert out.is_contiguous(memory_format=_expected_format(x, layout))
@@ -179,7 +183,7 @@ def test_large_mean_against_float64(tiles):
     ref = F.group_norm(x.double(), 2, w.double(), b.double(), 1e-5)
     ref = F.silu(ref * (1 + sc.double()[expand]) + sh.double()[expand])
     block_c, block_s, chunk_s = tiles or (None, None, None)
-    out = gn._group_norm_silu_triton(
+    out = gnt.group_norm_silu_triton(
         x, 2, w, b, 1e-5, sc, sh, True, block_c=block_c, block_s=block_s, chunk_s=chunk_s
     )
     _check_float32(out, ref)
@@ -201,13 +205,13 @@ def test_public_function_dispatch(monkeypatch):
     """auto and triton run the kernel under the interpreter; torch runs the reference; without the interpreter,
     auto falls back to the reference and an explicit triton raises."""
     calls = []
-    launch = gn._group_norm_silu_triton
+    launch = gnt.group_norm_silu_triton
 
     def spy(*args, **kwargs):
         calls.append(1)
         return launch(*args, **kwargs)
 
-    monkeypatch.setattr(gn, "_group_norm_silu_triton", spy)
+    monkeypatch.setattr(gnt, "group_norm_silu_triton", spy)
     x, w, b, sc, sh = _inputs((2, 4, 3, 5), 2, layout="channels_last")
     ref = group_norm_silu_reference(x, 2, w, b, scale=sc, shift=sh)
     for backend, launches in (("auto", 1), ("triton", 1), ("torch", 0)):
@@ -289,7 +293,9 @@ def test_custom_op_opcheck_and_compile(backend):
     """One opaque op: its fake (meta) output matches the real one, strides included, and torch.compile traces the
     public function without a graph break."""
     x, w, _, sc, _ = _inputs((2, 4, 3, 5), 2, layout="channels_last")
-    torch.library.opcheck(gn._group_norm_silu_op, (x, 2, w, None, 1e-5, sc, None, True, backend))
+    torch.library.opcheck(
+        group_norm_module._group_norm_silu_op, (x, 2, w, None, 1e-5, sc, None, True, backend)
+    )
 
     def fn(x, w, sc):
         return group_norm_silu(x, 2, w, None, scale=sc, backend=backend)
@@ -321,29 +327,29 @@ def test_gradients_match_reference(backend):
 def test_plan_tiles_mask_no_channel_lane_in_nchw(group_c):
     # NCHW: positions are contiguous, so the tile takes a power of two of channels that divides the group's count
     # (SD's 10 channels per group: 2, not 16 with 6 masked off)
-    block_c, block_s, _ = gn._plan(group_c, 4096, 64, 432)
+    block_c, block_s, _ = gnt._plan(group_c, 4096, 64, 432)
     assert group_c % block_c == 0 and block_c & (block_c - 1) == 0
-    assert block_c * block_s <= gn._TILE_ELEMS
-    assert block_c * block_s >= gn._MIN_TILE_ELEMS
+    assert block_c * block_s <= gnt._TILE_ELEMS
+    assert block_c * block_s >= gnt._MIN_TILE_ELEMS
     # channels-last: channels are the contiguous axis, a tile takes them all (padded to a power of two)
-    block_c, block_s, _ = gn._plan(group_c, 4096, 64, 432, channels_last=True)
-    assert block_c == min(gn.triton.next_power_of_2(group_c), gn._TILE_ELEMS // 16)
+    block_c, block_s, _ = gnt._plan(group_c, 4096, 64, 432, channels_last=True)
+    assert block_c == min(gnt.triton.next_power_of_2(group_c), gnt._TILE_ELEMS // 16)
 
 
 @needs_triton
 def test_plan_splits_only_while_the_gpu_has_room():
     # A small group: one program per group, whatever the target.
-    assert gn._plan(group_c=4, S=35, groups=4, target_programs=528)[2] >= 35
+    assert gnt._plan(group_c=4, S=35, groups=4, target_programs=528)[2] >= 35
     # SD's 1280 channels at 64x64, batch 2 on a 132-SM GPU: 64 groups are too few, so split along S into chunks of
     # whole tiles, none under _MIN_CHUNK_ELEMS elements, tiles not under _MIN_TILE_ELEMS.
-    block_c, block_s, chunk_s = gn._plan(group_c=40, S=4096, groups=64, target_programs=528)
+    block_c, block_s, chunk_s = gnt._plan(group_c=40, S=4096, groups=64, target_programs=528)
     assert chunk_s < 4096 and chunk_s % block_s == 0
-    assert 40 * chunk_s >= gn._MIN_CHUNK_ELEMS and block_c * block_s >= gn._MIN_TILE_ELEMS
+    assert 40 * chunk_s >= gnt._MIN_CHUNK_ELEMS and block_c * block_s >= gnt._MIN_TILE_ELEMS
     assert 64 * -(-4096 // chunk_s) >= 528 // 2  # whole tiles per chunk may round the count down
     # Enough groups to fill the GPU already: no split.
-    assert gn._plan(group_c=40, S=4096, groups=2048, target_programs=528)[2] >= 4096
+    assert gnt._plan(group_c=40, S=4096, groups=2048, target_programs=528)[2] >= 4096
     # The interpreter runs programs one after another, so it never asks for a split.
-    assert gn._target_programs(torch.device("cpu")) == 1
+    assert gnt._target_programs(torch.device("cpu")) == 1
 
 
 @needs_triton
@@ -358,9 +364,9 @@ def test_sd15_levels_spread_over_an_a100(channels, size, programs):
 
     x = torch.empty(2, channels, size, size, device="meta", dtype=torch.float16)
     w = torch.empty(channels, device="meta", dtype=torch.float16)
-    kernels = [gn._group_norm_silu_fused_kernel, gn._group_norm_stats_kernel, gn._group_norm_apply_kernel]
+    kernels = [gnt._group_norm_silu_fused_kernel, gnt._group_norm_stats_kernel, gnt._group_norm_apply_kernel]
     with simulated_gpu(108), record_launches(kernels) as launches:
-        gn._group_norm_silu_triton(x, 32, w, w, 1e-5, None, None, True)
+        gnt.group_norm_silu_triton(x, 32, w, w, 1e-5, None, None, True)
     assert [launch.programs for launch in launches] == [programs] * len(launches)
     assert all((channels // 32) % launch.kwargs["BLOCK_C"] == 0 for launch in launches)
 
@@ -382,10 +388,10 @@ def test_groups_of_ten_channels_match_reference(dtype, layout, tiles):
     x, w, b, sc, sh = _inputs((2, 20, 8, 8), 2, dtype=dtype, layout=layout)
     block_c, block_s, chunk_s = tiles or (None, None, None)
     if tiles is None:
-        assert gn._plan(10, 64, 4, 1, channels_last=layout == "channels_last")[0] == (
+        assert gnt._plan(10, 64, 4, 1, channels_last=layout == "channels_last")[0] == (
             16 if layout == "channels_last" else 2
         )
-    out = gn._group_norm_silu_triton(
+    out = gnt.group_norm_silu_triton(
         x, 2, w, b, 1e-5, sc, sh, True, block_c=block_c, block_s=block_s, chunk_s=chunk_s
     )
     assert out.is_contiguous(memory_format=_expected_format(x, layout))
@@ -400,7 +406,7 @@ def test_huge_sample_is_refused_not_overflowed():
     """Meta tensors: no memory, but the launcher's 32-bit offset check sees the real sizes."""
     x = torch.empty(1, 2, 2**16, 2**15 + 1, device="meta")
     with pytest.raises(ValueError, match="32-bit offsets"):
-        gn._group_norm_silu_triton(x, 1, None, None, 1e-5, None, None, True)
+        gnt.group_norm_silu_triton(x, 1, None, None, 1e-5, None, None, True)
 
 
 def _compile_for_sm90() -> None:
@@ -412,9 +418,9 @@ def _compile_for_sm90() -> None:
 
     flags = dict(HAS_W=True, HAS_B=True, HAS_SCALE=True, HAS_SHIFT=True, SILU=True)
     cases = [  # kernel, element type, constexprs (a stride of 1 is specialised the way a launch does it)
-        (gn._group_norm_silu_fused_kernel, "fp16", dict(flags, stride_xc=1, stride_yc=1, BLOCK_C=64, BLOCK_S=64)),
-        (gn._group_norm_stats_kernel, "fp32", dict(stride_xs=1, BLOCK_C=16, BLOCK_S=256)),
-        (gn._group_norm_apply_kernel, "bf16", dict(flags, SILU=False, stride_xs=1, stride_ys=1, BLOCK_C=16,
+        (gnt._group_norm_silu_fused_kernel, "fp16", dict(flags, stride_xc=1, stride_yc=1, BLOCK_C=64, BLOCK_S=64)),
+        (gnt._group_norm_stats_kernel, "fp32", dict(stride_xs=1, BLOCK_C=16, BLOCK_S=256)),
+        (gnt._group_norm_apply_kernel, "bf16", dict(flags, SILU=False, stride_xs=1, stride_ys=1, BLOCK_C=16,
                                                    BLOCK_S=256, BLOCK_K=8)),
     ]  # fmt: skip
     for kernel, dtype, constexprs in cases:

@@ -104,7 +104,9 @@ def model_outputs(
     """
     learned = table.learned_variance is not None
     if cfg:
-        out, out_u = denoise(torch.cat([x_in, x_in]), torch.cat([t, t]), **kwargs).chunk(2)
+        # one timestep for the batch stays a stride-0 view, so models embed it once (`timestep_rows`)
+        t2 = t[:1].expand(2 * t.shape[0]) if t.shape[0] == 1 or t.stride(0) == 0 else torch.cat([t, t])
+        out, out_u = denoise(torch.cat([x_in, x_in]), t2, **kwargs).chunk(2)
     else:
         out, out_u = denoise(x_in, t, **kwargs), None
     check_model_output(out, x_in, learned)

@@ -202,9 +202,11 @@ class CondModel(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.calls = []
+        self.t_strides = []
 
     def forward(self, x, t, class_labels=None):
         self.calls.append(x.shape[0])
+        self.t_strides.append(t.stride())
         return toy_model(x, t) + 0.1 * class_labels.float().reshape(-1, 1, 1, 1)
 
     def null_cond(self, cond):
@@ -218,6 +220,7 @@ def test_classifier_free_guidance_is_one_batched_call_and_matches_formula():
     x = _x_T()
     got = fastdiff.sample(model, sampler, SHAPE, x_T=x, cond={"class_labels": y}, guidance_scale=3.0)
     assert model.calls == [4] * 5  # cond and uncond in one call of twice the batch
+    assert model.t_strides == [(0,)] * 5  # one timestep for the doubled batch, so models embed it once
 
     def guided(x, t):
         e_c = model(x, t, class_labels=y)

@@ -17,6 +17,7 @@ from fastdiff.models.unet import (
     Upsample,
     broadcast_timesteps,
     timestep_embedding,
+    timestep_rows,
 )
 
 ATOL = 1e-5  # float32 paths that compute the same sums in a different order
@@ -141,14 +142,27 @@ def test_learn_sigma_returns_eps_and_the_variance_channels():
 # ---- timesteps ----------------------------------------------------------------------------------------------
 
 
-def test_timestep_broadcast_forms_agree():
-    model = build(tiny_config())
+@pytest.mark.parametrize("num_classes", [None, 10])
+def test_timestep_broadcast_forms_agree(num_classes):
+    # One timestep for the batch (a number, a 1-element tensor, a stride-0 view) is embedded once and broadcast;
+    # a (B,) tensor is embedded per row: the same sums over other rows, so equal to within ATOL.
+    model = build(tiny_config(num_classes=num_classes, use_scale_shift_norm=True))
     x = torch.randn(3, 1, 16, 16)
     with torch.no_grad():
-        ref = model(x, torch.full((3,), 7))
-        for t in (7, 7.0, torch.tensor(7), torch.tensor([7]), torch.full((3,), 7.0)):
-            assert torch.equal(model(x, t), ref), t
-        assert not torch.allclose(model(x, 8), ref)
+        one = model(x, torch.tensor(7.0).expand(3))
+        for t in (7, 7.0, torch.tensor(7), torch.tensor([7])):
+            assert torch.equal(model(x, t), one), t
+        torch.testing.assert_close(model(x, torch.full((3,), 7.0)), one, atol=ATOL, rtol=0)
+        assert not torch.allclose(model(x, 8), one)
+
+
+def test_timestep_rows_keeps_one_timestep_one_row():
+    cpu = torch.device("cpu")
+    for t in (7, torch.tensor(7.0), torch.tensor([7.0]), torch.tensor(7.0).expand(3)):
+        assert timestep_rows(t, 3, cpu).shape == (1,), t
+    per_row = torch.tensor([1.0, 2.0, 3.0])
+    assert torch.equal(timestep_rows(per_row, 3, cpu), per_row)
+    assert timestep_rows(torch.full((3,), 7.0), 3, cpu).shape == (3,)  # equal values, but not known to be
 
 
 def test_timestep_embedding_values():

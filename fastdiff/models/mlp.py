@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdiff.models.unet import broadcast_timesteps, timestep_embedding
+from fastdiff.models.unet import timestep_embedding, timestep_rows
 
 
 class _ResidualMLPBlock(nn.Module):
@@ -62,7 +62,7 @@ class MLPDenoiser(nn.Module):
                 raise TypeError(f"x must be a floating-point tensor, got {type(x).__name__}")
             if x.dim() != 2 or x.shape[1] != self.dim:
                 raise ValueError(f"x must have shape (B, {self.dim}), got {tuple(x.shape)}")
-        t = broadcast_timesteps(t, x.shape[0], x.device)
+        t = timestep_rows(t, x.shape[0], x.device)  # one row when every sample has the same t: embedded once
         emb = F.silu(self.time_embed(timestep_embedding(t, self.time_embed_dim).to(x.dtype)))
         h = self.in_proj(x)
         for block in self.blocks:

@@ -252,6 +252,17 @@ def broadcast_timesteps(t: torch.Tensor | float, batch: int, device: torch.devic
     return torch.full((batch,), float(t), device=device)
 
 
+def timestep_rows(t: torch.Tensor | float, batch: int, device: torch.device) -> torch.Tensor:
+    """`broadcast_timesteps`, except that one timestep for the whole batch stays one row, (1,): a number, a 0-d or
+    1-element tensor, or a (batch,) tensor of stride 0 (the expanded view the sampling loops pass). A model embeds
+    that row once and broadcasts the embedding, instead of embedding the same timestep batch times (for the
+    swiss-roll MLP at batch 64 that is 6 of its 16 matrix products)."""
+    if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape == (1,):
+        return broadcast_timesteps(t, 1, device)
+    t = broadcast_timesteps(t, batch, device)
+    return t[:1] if batch == 1 or t.stride(0) == 0 else t
+
+
 def _zero(module: nn.Module) -> nn.Module:
     """Zero a module's parameters: ADM starts every residual branch (and the output) at zero."""
     for p in module.parameters():
@@ -377,7 +388,8 @@ class ResBlock(TimestepBlock):
         h = self.in_conv(h)
         emb_out = self.emb_layers(emb).to(h.dtype)
         if self.use_scale_shift_norm:
-            scale, shift = emb_out.chunk(2, dim=1)
+            # a one-row embedding (one timestep, no labels) serves the batch as a stride-0 view
+            scale, shift = emb_out.expand(h.shape[0], -1).chunk(2, dim=1)
             h = self.out_norm(h, scale=scale, shift=shift)
         else:
             h = self.out_norm(h + emb_out[:, :, None, None])
@@ -516,7 +528,7 @@ class UNet(nn.Module):
         if not torch.compiler.is_compiling():
             self._check_inputs(x, class_labels, low_res)
         batch = x.shape[0]
-        t = broadcast_timesteps(t, batch, x.device)
+        t = timestep_rows(t, batch, x.device)  # one row when every sample has the same t: embedded once
         emb = self.time_embed(timestep_embedding(t, cfg.model_channels).to(self.time_embed[0].weight.dtype))
         if self.label_emb is not None:
             if class_labels is None:

@@ -5,6 +5,15 @@ class FastdiffError(Exception):
     """Base class for fastdiff errors that are not plain argument errors."""
 
 
+class OptionError(ValueError):
+    """A bad value for one named option (`option`: the parameter's name, e.g. "num_steps" or "eta"), so that a
+    caller with its own names for them (the CLI's flags) can say which of its arguments was wrong."""
+
+    def __init__(self, message: str, *, option: str) -> None:
+        super().__init__(message)
+        self.option = option
+
+
 class CheckpointError(FastdiffError):
     """A checkpoint, ONNX file or engine exists but cannot be read (corrupt, truncated, wrong content)."""
 

@@ -539,3 +539,17 @@ def test_learn_sigma_unet_samples_with_learned_range_and_with_ddim():
     for sampler in (DDPMSampler(schedule, 10, variance="learned_range"), DDIMSampler(schedule, 10)):
         x = fastdiff.sample(model, sampler, shape, cond=cond, generator=torch.Generator().manual_seed(0))
         assert x.shape == shape and torch.isfinite(x).all()
+
+
+def test_build_sampler_names_the_bad_option():
+    from fastdiff.errors import OptionError
+    from fastdiff.samplers import build_sampler
+
+    schedule = NoiseSchedule.from_kind("linear", 100)
+    with pytest.raises(OptionError, match="steps 101 is larger than the model's schedule") as err:
+        build_sampler("ddim", schedule, 101)
+    assert err.value.option == "num_steps" and isinstance(err.value, ValueError)
+    with pytest.raises(OptionError, match="takes no option") as err:
+        build_sampler("euler", schedule, 10, eta=0.5)
+    assert err.value.option == "eta"
+    assert build_sampler("euler", schedule, 10, eta=0.0).num_steps == 10  # the neutral value is dropped

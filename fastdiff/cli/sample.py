@@ -91,21 +91,26 @@ def _load_x_T(path: str, shape: tuple[int, ...]) -> torch.Tensor:
 
 def _sampler(args: argparse.Namespace, pre: Pretrained) -> Sampler:
     """The sampler the flags ask for on the model's schedule; a refusal names the flag (--steps, --eta, --sampler)."""
+    from fastdiff.errors import OptionError
     from fastdiff.samplers import SAMPLERS, build_sampler
 
-    total = pre.schedule.num_train_timesteps
-    if args.steps > total:
-        raise ValueError(f"--steps {args.steps} is larger than the model's schedule ({total} steps)")
     try:
         return build_sampler(
             args.sampler, pre.schedule, args.steps, eta=args.eta, prediction_type=pre.prediction_type
         )
-    except ValueError as err:
-        if "'eta'" in str(err):
+    except OptionError as err:
+        if err.option == "num_steps":
+            total = pre.schedule.num_train_timesteps
+            raise ValueError(
+                f"--steps {args.steps} is larger than the model's schedule ({total} steps)"
+            ) from None
+        if err.option == "eta":
             takers = sorted(n for n, entry in SAMPLERS.items() if entry.accepts("eta"))
             raise ValueError(
                 f"--eta {args.eta}: --sampler {args.sampler} has no eta (samplers with one: {', '.join(takers)})"
             ) from None
+        raise ValueError(f"--sampler {args.sampler}: {err}") from None
+    except ValueError as err:
         raise ValueError(
             f"--sampler {args.sampler} (model prediction_type {pre.prediction_type!r}): {err}"
         ) from None

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastdiff.errors import OptionError
 from fastdiff.samplers.base import Sampler
 from fastdiff.schedule import NoiseSchedule
 
@@ -29,7 +30,7 @@ class SamplerEntry:
         """The sampler at `num_steps` steps; `options` override the registered defaults."""
         unknown = sorted(o for o in options if not self.accepts(o))
         if unknown:
-            raise ValueError(f"sampler {self.name!r} takes no option(s) {unknown}")
+            raise OptionError(f"sampler {self.name!r} takes no option(s) {unknown}", option=unknown[0])
         return self.cls(schedule, num_steps, **{**self.defaults, **options})
 
 
@@ -59,15 +60,17 @@ def build_sampler(name: str, schedule: NoiseSchedule, num_steps: int, **options:
     """The registered sampler `name` at `num_steps` steps on `schedule`, with its registered defaults (DDPM clips
     x0 to [-1, 1] as in the paper, DDIM does not) overridden by `options`.
 
-    ValueError for an unknown name, more steps than the schedule has, or an option the sampler does not take.
+    ValueError for an unknown name; `OptionError` (a ValueError naming the option) for more steps than the schedule
+    has or an option the sampler does not take.
     An option at its neutral value (`NEUTRAL_OPTIONS`: eta=0, prediction_type="epsilon") is what a sampler without
     it does anyway, so it is dropped instead: callers such as the CLI pass them for every sampler.
     """
     if name not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {name!r}")
     if num_steps > schedule.num_train_timesteps:
-        raise ValueError(
-            f"steps {num_steps} is larger than the model's schedule ({schedule.num_train_timesteps} steps)"
+        raise OptionError(
+            f"steps {num_steps} is larger than the model's schedule ({schedule.num_train_timesteps} steps)",
+            option="num_steps",
         )
     entry = SAMPLERS[name]
     unknown = object()

@@ -35,6 +35,6 @@ class AotiDenoiser(GraphDenoiser):
         return self._source.null_cond
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor | float, **cond: Any) -> torch.Tensor:
-        self.check_source()
+        self._check_call()
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
         return self._fn(x, t.contiguous(), **cond)

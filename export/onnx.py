@@ -613,7 +613,7 @@ class OnnxDenoiser(GraphDenoiser):
         self._bind_source(source, self.metadata.get("fastdiff.weights_sha256"))
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor | float, **cond: Any) -> torch.Tensor:
-        self.check_source()
+        self._check_call()
         feeds = denoiser_feeds(x, t, cond, self.inputs, self.null_label)
         if self.cuda and x.is_cuda:
             return self._run_cuda(feeds)

@@ -291,7 +291,7 @@ class OpenVinoDenoiser(GraphDenoiser):
         self._bind_source(source, self.metadata.get(META_PREFIX + "weights_sha256"))
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor | float, **cond: Any) -> torch.Tensor:
-        self.check_source()
+        self._check_call()
         feeds = denoiser_feeds(x, t, cond, self.inputs, self.null_label)
         arrays = {name: value.detach().cpu().contiguous().numpy() for name, value in feeds.items()}
         out = self.request.infer(arrays)[0]  # a copy: the request reuses its output buffer

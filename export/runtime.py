@@ -7,8 +7,10 @@ torch tensors into validated feeds for those inputs (`denoiser_feeds`) and share
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,8 +162,10 @@ class GraphDenoiser:
     computed from the old copy; without it, the denoiser cannot know. Two checks, each confirmed by the full
     digest (so a rewrite of the same values is no change):
 
-    - every call (`check_source`): the `fastdiff.engine.weights` fingerprint (layout and version counters), which
-      sees `load_state_dict`, `fastdiff.update_weights`, `copy_` under no_grad, new parameters and casts;
+    - every call made outside a sampling run (`check_source`): the `fastdiff.engine.weights` fingerprint (layout
+      and version counters), which sees `load_state_dict`, `fastdiff.update_weights`, `copy_` under no_grad, new
+      parameters and casts (inside `fastdiff.sample` and the engine no user code runs between calls but
+      callbacks, after which the run checks again: `fastdiff.checks.denoiser_run`);
     - once per sampling run (`check_weights`, called by `fastdiff.sample`, the loops built on it and
       `SamplingEngine.sample`): also a content checksum (`WeightsWatch.checksum`) against
       the one taken when the source was bound, which sees writes that bump no version counter
@@ -173,6 +177,7 @@ class GraphDenoiser:
     null_label: int | None
     _no_null_label = "this graph has no null class label (exported from a model without one)"
     _watch: WeightsWatch | None = None
+    _runs: threading.local  # set per instance in _bind_source
     _stale_fix = (
         "re-export it: fastdiff.export.to_onnx(model, path, ...), then OnnxDenoiser(path, source=model)"
     )
@@ -202,6 +207,7 @@ class GraphDenoiser:
 
     def _bind_source(self, source: nn.Module | None, digest: str | None) -> None:
         """Watch `source` (None: nothing). `digest`: the weights the graph holds, when its file says."""
+        self._runs = threading.local()
         if source is None:
             return
         module = wrapped_module(source)
@@ -239,6 +245,20 @@ class GraphDenoiser:
 
     def _fastdiff_check_weights(self) -> None:  # what every sampling run calls (fastdiff.checks)
         self.check_weights()
+
+    @contextlib.contextmanager
+    def _fastdiff_run(self) -> Iterator[None]:
+        """Within a sampling run (`fastdiff.checks.denoiser_run`, in this thread) calls skip `check_source`."""
+        self._runs.depth = getattr(self._runs, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            self._runs.depth -= 1
+
+    def _check_call(self) -> None:
+        """What every call checks first: `check_source`, unless a sampling run checked the weights already."""
+        if not getattr(self._runs, "depth", 0):
+            self.check_source()
 
     def _confirm(self, state: WeightsState, digest: str | None = None) -> None:
         """The full digest (`digest`: the source's, when just computed) decides: StaleWeightsError if the weights

@@ -238,7 +238,7 @@ class TensorRTDenoiser(GraphDenoiser):
     def __call__(self, x: torch.Tensor, t: torch.Tensor | float, **cond: Any) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_cuda:
             raise ValueError("input 'sample' must be a CUDA tensor for a TensorRT engine")
-        self.check_source()
+        self._check_call()
         feeds = denoiser_feeds(x, t, cond, self.inputs, self.null_label)
         lo, hi = self.batch_range
         if not lo <= x.shape[0] <= hi:

@@ -16,9 +16,9 @@ from tqdm.auto import tqdm
 from fastdiff.checks import (
     FiniteWatch,
     check_denoiser_matches,
-    check_denoiser_weights,
     check_device,
     check_dtype,
+    denoiser_run,
 )
 from fastdiff.guidance import batch_conds, guidance_conds
 from fastdiff.kernels.backend import memory_format
@@ -162,41 +162,43 @@ def run_table(
         raise ValueError(
             f"start={start}: a {table.kind} table reads history from earlier rows, start at row 0"
         )
-    check_denoiser_weights(denoiser)
-    cond, uncond = guidance_conds(denoiser, cond, uncond, guidance_scale)
-    kwargs = batch_conds(cond, uncond) if uncond is not None else cond
-    coeffs = table.on(x.device)
-    ts = table.timesteps.to(x.device)
-    history, xs = table.new_state(x.shape, x.device, x.dtype, memory_format(x))
-    noisy = set(table.noisy_steps())
-    scales_input = table.scales_input
-    batch = x.shape[0]
-    watch = FiniteWatch(table.timesteps)
-    for i in tqdm(range(start, len(table)), disable=not progress, desc="sampling", leave=False):
-        t = ts[i].expand(batch)
-        x_in = coeffs[i, COLUMN["k_in"]] * x if scales_input else x
-        m, m_u, variance = model_outputs(denoiser, table, x_in, t, kwargs, uncond is not None)
-        noise = randn(x.shape, generator, x.device, x.dtype) if i in noisy else None
-        x_next = sampler_step(
-            x,
-            m,
-            coeffs,
-            i,
-            noise,
-            eps_uncond=m_u,
-            guidance_scale=guidance_scale,
-            history=history,
-            xs=xs,
-            variance=variance,
-            backend=backend,
-            **table_row_kwargs(table),
-        )
-        if callback is not None:
-            callback(callback_info(table, coeffs, i, x, x_next, m, m_u, guidance_scale))
-        x = x_next if after_step is None else after_step(i, x_next)
-        watch.update(i, x)
-    watch.check(x)
-    return x
+    with denoiser_run(denoiser) as recheck:
+        cond, uncond = guidance_conds(denoiser, cond, uncond, guidance_scale)
+        kwargs = batch_conds(cond, uncond) if uncond is not None else cond
+        coeffs = table.on(x.device)
+        ts = table.timesteps.to(x.device)
+        history, xs = table.new_state(x.shape, x.device, x.dtype, memory_format(x))
+        noisy = set(table.noisy_steps())
+        scales_input = table.scales_input
+        batch = x.shape[0]
+        watch = FiniteWatch(table.timesteps)
+        for i in tqdm(range(start, len(table)), disable=not progress, desc="sampling", leave=False):
+            t = ts[i].expand(batch)
+            x_in = coeffs[i, COLUMN["k_in"]] * x if scales_input else x
+            m, m_u, variance = model_outputs(denoiser, table, x_in, t, kwargs, uncond is not None)
+            noise = randn(x.shape, generator, x.device, x.dtype) if i in noisy else None
+            x_next = sampler_step(
+                x,
+                m,
+                coeffs,
+                i,
+                noise,
+                eps_uncond=m_u,
+                guidance_scale=guidance_scale,
+                history=history,
+                xs=xs,
+                variance=variance,
+                backend=backend,
+                **table_row_kwargs(table),
+            )
+            if callback is not None:
+                callback(callback_info(table, coeffs, i, x, x_next, m, m_u, guidance_scale))
+            x = x_next if after_step is None else after_step(i, x_next)
+            if callback is not None or after_step is not None:
+                recheck()  # user code ran: the per-call check this run skips
+            watch.update(i, x)
+        watch.check(x)
+        return x
 
 
 def initial_state(table: StepTable, x_T: torch.Tensor) -> torch.Tensor:

@@ -389,6 +389,45 @@ def test_onnx_denoiser_with_source_never_runs_stale_weights(digits, tmp_path):
     assert (expected - out).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("loop", ["sample", "engine"])
+def test_a_sampling_run_checks_the_source_once_and_after_each_callback(digits, loop):
+    """Inside fastdiff's loops no user code runs between two calls except callbacks: the run checks the source
+    (fingerprint and content) once before its first step and after each callback, and its calls skip the
+    per-call fingerprint check; a direct call outside a run still checks."""
+    import fastdiff
+    from fastdiff.errors import StaleWeightsError
+
+    model, schedule, _, report = digits
+    model = copy.deepcopy(model)
+    denoiser = OnnxDenoiser(report.path, source=model)
+    calls = {"check_source": 0, "check_weights": 0}
+    for name in calls:
+        real = getattr(denoiser, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        setattr(denoiser, name, counted)
+    sampler = fastdiff.DDIMSampler(schedule, num_steps=4)
+    engine = fastdiff.SamplingEngine(denoiser, sampler, backend="eager")  # one run per sample(): no planning
+    runner = fastdiff.sample if loop == "sample" else engine.sample
+    args = (denoiser, sampler) if loop == "sample" else ()
+    kwargs = {"cond": {"class_labels": torch.tensor([1, 2])}, "generator": torch.Generator().manual_seed(0)}
+    runner(*args, (2, 1, 8, 8), **kwargs)
+    assert calls == {"check_source": 0, "check_weights": 1}
+    denoiser(torch.randn(2, 1, 8, 8), torch.tensor([5, 6]), class_labels=torch.tensor([1, 2]))
+    assert calls["check_source"] == 1  # a direct call checks
+
+    def change_weights(info):
+        if info["i"] == 1:
+            fastdiff.update_weights(model, {k: v * 1.1 for k, v in model.state_dict().items()})
+
+    with pytest.raises(StaleWeightsError, match="have changed"):
+        runner(*args, (2, 1, 8, 8), callback=change_weights, **kwargs)
+    assert calls["check_weights"] == 1 + 1 + 2  # both runs' starts, the callbacks of steps 0 and 1 (raised)
+
+
 def test_onnx_denoiser_rejects_bad_inputs(digits, unet2d):
     _, _, _, report = digits
     denoiser = OnnxDenoiser(report.path)

@@ -41,9 +41,9 @@ from tqdm.auto import tqdm
 from fastdiff.checks import (
     FiniteWatch,
     check_denoiser_matches,
-    check_denoiser_weights,
     check_device,
     check_dtype,
+    denoiser_run,
 )
 from fastdiff.engine import cpu_loop
 from fastdiff.engine.graphs import (
@@ -327,9 +327,8 @@ class SamplingEngine:
             check_x("x_T", x_T, shape)
             dtype = x_T.dtype
         check_denoiser_matches(self.denoiser, dev, dtype, "x" if x_T is None else "x_T")
-        check_denoiser_weights(self.denoiser)
         cond, uncond = guidance_conds(self.denoiser, cond, uncond, guidance_scale)
-        with torch.inference_mode():
+        with denoiser_run(self.denoiser) as recheck, torch.inference_mode():
             x_init = randn(shape, generator, dev, dtype) if x_T is None else x_T
             entry = self._prepare(
                 shape, dev, dtype, cond, uncond, guidance_scale, step_only=callback is not None
@@ -338,7 +337,7 @@ class SamplingEngine:
             self._ensure_runner(entry)
             self._reset(entry, initial_state(self.table, x_init))
             watch = FiniteWatch(self.table.timesteps)
-            self._drive(entry, generator, guidance_scale, progress, callback, watch)
+            self._drive(entry, generator, guidance_scale, progress, callback, watch, recheck)
             # A loop run as one graph is only seen at its end: the step reported is then the last.
             watch.update(len(self.table) - 1, entry.x)
             watch.check(entry.x)
@@ -698,7 +697,10 @@ class SamplingEngine:
         progress: bool,
         callback: Callable[[dict[str, Any]], None] | None,
         watch: FiniteWatch,
+        recheck: Callable[[], None],
     ) -> None:
+        """Run the table's rows on `e`; `recheck()` after each callback re-checks the denoiser's own weights
+        (`fastdiff.checks.denoiser_run`), as `_check_weights` does the engine's."""
         n = len(self.table)
         with tqdm(total=n, disable=not progress, desc="sampling", leave=False) as bar:
             if e.mode == "loop" and (e.graphs or self._run_compiled_loop(e)):
@@ -732,6 +734,7 @@ class SamplingEngine:
                         )
                     )
                     self._check_weights(e)
+                    recheck()
 
 
 def engine_for(

@@ -99,6 +99,7 @@ def to_openvino(
     dynamic_batch: bool = True,
     opset: int | None = None,
     atol: float | None = None,
+    exporter: str = "auto",
     return_report: bool = False,
     onnx_path: str | os.PathLike | None = None,
 ) -> Path | ExportReport:
@@ -128,7 +129,7 @@ def to_openvino(
             "choose the runtime precision with OpenVinoDenoiser(path, precision=...)"
         )
     ov = import_openvino()  # fail before the slow ONNX export
-    exporter = None if onnx_path is None else _exported_from(Path(onnx_path), model, cond_shapes)
+    used = None if onnx_path is None else _exported_from(Path(onnx_path), model, cond_shapes)
 
     workdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
@@ -141,9 +142,10 @@ def to_openvino(
                 dynamic_batch=dynamic_batch,
                 opset=opset,
                 atol=atol,
+                exporter=exporter,
                 return_report=True,
             )
-            onnx_path, exporter = onnx_report.path, onnx_report.exporter
+            onnx_path, used = onnx_report.path, onnx_report.exporter
         try:
             converted = ov.convert_model(onnx_path)
             compiled = ov.Core().compile_model(converted, "CPU", _config("f32", 0))
@@ -184,7 +186,7 @@ def to_openvino(
 
     report = ExportReport(
         path=path,
-        exporter=exporter,
+        exporter=used,
         max_abs_diff=diff,
         atol=limit,
         seconds=time.perf_counter() - start,

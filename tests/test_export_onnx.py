@@ -24,6 +24,7 @@ import onnx
 
 from fastdiff.errors import CheckpointError, FastdiffError
 from fastdiff.export import ExportReport, OnnxDenoiser, to_onnx
+from fastdiff.export.onnx import onnx_metadata
 from fastdiff.export.runtime import sidecar_path
 from fastdiff.kernels import attention, attention_reference, group_norm_silu
 from fastdiff.kernels.backend import decomposed, decomposing
@@ -664,6 +665,8 @@ def test_cli_export_onnx(tiny_checkpoint, tmp_path, capsys):
                 "onnx",
                 "--batch",
                 "1:3:8",
+                "--exporter",
+                "torchscript",
                 "--out",
                 str(out),
             ]
@@ -672,6 +675,7 @@ def test_cli_export_onnx(tiny_checkpoint, tmp_path, capsys):
     )
     line = capsys.readouterr().out.strip()
     assert "max abs diff vs eager" in line and str(out) in line and "MB" in line
+    assert onnx_metadata(out)["fastdiff.exporter"] == "torchscript"
     denoiser = OnnxDenoiser(out)
     assert denoiser.cond_names == ["class_labels"] and denoiser.null_label == 3
     assert _files(tmp_path) == ["tiny.onnx", "tiny.onnx.sha256"]
@@ -682,6 +686,7 @@ def test_cli_export_onnx(tiny_checkpoint, tmp_path, capsys):
     [
         (["--batch", "8:2:4"], "--batch"),
         (["--batch", "x"], "--batch"),
+        (["--exporter", "jit"], "--exporter: invalid choice"),
         (["--model", "nope"], "unknown model"),
         (["--out", "{tmp}/model.txt"], ".onnx"),
         (["--out", "{tmp}/missing/m.onnx"], "does not exist"),

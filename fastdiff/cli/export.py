@@ -103,7 +103,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         import_tensorrt()  # fail before the slow ONNX export when the extra is missing
     model, sample_shape, what = load_export_model(args.model)
-    kwargs = dict(sample_shape=(opt, *sample_shape), cond_shapes=_cond_shapes(model, opt), opset=args.opset)
+    kwargs = dict(
+        sample_shape=(opt, *sample_shape),
+        cond_shapes=_cond_shapes(model, opt),
+        opset=args.opset,
+        exporter=args.exporter,
+    )
 
     runtime = "ONNX Runtime"
     if args.format == "onnx":
@@ -162,6 +167,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="output file: .onnx, .xml for openvino (weights in the .bin beside it), or the engine file for tensorrt",
     )
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument(
+        "--exporter",
+        choices=("auto", "torchscript", "dynamo"),
+        default="auto",
+        help="torch's ONNX exporter: auto (default: the TorchScript tracer, torch.export's if that fails), "
+        "torchscript or dynamo only",
+    )
     p.add_argument(
         "--precision", choices=PRECISIONS, default="fp16", help="TensorRT precision (tensorrt only)"
     )

@@ -686,7 +686,6 @@ def test_cli_export_onnx(tiny_checkpoint, tmp_path, capsys):
     [
         (["--batch", "8:2:4"], "--batch"),
         (["--batch", "x"], "--batch"),
-        (["--exporter", "jit"], "--exporter: invalid choice"),
         (["--model", "nope"], "unknown model"),
         (["--out", "{tmp}/model.txt"], ".onnx"),
         (["--out", "{tmp}/missing/m.onnx"], "does not exist"),
@@ -700,6 +699,15 @@ def test_cli_export_errors(argv, message, tmp_path, capsys):
         argv += ["--out", str(tmp_path / "m.onnx")]
     assert main(["export", *argv]) == 2
     assert message in capsys.readouterr().err
+    assert _files(tmp_path) == []
+
+
+def test_cli_export_refuses_an_unknown_exporter(tmp_path, capsys):
+    from fastdiff.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "--exporter", "jit", "--out", str(tmp_path / "m.onnx")])
+    assert exit_.value.code == 2 and "--exporter: invalid choice: 'jit'" in capsys.readouterr().err
     assert _files(tmp_path) == []
 
 

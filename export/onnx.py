@@ -259,8 +259,9 @@ def _export_file(
         program.save(out, external_data=external_data)
         return
     with warnings.catch_warnings():
-        # Chosen knowingly (see _exporter_order); shape checks the tracer records as constants are what they
-        # say, and a trace that bakes in anything else fails the parity check at a second batch size.
+        # Chosen knowingly (see _exporter_order). The tracer warns about Python values it records as constants
+        # (our input checks' shapes); a trace that baked in one that matters fails the parity check, which runs
+        # a second batch size and other timesteps.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
@@ -372,8 +373,8 @@ def to_onnx(
     After writing, the file is checked with `onnx.checker`, run with onnxruntime on the example inputs (and on a
     second batch size when dynamic) and compared with eager PyTorch: a max abs difference above `atol` (default
     1e-4 float32, 2e-2 float16; bfloat16 models are refused) fails the exporter. `exporter`: "torchscript"
-    (torch's tracer: fast, deprecated by torch), "dynamo" (torch.export: 10-20x slower here, sees through less
-    Python but refuses data-dependent branches instead of recording the one taken), or "auto" (default: the
+    (torch's tracer: fast, deprecated by torch), "dynamo" (torch.export: 10-20x slower here; it refuses a
+    data-dependent branch where the tracer records the one taken), or "auto" (default: the
     tracer, then dynamo if the tracer fails or its graph fails the check; dynamo first for weights over 1.5 GB);
     when every exporter tried fails, `FastdiffError` says why for each. The file appears only
     when everything passed (weights over 1.5 GB go to external data `<name>.onnx.data` beside it); a failure

@@ -19,8 +19,8 @@ noise, times them, and takes the fastest verified one, or eager:
 4. Timing: REPEATS rounds, one run of every built candidate per round (both probe lengths) in an order that
    rotates, the median per candidate and length (2 shared cores are noisy; interleaving spreads a change of load
    over all). Fewer rounds and a shorter long probe when the rounds would cost more than TIMING_SHARE of the
-   eager time of the work at hand. A candidate is taken only when it beats eager by more than MARGIN, so `auto` is never slower than
-   eager beyond that noise.
+   eager time of the work at hand. A candidate is taken only when it beats eager by more than MARGIN, so `auto`
+   is never slower than eager beyond that noise.
 
 The decision, every candidate's measurements and the work seen are stored in the cache (`fastdiff.cache`) under a key
 of the weights' sha256, the table, shape, dtype, device, conditioning, library versions, CPU and threads; the next
@@ -475,7 +475,7 @@ class Planner:
         rows = min(n, PROBE_STEPS)
         eager_runner, _ = self._ready(eager, target, _Probe(target.sampler, rows))
         first = self.timer("eager", lambda: self._run(eager_runner, target), rows)
-        per_row = first / rows
+        per_row = max(first / rows, 1e-9)  # a timer can read 0 for a very short run
         if first > 0 and first < MIN_PROBE_S and rows < n:
             rows = min(n, math.ceil(rows * MIN_PROBE_S / first))
             eager_runner, _ = self._ready(eager, target, _Probe(target.sampler, rows))
@@ -493,14 +493,14 @@ class Planner:
         # cannot pay for any build, eager is the answer without timing anything more.
         eager_s = per_row * n
         work_s = eager_s * (work_calls + seen)
-        timed = 1 + sum(estimate <= work_s for estimate, _ in order)
+        contenders = 1 + sum(estimate <= work_s for estimate, _ in order)  # eager and those it may pay for
         # Two probe lengths: a call's fixed cost (argument checks, buffers, a weights check) is not per row, and
         # scaling one short probe to the whole table would multiply it by n / rows. The second covers half the
         # table, so that extrapolating it multiplies the noise of a difference of two timings by at most about 2
         # (a 3 and 6-row pair on digits multiplied it by 16: onnxruntime measured 0.03 s a call against 0.1 s),
         # unless one round of timing at that length would cost more than TIMING_SHARE of the work at hand: rows
         # that cost that much are mostly per-row cost, which a shorter pair measures well enough.
-        share_rows = math.floor(TIMING_SHARE * work_s / (timed * per_row)) - rows
+        share_rows = math.floor(TIMING_SHARE * work_s / (contenders * per_row)) - rows
         long = min(n, max(2 * rows, math.ceil(n / 2)), max(2 * rows, share_rows))
         lengths = (rows,) if rows == n else (rows, long)
         probes = {r: _Probe(target.sampler, r) for r in lengths}

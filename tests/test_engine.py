@@ -365,6 +365,44 @@ def test_compile_matches_eager(graph_mode):
     assert [key[0] for key in eng._cache] == [graph_mode]
 
 
+class _TableProbe(torch.nn.Module):
+    """Its `timestep_table` differs from what it computes from t alone, so a result shows which one was used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(0.9))
+
+    def timestep_table(self, t: torch.Tensor) -> torch.Tensor:
+        return (1e-3 * t.float() + 0.25).view(-1, 1) * self.scale
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, time_row: torch.Tensor | None = None) -> torch.Tensor:
+        row = (1e-3 * t.float()).view(-1, 1) if time_row is None else time_row
+        return self.scale * x + row
+
+
+def test_compiled_loop_gives_each_step_its_timestep_table_row():
+    """The compiled while_loop computes a denoiser's `timestep_table` once a run and passes row i at step i:
+    equal to a loop that passes each step's row itself, not to one that never does; weights written between
+    runs are read by the next run's table."""
+    torch.manual_seed(0)
+    probe = _TableProbe()
+    sampler = DDIMSampler(SCHEDULE, num_steps=5, eta=1.0)
+
+    def with_rows(x, t):
+        return probe(x, t, time_row=probe.timestep_table(t))
+
+    eng = SamplingEngine(probe, sampler, compile=True, graph_mode="loop")
+    for scale in (0.9, 0.5):
+        with torch.no_grad():
+            probe.scale.fill_(scale)
+        got = eng.sample((3, 2), generator=gen())
+        torch.testing.assert_close(
+            got, fastdiff.sample(with_rows, sampler, (3, 2), generator=gen()), rtol=0, atol=1e-5
+        )
+        assert (got - fastdiff.sample(probe, sampler, (3, 2), generator=gen())).abs().max() > 1e-2
+    assert eng.stats.eager_fallbacks == 0
+
+
 @pytest.mark.parametrize("threshold, chosen", [(float("inf"), "loop"), (0.0, "step")])
 def test_auto_times_compiled_steps_then_picks_the_loop_or_steps(monkeypatch, threshold, chosen):
     """graph_mode="auto" on the CPU compile times the first compiled steps and runs the rest as one while_loop

@@ -35,6 +35,24 @@ def test_rows_are_independent():
             )
 
 
+def test_timestep_table_rows_replace_the_time_path():
+    """`timestep_table(ts)[i]` given as `time_row` gives forward(x, ts[i]) (1e-6: one batched matmul against a
+    one-row one); a row per sample too; a row of the wrong shape is refused by name."""
+    torch.manual_seed(0)
+    model = MLPDenoiser(hidden=32, num_layers=3, time_embed_dim=16).eval()
+    x, ts = torch.randn(4, 2), torch.tensor([999.0, 500.0, 20.0, 0.0])
+    with torch.no_grad():
+        table = model.timestep_table(ts)
+        assert table.shape == (4, 3, 32)
+        for i in range(4):
+            torch.testing.assert_close(
+                model(x, ts[i], time_row=table[i : i + 1]), model(x, ts[i]), atol=1e-6, rtol=0
+            )
+        torch.testing.assert_close(model(x, ts, time_row=table), model(x, ts), atol=1e-6, rtol=0)
+        with pytest.raises(ValueError, match="time_row must have shape"):
+            model(x, ts, time_row=table[:, :2])
+
+
 def test_trains_on_a_fixed_batch():
     torch.manual_seed(0)
     model = MLPDenoiser(hidden=32, num_layers=2)

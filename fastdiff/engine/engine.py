@@ -609,17 +609,22 @@ class SamplingEngine:
         history: torch.Tensor | None,
         xs: torch.Tensor | None,
         functional: bool = False,
+        time_table: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """Row `step` (a 0-d device tensor) from `x`: (the next x, written into `out` if given; the history and xs
         after the row; the model output m and its unconditional branch). Every per-row value is read from device
         memory through `step`. The fused step updates `history` and `xs` in place; `functional` computes new ones
-        instead (`apply_row`, the same math: the carried state of the compiled while_loop cannot be mutated)."""
+        instead (`apply_row`, the same math: the carried state of the compiled while_loop cannot be mutated).
+        `time_table`: the denoiser's `timestep_table` of the table's timesteps, whose row it is then given."""
         table = self.table
         index = step.view(1)
         t = e.timesteps.index_select(0, index).expand(x.shape[0])
         row = e.coeffs.index_select(0, index)[0]
         x_in = row[COLUMN["k_in"]] * x if table.scales_input else x
-        m, m_u, variance = model_outputs(e.denoise, table, x_in, t, e.kwargs, e.guidance is not None)
+        kwargs = (
+            e.kwargs if time_table is None else {**e.kwargs, "time_row": time_table.index_select(0, index)}
+        )
+        m, m_u, variance = model_outputs(e.denoise, table, x_in, t, kwargs, e.guidance is not None)
         noise = None if e.noise is None else e.noise.index_select(0, e.noise_row.index_select(0, index))[0]
         guidance = 1.0 if e.guidance is None else e.guidance
         if functional:
@@ -666,10 +671,17 @@ class SamplingEngine:
         return outputs
 
     def _while(self, e: _Entry) -> None:
-        """All remaining steps as one `torch.while_loop` (for the CPU compile), over the static buffers."""
+        """All remaining steps as one `torch.while_loop` (for the CPU compile), over the static buffers.
+
+        A denoiser with a `timestep_table(timesteps)` method (ours: `MLPDenoiser`) has what it computes from the
+        timestep alone computed here, for all steps in one batch, and is called with `time_row=` its row: for the
+        swiss-roll MLP that is 6 of 16 matrix products a step. Computed in every run from the weights as they are
+        then, so weights written between runs are never stale."""
+        table_of = getattr(e.denoise, "timestep_table", None)
+        time_table = table_of(e.timesteps) if callable(table_of) else None
 
         def advance(i: torch.Tensor, x: torch.Tensor, h: torch.Tensor | None, xs: torch.Tensor | None) -> Any:
-            return self._advance(e, i, x, None, h, xs, functional=True)[:3]
+            return self._advance(e, i, x, None, h, xs, functional=True, time_table=time_table)[:3]
 
         cpu_loop.while_loop(advance, len(self.table), e.counter, e.x, e.history, e.xs)
 

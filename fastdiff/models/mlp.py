@@ -10,7 +10,7 @@ from fastdiff.models.unet import timestep_embedding, timestep_rows
 
 
 class _ResidualMLPBlock(nn.Module):
-    """h + Linear(SiLU(Linear(SiLU(LayerNorm(h))) + projection of the time embedding))."""
+    """h + Linear(SiLU(Linear(SiLU(LayerNorm(h))) + emb_proj(time embedding))); `forward` takes the projection."""
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
@@ -19,8 +19,8 @@ class _ResidualMLPBlock(nn.Module):
         self.emb_proj = nn.Linear(hidden, hidden)
         self.fc2 = nn.Linear(hidden, hidden)
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        r = self.fc1(F.silu(self.norm(h))) + self.emb_proj(emb)
+    def forward(self, h: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
+        r = self.fc1(F.silu(self.norm(h))) + projected
         return h + self.fc2(F.silu(r))
 
 
@@ -55,16 +55,45 @@ class MLPDenoiser(nn.Module):
         self.out_norm = nn.LayerNorm(hidden)
         self.out_proj = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
-        """Predict the noise eps of points `x` (B, dim) at timesteps `t`."""
+    def _projections(self, t: torch.Tensor) -> list[torch.Tensor]:
+        emb = F.silu(
+            self.time_embed(timestep_embedding(t, self.time_embed_dim).to(self.in_proj.weight.dtype))
+        )
+        return [block.emb_proj(emb) for block in self.blocks]
+
+    def timestep_table(self, t: torch.Tensor) -> torch.Tensor:
+        """Everything the model computes from the timestep alone, for each timestep of `t` (S,): the embedding
+        as each block projects it, (S, num_layers, hidden). `forward(x, t[i], time_row=table[i:i + 1])` equals
+        `forward(x, t[i])` without that work (up to rounding): a sampling loop computes the table once per run.
+        """
+        return torch.stack(self._projections(t), dim=1)
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor | float, *, time_row: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Predict the noise eps of points `x` (B, dim) at timesteps `t`; `time_row`: the rows of
+        `timestep_table` for `t`, (1 or B, num_layers, hidden), when the caller has them."""
         if not torch.compiler.is_compiling():
             if not isinstance(x, torch.Tensor) or not x.is_floating_point():
                 raise TypeError(f"x must be a floating-point tensor, got {type(x).__name__}")
             if x.dim() != 2 or x.shape[1] != self.dim:
                 raise ValueError(f"x must have shape (B, {self.dim}), got {tuple(x.shape)}")
-        t = timestep_rows(t, x.shape[0], x.device)  # one row when every sample has the same t: embedded once
-        emb = F.silu(self.time_embed(timestep_embedding(t, self.time_embed_dim).to(x.dtype)))
+            expected = (len(self.blocks), self.in_proj.out_features)
+            if time_row is not None and (
+                time_row.dim() != 3
+                or time_row.shape[0] not in (1, x.shape[0])
+                or time_row.shape[1:] != expected
+            ):
+                raise ValueError(
+                    f"time_row must have shape (1 or {x.shape[0]}, {expected[0]}, {expected[1]}) (rows of "
+                    f"timestep_table), got {tuple(time_row.shape)}"
+                )
+        if time_row is None:
+            # one row when every sample has the same t: embedded once
+            projections = self._projections(timestep_rows(t, x.shape[0], x.device))
+        else:
+            projections = time_row.to(x.dtype).unbind(1)
         h = self.in_proj(x)
-        for block in self.blocks:
-            h = block(h, emb)
+        for block, projected in zip(self.blocks, projections, strict=True):
+            h = block(h, projected)
         return self.out_proj(F.silu(self.out_norm(h)))

@@ -9,6 +9,7 @@ import fastdiff
 from fastdiff.cache import DiskCache
 from fastdiff.engine.candidates import Candidate, Eager
 from fastdiff.engine.planner import (
+    LOAD_S,
     MARGIN,
     PLAN_KIND,
     RECHECK_CALLS,
@@ -53,9 +54,10 @@ class Fake(Candidate):
         per_table=False,
         clock=None,
         build_s=0.0,
+        load_s=None,
     ):
         self.name = name
-        self.build_s = build_s
+        self.build_s, self.load_s = build_s, load_s
         self.per_table = per_table
         self.estimate, self.offset, self.is_cached, self.reason = estimate, offset, cached, reason
         self.clock = clock
@@ -74,6 +76,8 @@ class Fake(Candidate):
         self.built += 1
         if self.clock is not None:
             self.clock.now += self.build_s
+        if self.load_s is not None:  # as _Exported.runner times its load apart from its build
+            target.shared["load_s:" + self.name] = self.load_s
         return _Shifted(Eager().runner(target, sampler), self.offset, self.clock, 0.0)
 
 
@@ -375,6 +379,24 @@ def test_a_cached_choice_that_costs_more_to_load_than_this_work_saves_gives_way_
     big = planner()
     plan = big.plan(_target(big, model, sampler), work_calls=100)
     assert plan.from_cache and plan.backend == "compiled"
+
+
+@pytest.mark.parametrize(("load_s", "expected"), [(None, "eager"), (0.05, "exported")])
+def test_a_cached_export_is_judged_by_the_load_measured_after_its_build(
+    tmp_path, model, sampler, load_s, expected
+):
+    """The first run exports (not cached then) and measures the load apart; the next run, finding the export
+    cached, weighs that load (0.05 s) against the 0.6 s its 4 calls save, not the LOAD_S prior (1 s) that would
+    keep it on eager. Without a measured load the prior decides."""
+    exported = Fake("exported", load_s=load_s)
+    seconds = {"eager": 0.1, "exported": 0.085}  # 1.0 against 0.85 s a call
+    first, _ = _planner(tmp_path, seconds, exported)
+    assert first.plan(_target(first, model, sampler), work_calls=4).backend == "exported"
+    exported.is_cached = True
+    again, _ = _planner(tmp_path, seconds, exported)
+    plan = again.plan(_target(again, model, sampler), work_calls=4)
+    assert plan.from_cache and plan.backend == expected
+    assert LOAD_S > 4 * (1.0 - 0.85)  # the premise: the prior alone would not pay
 
 
 @pytest.mark.parametrize(

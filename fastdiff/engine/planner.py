@@ -169,6 +169,9 @@ class Result:
     s_per_call: float | None = None
     build_s: float | None = None  # the last time making it ready took (cold build or load from the cache)
     cached: bool = False  # whether its artifact was in the cache when it was made ready
+    load_s: float | None = (
+        None  # of build_s, the part that loaded the built artifact (what a cached run pays)
+    )
     max_abs_diff: float | None = None
     estimate_s: float | None = None  # the build cost it was judged by
     # skipped: the eager work (s) that would pay for it, its estimate plus what planning had spent before it
@@ -555,7 +558,10 @@ class Planner:
                 results[name] = Result("failed", _first_line(err), cached=cached, estimate_s=estimate)
                 continue
             tolerance = candidate.tolerance.get(target.dtype, candidate.tolerance[torch.float32])
-            result = Result("ok", build_s=build_s, cached=cached, max_abs_diff=diff, estimate_s=estimate)
+            load_s = target.shared.get("load_s:" + name)
+            result = Result(
+                "ok", build_s=build_s, cached=cached, load_s=load_s, max_abs_diff=diff, estimate_s=estimate
+            )
             if not diff <= tolerance:
                 result.status = "unverified"
                 result.reason = f"its samples differ from eager's by {diff:.3g} > {tolerance:g}"
@@ -615,11 +621,14 @@ class Planner:
 
     def _load_estimate(self, name: str, result: Result, target: Target) -> float:
         """Seconds to make a measured candidate ready again: its last time when that was from the cache (or it is
-        rebuilt every time, as compile is), else LOAD_S when its artifact is cached now, else its build estimate."""
+        rebuilt every time, as compile is), else, when its artifact is cached now, the load measured after its
+        build (LOAD_S when unknown), else its build estimate."""
         candidate = self.candidates[name]
         if result.cached or candidate.per_table:
             return result.build_s or 0.0
-        return LOAD_S if candidate.cached(target) else self._estimate(candidate, target)
+        if not candidate.cached(target):
+            return self._estimate(candidate, target)
+        return LOAD_S if result.load_s is None else result.load_s
 
     def _estimate(self, candidate: Candidate, target: Target) -> float:
         """What making the candidate ready is expected to cost: ~nothing when its artifact is cached, else the

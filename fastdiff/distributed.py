@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from tqdm.auto import tqdm
 
-from fastdiff.checks import check_int
+from fastdiff.checks import check_dtype, check_int
 from fastdiff.errors import FastdiffError
 from fastdiff.fingerprint import file_sha256, state_sha256, tensor_sha256
 from fastdiff.output import MAX_SAMPLES, atomic_path, check_output_path, to_uint8, write_bytes_atomic
@@ -383,10 +384,25 @@ class _Model:
     name: str
 
 
-def _resolve_model(model: Any, device: torch.device, sample_shape: Sequence[int] | None) -> _Model:
+def _resolve_model(
+    model: Any, device: torch.device, sample_shape: Sequence[int] | None, dtype: torch.dtype
+) -> _Model:
     name = model if isinstance(model, str) else type(model).__name__
     if isinstance(model, str):
         model = load_model(model, str(device))
+        model.model.to(dtype)
+    module = model.model if isinstance(model, Pretrained) else model
+    param = (
+        next((p for p in module.parameters() if p.is_floating_point()), None)
+        if isinstance(module, nn.Module)
+        else None
+    )
+    if param is not None and param.dtype != dtype:
+        have, want = (str(d).removeprefix("torch.") for d in (param.dtype, dtype))
+        raise TypeError(
+            f"dtype={want} but the model's weights are {have}: cast the model with .to(torch.{want}), or pass "
+            f"dtype=torch.{have}"
+        )
     if isinstance(model, Pretrained):
         return _Model(model.model, model.sample_shape, model.num_classes, model.schedule, name)
     if not callable(model):
@@ -462,9 +478,11 @@ def _generate(
     cond: Mapping[str, torch.Tensor] | None,
     guidance_scale: float,
     device: torch.device,
+    dtype: torch.dtype,
     engine: Any,
 ) -> np.ndarray:
     """uint8 images (N, H, W, C) of the samples `indices`, in batches of `batch_size`."""
+    from fastdiff.loop import randn
     from fastdiff.samplers import sample
 
     images = []
@@ -475,21 +493,14 @@ def _generate(
             kwargs["class_labels"] = labels_of(idx).to(device)
         shape = (len(idx), *resolved.sample_shape)
         gens = [sample_generator(seed, i) for i in idx]
+        # x_T first from each sample's generator, as the loop would draw it, but in float32 whatever the dtype
+        x_T = randn(shape, gens, device, torch.float32).to(dtype)
+        call = {"x_T": x_T, "generator": gens, "cond": kwargs or None, "guidance_scale": guidance_scale}
         if engine is not None:
-            x = engine.sample(
-                shape, generator=gens, cond=kwargs or None, guidance_scale=guidance_scale, device=device
-            )
+            x = engine.sample(shape, **call)
         else:
-            x = sample(
-                resolved.denoiser,
-                sampler,
-                shape,
-                generator=gens,
-                cond=kwargs or None,
-                guidance_scale=guidance_scale,
-                device=device,
-            )
-        images.append(to_uint8(x))
+            x = sample(resolved.denoiser, sampler, shape, **call)
+        images.append(to_uint8(x.float()))
     return np.concatenate(images)
 
 
@@ -547,6 +558,7 @@ def sample_to_dir(
     merge_to: str | os.PathLike | None = None,
     on_shard: Callable[[int, Path], None] | None = None,
     progress: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Generate `num_samples` images into shard files under `out_dir`, on every rank of a torchrun job.
 
@@ -560,7 +572,9 @@ def sample_to_dir(
     `fastdiff.SamplingEngine` around the same denoiser and sampler) replaces `fastdiff.sample`. Existing valid
     shards of the same settings are kept, missing or corrupt ones are redone, and other settings raise ValueError.
     `merge_to` writes the merged .npz at the end (rank 0). `on_shard(k, path)` is called on every rank for each
-    shard made in this call (by any rank), at the end of the round that made it. Returns `out_dir`.
+    shard made in this call (by any rank), at the end of the round that made it. `dtype` (a floating-point
+    torch.dtype) runs the model in it: a model given by name is cast, any other must already be; the noise is drawn
+    in float32 either way. Returns `out_dir`.
     """
     from fastdiff import __version__
 
@@ -577,8 +591,9 @@ def sample_to_dir(
     else:
         device = infer_device(model.model if isinstance(model, Pretrained) else model, None, device)
 
+    check_dtype(dtype)
     group = init_distributed(device)
-    resolved = _resolve_model(model, device, sample_shape)
+    resolved = _resolve_model(model, device, sample_shape, dtype)
     sampler = _resolve_sampler(sampler, resolved.schedule, steps, eta)
     if len(resolved.sample_shape) != 3:
         raise ValueError(f"sample_to_dir writes images (C, H, W); this model makes {resolved.sample_shape}")
@@ -600,6 +615,7 @@ def sample_to_dir(
         "num_samples": num_samples,
         "shard_size": shard_size,
         "image_shape": [h, w, c],
+        "dtype": str(dtype).removeprefix("torch."),
         # Backends may round differently (by a uint8 level); one folder's shards all come from one.
         "backend": _backend_of(engine, resolved.denoiser),
     }
@@ -642,6 +658,7 @@ def sample_to_dir(
                     cond=cond,
                     guidance_scale=guidance_scale,
                     device=device,
+                    dtype=dtype,
                     engine=engine,
                 )
                 for k in chunk:

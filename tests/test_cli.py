@@ -67,6 +67,25 @@ def test_sample_compile_matches_eager(tmp_path, capsys):
     assert shards[0].shape == (6, 8, 8, 1) and np.abs(shards[0] - shards[1]).max() <= 1
 
 
+def test_sample_bfloat16_is_close_to_float32(tmp_path, capsys):
+    """--dtype bfloat16 runs the model in bfloat16 from the same float32 noise: the images stay within a few
+    uint8 levels of float32's (measured: at most 6, PSNR 50 dB at 64 samples; asserted: 16 levels, 35 dB), in a
+    file and in a shard folder, which records the dtype and refuses a resume in another."""
+    args = ["sample", "--steps", "10", "--num-samples", "16", "--seed", "3", "--backend", "eager", "--quiet"]
+    pairs = []
+    for out in ("f32.npz", "bf16.npz", "f32/", "bf16/"):
+        dtype = ["--dtype", "bfloat16"] if out.startswith("bf16") else []
+        assert run([*args, *dtype, "--out", f"{tmp_path}/{out}"], capsys)[0] == 0
+        name = out if out.endswith(".npz") else out + "shard-00000.npz"
+        pairs.append(np.load(tmp_path / name)["images"].astype(float))
+    for f32, bf16 in (pairs[:2], pairs[2:]):
+        diff = np.abs(f32 - bf16)
+        assert 0 < diff.max() <= 16
+        assert 10 * np.log10(255**2 / np.mean(diff**2)) >= 35
+    code, _, err = run([*args, "--out", str(tmp_path / "bf16") + "/"], capsys)
+    assert code == 2 and "dtype: 'bfloat16' in the folder, 'float32' now" in err
+
+
 def test_x_T_file(tmp_path, capsys):
     x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
@@ -116,6 +135,7 @@ def test_x_T_file(tmp_path, capsys):
         (["--out", "{tmp}/missing/x.png"], "does not exist"),
         (["--out", "{tmp}/x.jpg"], "--out"),
         (["--model", "{tmp}/bad.safetensors"], "not a valid fastdiff checkpoint"),
+        (["--dtype", "float16", "--device", "cpu"], "--dtype float16 needs --device cuda"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):

@@ -64,6 +64,18 @@ def _labels(pre: Pretrained, args: argparse.Namespace) -> torch.Tensor | None:
     return torch.full((args.num_samples,), args.class_label)
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def sample_dtype(args: argparse.Namespace) -> torch.dtype:
+    """--dtype as a torch dtype; float16 is refused on a CPU (which runs its convolutions slowly, if at all)."""
+    import torch
+
+    if args.dtype == "float16" and args.device == "cpu":
+        raise ValueError("--dtype float16 needs --device cuda; on a CPU use --dtype bfloat16 (or float32)")
+    return getattr(torch, args.dtype)
+
+
 def _load_x_T(path: str, shape: tuple[int, ...]) -> torch.Tensor:
     import numpy as np
     import torch
@@ -143,7 +155,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
                 f"--{flag.replace('_', '-')} is for a shard folder (--out DIR/), not {args.out!r}"
             )
     check_output_path(args.out)
+    dtype = sample_dtype(args)
     pre = load_model(args.model, args.device, argument="--model")
+    pre.model.to(dtype)
     if args.out.endswith(".png") and len(pre.sample_shape) != 3:
         raise ValueError(
             f"--out {args.out!r}: this model makes {pre.sample_shape}-shaped points, not images; use .npz"
@@ -171,6 +185,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         cond={"class_labels": labels[:first].to(args.device)} if labels is not None else None,
         guidance_scale=guidance,
         device=args.device,
+        dtype=dtype,
     )
     print(plan.line(), flush=True)
     run = engine.sample
@@ -181,12 +196,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
         chunks.append(
             run(
                 (hi - lo, *pre.sample_shape),
-                x_T=x_T[lo:hi].to(args.device),
+                x_T=x_T[lo:hi].to(args.device, dtype),
                 generator=gen,
                 cond=cond,
                 guidance_scale=guidance,
                 progress=not args.quiet,
-            ).cpu()
+            )
+            .float()
+            .cpu()
         )
     images = torch.cat(chunks)
     seconds = time.perf_counter() - start
@@ -229,9 +246,11 @@ def cmd_sample_to_dir(args: argparse.Namespace) -> int:
     merge_to = None if args.no_merge else (args.merge_to or out_dir / MERGED)
     made, on_shard = shard_counter(shard_size, args.num_samples)
     device = local_device(torch.device(args.device))
+    dtype = sample_dtype(args)
     start = time.perf_counter()
     group = init_distributed(device)
     pre = load_model(args.model, str(device), argument="--model")
+    pre.model.to(dtype)
     sampler = _sampler(args, pre)
     engine = engine_for(pre.model, sampler, device, backend=check_backend(args.backend))
     guidance = guidance_scale_for(pre, args.guidance_scale)
@@ -243,6 +262,7 @@ def cmd_sample_to_dir(args: argparse.Namespace) -> int:
         cond=None if labels is None else {"class_labels": labels},
         guidance_scale=guidance,
         device=device,
+        dtype=dtype,
     )
     if group.rank == 0:
         print(plan.line(), flush=True)
@@ -262,6 +282,7 @@ def cmd_sample_to_dir(args: argparse.Namespace) -> int:
         merge_to=merge_to,
         on_shard=on_shard,
         progress=not args.quiet,
+        dtype=dtype,
     )
     seconds = time.perf_counter() - start
     if group.rank == 0:
@@ -301,6 +322,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=bounded_int(0, MAX_SEED), default=0, help="in [0, 2**63 - 1]")
     p.add_argument("--device", choices=("cpu", "cuda"), default=_default_device())
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="the model's precision (default float32; bfloat16 runs on CPUs with AMX or AVX512-BF16 and GPUs, "
+        "float16 on GPUs only; images then differ from float32's by a few uint8 levels)",
+    )
     p.add_argument("--x-T", dest="x_T", default=None, help=".npy file with the starting noise (N, C, H, W)")
     p.add_argument("--out", default="samples.png", help="file.png, file.npz, or DIR/ for resumable shards")
     p.add_argument(

@@ -4,16 +4,45 @@ loaded from its `.pt2` package in milliseconds: the compiled model a later proce
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 
 from fastdiff.export.runtime import GraphDenoiser
 
 
+def load_package(path: Path) -> Callable[..., torch.Tensor]:
+    """The packaged model as `fn(x, t, **cond)`.
+
+    Through the C++ package loader (`torch._C._aoti.AOTIModelPackageLoader`, 8 ms): the public
+    `torch._inductor.aoti_load_package` first imports torch._inductor, 2.5 s in a fresh process, which was most of
+    what a cached package cost a `fastdiff sample` command. A torch whose loader differs gets the public one.
+    """
+    try:
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+        in_spec, out_spec = (pytree.treespec_loads(s) for s in loader.get_call_spec())
+        keys = list(in_spec.child(1).context)  # the keyword inputs, in the package's order
+    except (AttributeError, TypeError, ValueError, IndexError, RuntimeError):
+        from torch import _inductor
+
+        return _inductor.aoti_load_package(str(path))
+
+    def run(x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        if sorted(cond) != sorted(keys):
+            raise TypeError(f"this package takes the keyword inputs {sorted(keys)}, got {sorted(cond)}")
+        flat, spec = pytree.tree_flatten(((x, t), {k: cond[k] for k in keys}))
+        if spec != in_spec:
+            raise TypeError(f"inputs of structure {spec} do not match the package's {in_spec}")
+        return pytree.tree_unflatten(loader.run(flat), out_spec)
+
+    return run
+
+
 class AotiDenoiser(GraphDenoiser):
-    """A model compiled ahead of time by AOTInductor (`torch._inductor.aoti_load_package`), called as
+    """A model compiled ahead of time by AOTInductor (`load_package`), called as
     `denoiser(x, t, **cond)`; it holds a copy of the weights, so `source` is watched as for the other exported
     denoisers (`GraphDenoiser`), and its null condition is the source's."""
 
@@ -26,7 +55,7 @@ class AotiDenoiser(GraphDenoiser):
         self.inputs = []
         self.null_label = None
         self._source = source
-        self._fn = torch._inductor.aoti_load_package(str(self.path))
+        self._fn = load_package(self.path)
         self._bind_source(source, None)
 
     @property

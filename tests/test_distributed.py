@@ -195,9 +195,11 @@ def test_bad_inputs_are_refused_and_nothing_is_overwritten(digits, reference, tm
         _run(pre, tmp_path / "x", class_labels=10)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         _run(pre, tmp_path / "missing" / "x")
-    with pytest.raises(TypeError, match=r"dtype=bfloat16 but the model's weights are float32: cast the model"):
+    with pytest.raises(
+        TypeError, match=r"dtype=bfloat16 but the model's weights are float32: cast the model"
+    ):
         _run(pre, tmp_path / "x", dtype=torch.bfloat16)
-    with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype"):
+    with pytest.raises(TypeError, match=r"dtype must be a floating-point torch\.dtype"):
         _run(pre, tmp_path / "x", dtype=torch.int64)
     assert not (tmp_path / "x").exists()
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ from fastdiff.samplers.base import Sampler
 # DDPM-CIFAR10 U-Net (35.7M) 3.7 s; the SD 1.5 U-Net (860M, 16x16 latents, weights over 1.5 GB: the dynamo
 # exporter) 83 s with the session load. OpenVINO reading and compiling that file:
 # digits 0.3-2.5 s, SD 1.5 35 s. Engine compile (inductor, cold cache): swiss-roll MLP 12 s, digits 40-60 s
-# (CPU_NOTES.md: about a minute); AOTInductor: digits 28-107 s. How those two grow with the model is not measured
+# (CPU_NOTES.md: about a minute); AOTInductor: digits 23-107 s. How those two grow with the model is not measured
 # here: 0.5 s per million parameters is assumed (a per-parameter slope fitted to digits alone put SD 1.5 at
 # 10-19 hours, so the planner never built anything for it). A build measured once is recorded in the cache and
 # replaces the prior for that model.
@@ -48,7 +49,8 @@ EXPORT_PRIOR = (3.0, 0.1)
 COMPILE_PRIOR = (60.0, 0.5)
 OPENVINO_LOAD_PRIOR = (2.0, 0.04)
 TENSORRT_PRIOR = (30.0, 30.0)
-# AOTInductor (torch.export + aoti_compile_and_package) then loads in 0.04 s, which an in-process compile cannot.
+# AOTInductor (torch.export + aoti_compile_and_package) then loads in 0.01 s (export/aoti.py's C++ loader), which an
+# in-process compile cannot.
 AOTI_PRIOR = (60.0, 0.5)
 
 
@@ -401,7 +403,9 @@ class Aoti(_Exported):
             t = torch.full((2,), 500.0, device=target.device)
             cond = {k: torch.cat([v, v])[:2] for k, v in target.cond.items()}
             dynamic = {x_name: {0: batch}, t_name: {0: batch}, **{k: {0: batch} for k in cond}}
-            with torch.no_grad(), decomposed():
+            # torch.export's deprecation warnings about its own internals say nothing a user can act on
+            with torch.no_grad(), decomposed(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
                 program = torch.export.export(module, (x, t), cond, dynamic_shapes=dynamic)
                 torch._inductor.aoti_compile_and_package(program, package_path=str(folder / "model.pt2"))
 

@@ -53,10 +53,16 @@ def _own_model(denoiser: Any) -> torch.nn.Module | None:
     return target if isinstance(target, (UNet, MLPDenoiser)) else None
 
 
+def first_weight(module: Any) -> torch.Tensor | None:
+    """The first floating-point parameter of an nn.Module (its dtype and device are the model's), else None."""
+    if not isinstance(module, torch.nn.Module):
+        return None
+    return next((p for p in module.parameters() if p.is_floating_point()), None)
+
+
 def check_denoiser_matches(denoiser: Any, device: torch.device, dtype: torch.dtype, what: str = "x") -> None:
     """The state `what` (on `device`, of `dtype`) must suit a fastdiff model's weights; say how to fix it if not."""
-    model = _own_model(denoiser)
-    param = None if model is None else next((p for p in model.parameters() if p.is_floating_point()), None)
+    param = first_weight(_own_model(denoiser))
     if param is None:
         return
     if param.dtype != dtype:

@@ -31,10 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 from tqdm.auto import tqdm
 
-from fastdiff.checks import check_dtype, check_int
+from fastdiff.checks import check_dtype, check_int, first_weight
 from fastdiff.errors import FastdiffError
 from fastdiff.fingerprint import file_sha256, state_sha256, tensor_sha256
 from fastdiff.output import MAX_SAMPLES, atomic_path, check_output_path, to_uint8, write_bytes_atomic
@@ -391,12 +390,7 @@ def _resolve_model(
     if isinstance(model, str):
         model = load_model(model, str(device))
         model.model.to(dtype)
-    module = model.model if isinstance(model, Pretrained) else model
-    param = (
-        next((p for p in module.parameters() if p.is_floating_point()), None)
-        if isinstance(module, nn.Module)
-        else None
-    )
+    param = first_weight(model.model if isinstance(model, Pretrained) else model)
     if param is not None and param.dtype != dtype:
         have, want = (str(d).removeprefix("torch.") for d in (param.dtype, dtype))
         raise TypeError(

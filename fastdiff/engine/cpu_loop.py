@@ -1,7 +1,7 @@
 """The engine's compiled path off CUDA: one step, or the whole loop as one `torch.while_loop`, compiled by inductor.
 
 Compiling the whole loop removes the per-call cost a small model is bound by (swiss-roll MLP, batch 1, DDPM 1000
-on 2 cores: 0.055 ms a step against 0.14 ms replaying a compiled step). `graph_mode="auto"` times the first
+on 2 cores: 0.04 ms a step against 0.14 ms replaying a compiled step). `graph_mode="auto"` times the first
 compiled steps (`AUTO_TIMED_STEPS`) and switches to the loop when they are quick (`choose_mode`).
 """
 
@@ -19,7 +19,7 @@ from fastdiff.kernels.backend import decomposed
 # graph_mode="auto" with the CPU compile: steps compiled one at a time are timed (after the first, which compiles)
 # for this many steps, and the rest of the loop runs as one compiled while_loop when a step took less than
 # LOOP_BELOW_SECONDS. The while_loop saves the ~0.1 ms per-call cost of a compiled step, which matters for small
-# models (swiss-roll MLP, batch 1: 0.14 ms a step as steps, 0.06 ms in the loop) and not for large ones, where
+# models (swiss-roll MLP, batch 1: 0.14 ms a step as steps, 0.04 ms in the loop) and not for large ones, where
 # it costs twice the compile time and ran ~5% slower (digits U-Net, batch 64, 37 ms a step).
 # Five, and their median: with two, the slower one decided, and a step still paying a one-off cost after the
 # compile sent the swiss-roll MLP (0.3 ms a compiled step) down the step path in a benchmark run (1.28x eager

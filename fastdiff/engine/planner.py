@@ -169,9 +169,8 @@ class Result:
     s_per_call: float | None = None
     build_s: float | None = None  # the last time making it ready took (cold build or load from the cache)
     cached: bool = False  # whether its artifact was in the cache when it was made ready
-    load_s: float | None = (
-        None  # of build_s, the part that loaded the built artifact (what a cached run pays)
-    )
+    # of build_s, the part that loaded the built artifact (what a run that finds it cached pays)
+    load_s: float | None = None
     max_abs_diff: float | None = None
     estimate_s: float | None = None  # the build cost it was judged by
     # skipped: the eager work (s) that would pay for it, its estimate plus what planning had spent before it

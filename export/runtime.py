@@ -164,13 +164,15 @@ class GraphDenoiser:
 
     - every call made outside a sampling run (`check_source`): the `fastdiff.engine.weights` fingerprint (layout
       and version counters), which sees `load_state_dict`, `fastdiff.update_weights`, `copy_` under no_grad, new
-      parameters and casts (inside `fastdiff.sample` and the engine no user code runs between calls but
+      parameters and casts, and a few bytes of every CPU weight (`WeightsWatch.sampled`), which see a
+      `param.data` write (no version counter records it) that changes any of them, as new weights, a merged
+      LoRA or a rescale do (inside `fastdiff.sample` and the engine no user code runs between calls but
       callbacks, after which the run checks again: `fastdiff.checks.denoiser_run`);
     - once per sampling run (`check_weights`, called by `fastdiff.sample`, the loops built on it and
-      `SamplingEngine.sample`): also a content checksum (`WeightsWatch.checksum`) against
-      the one taken when the source was bound, which sees writes that bump no version counter
-      (`param.data.copy_(...)`). A direct call after such a write is not checked against content:
-      call `check_weights()` first.
+      `SamplingEngine.sample`): also a content checksum of every weight (`WeightsWatch.checksum`) against the one
+      taken when the source was bound, which sees any `param.data` write. So a direct call misses only a
+      `param.data` write confined to elements the sample does not read, or to CUDA weights: call
+      `check_weights()` first to rule that out.
     """
 
     inputs: list[Port]
@@ -223,14 +225,16 @@ class GraphDenoiser:
             )
         self._state = self._watch.state()
         self._checksum = self._watch.checksum()
+        self._sampled = self._watch.sampled()
 
     def check_source(self, *, full: bool = False) -> None:
-        """Raise `StaleWeightsError` if the source's fingerprint changed and its weights differ from those in the
-        graph (a no-op without a source). `full` compares the digest even when the fingerprint saw no change."""
+        """Raise `StaleWeightsError` if the source's fingerprint or sampled content changed and its weights differ
+        from those in the graph (a no-op without a source). `full` compares the digest even when neither saw a
+        change."""
         if self._watch is None:
             return
         state = self._watch.state()
-        if state != self._state or full:
+        if state != self._state or full or not torch.equal(self._watch.sampled(), self._sampled):
             self._confirm(state)
 
     def check_weights(self) -> None:
@@ -271,6 +275,7 @@ class GraphDenoiser:
             )
         self._state = state
         self._checksum = self._watch.checksum()
+        self._sampled = self._watch.sampled()
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
         """An exported graph cannot take new weights in place: raises `StaleWeightsError` saying what to call."""

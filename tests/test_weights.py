@@ -271,6 +271,43 @@ def _export(fmt: str, model: nn.Module, folder) -> object:
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_a_direct_call_after_a_data_write_raises(fmt, tmp_path):
+    """A direct call (outside a sampling run) after `param.data.copy_`, which bumps no version counter: the
+    bytes sampled from every weight differ, and the digest confirms the change; the exported values written
+    back the same way are no change."""
+    torch.manual_seed(0)
+    model = MLPDenoiser(hidden=32, num_layers=2).eval()
+    exported = {k: v.clone() for k, v in model.state_dict().items()}
+    denoiser = _export(fmt, model, tmp_path)
+    x, t = torch.randn(3, 2, generator=gen(1)), torch.tensor([10, 500, 900])
+    first = denoiser(x, t)
+    data_copy_in_place(model)
+    with pytest.raises(StaleWeightsError, match="re-export it: fastdiff.export.to_" + fmt):
+        denoiser(x, t)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.data.copy_(exported[name])
+    torch.testing.assert_close(denoiser(x, t), first, rtol=0, atol=0)
+
+
+def test_sampled_bytes_follow_data_writes_in_any_layout():
+    """`WeightsWatch.sampled` reads weights in place, channels-last ones included: a `.data` write shows, a
+    new storage is followed after `state()`, and a weight that does not fill one block of memory is left out."""
+    conv = nn.Conv2d(4, 8, 3).to(memory_format=torch.channels_last)
+    lin = nn.Linear(6, 5)
+    module = nn.Sequential(conv, lin)
+    watch = WeightsWatch(module)
+    watch.state()
+    before = watch.sampled()
+    assert before.dtype == torch.uint8 and before.numel() == 4 * (16 + 8 + 16 + 5)
+    conv.weight.data.mul_(2.0)
+    assert not torch.equal(watch.sampled(), before)
+    lin.weight = nn.Parameter(torch.randn(6, 5).t())  # a transposed view: not one block in the usual order
+    watch.state()
+    assert watch.sampled().numel() == 4 * (16 + 8 + 5)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 def test_exported_denoiser_never_samples_from_old_weights(fmt, tmp_path):
     """`param.data.copy_` bumps no version counter, so no per-call fingerprint sees it: the content checksum
     that every sampling run compares first does. A write of the exported values back is no change; the

@@ -45,6 +45,21 @@ WRAPS_ATTR = "_fastdiff_wraps"
 _generation = 0
 _hooks: list[Any] = []
 _version = attrgetter("_version")
+# `WeightsWatch.sampled()` reads this many elements from the middle of each weight tensor.
+SAMPLED_PER_TENSOR = 16
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def _middle_bytes(t: torch.Tensor) -> torch.Tensor | None:
+    """SAMPLED_PER_TENSOR elements from the middle of `t`'s memory, as a byte view of it (None for a tensor whose
+    elements do not fill one block of memory, or that is not a floating-point CPU tensor)."""
+    if t.device.type != "cpu" or not t.is_floating_point() or t.numel() == 0:
+        return None
+    last = _CHANNELS_LAST.get(t.dim())
+    if not (t.is_contiguous() or (last is not None and t.is_contiguous(memory_format=last))):
+        return None
+    k = min(SAMPLED_PER_TENSOR, t.numel())
+    return t.detach().as_strided((k,), (1,), t.storage_offset() + (t.numel() - k) // 2).view(torch.uint8)
 
 
 def _registered(*_: Any) -> None:
@@ -127,6 +142,7 @@ class WeightsWatch:
         self._derived = [(m, m.__dict__[DERIVED_ATTR]) for m in modules if DERIVED_ATTR in m.__dict__]
         self._generation = _generation
         self._pointers = None
+        self._sample_views: list[torch.Tensor] | None = None
 
     def state(self) -> WeightsState:
         """The module's `WeightsState` now."""
@@ -138,8 +154,24 @@ class WeightsWatch:
                 pointers = list(map(torch.Tensor.data_ptr, self._tensors))
             self._pointers = pointers
             self._meta = tuple((t.dtype, t.shape, t.device) for t in self._tensors)
+            self._sample_views = None
         adapters = tuple(map(_adapter_state, self._adapters))
         return WeightsState((tuple(pointers), self._meta, adapters), tuple(map(_version, self._versioned)))
+
+    def sampled(self) -> torch.Tensor:
+        """A few bytes of every floating-point CPU weight, read in place (`SAMPLED_PER_TENSOR` elements from the
+        middle of each): a content check cheap enough for every call (20-30 us for the digits U-Net) that sees
+        a `param.data` write when it changes one of those elements, as a new fine-tune, a merged LoRA or a
+        rescale does. Call `state()` first (a tensor's storage moved: the views follow). CUDA weights are left
+        out: comparing them would wait for the GPU on every call."""
+        if self._generation != _generation:
+            self._collect()
+        if self._sample_views is None:
+            found = (_middle_bytes(t) for t in self._tensors)
+            self._sample_views = [v for v in found if v is not None]
+        if not self._sample_views:
+            return torch.zeros(0, dtype=torch.uint8)
+        return torch.cat(self._sample_views)
 
     def checksum(self) -> torch.Tensor:
         """`fastdiff.fingerprint.weights_checksum` of the watched tensors: reads every weight once, so it also sees

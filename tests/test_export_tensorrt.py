@@ -196,8 +196,9 @@ def test_refit_hands_tensorrt_the_new_weights_by_name(tmp_path, monkeypatch):
         patched.setattr(torch.cuda, "is_available", lambda: True)
         denoiser = TensorRTDenoiser(engine_path, source=model)
     old = {k: v.clone() for k, v in model.state_dict().items()}
+    # no version bump: the per-call sampled bytes and the per-run checksum see it
     for p in model.parameters():
-        p.data.copy_(p.data * 1.5)  # no version bump: the per-call sampled bytes and the per-run checksum see it
+        p.data.copy_(p.data * 1.5)
     for check in (denoiser.check_source, denoiser.check_weights):
         with pytest.raises(StaleWeightsError, match=r"refit\(onnx_path\)"):
             check()

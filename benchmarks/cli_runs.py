@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from fastdiff.cli.arguments import positive_int
 from fastdiff.output import write_bytes_atomic
 
 from .environment import device_info, git_revision, load_average, versions
@@ -110,12 +111,12 @@ def summary(doc: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.cli_runs", description=__doc__.splitlines()[0])
     p.add_argument("--args", default=DEFAULT_ARGS, help=f"the sample arguments (default: {DEFAULT_ARGS!r})")
-    p.add_argument("--rounds", type=int, default=4, help="eager/auto rounds after the first auto run")
+    p.add_argument(
+        "--rounds", type=positive_int, default=4, help="eager/auto rounds after the first auto run"
+    )
     p.add_argument("--cache", type=Path, default=None, help="FASTDIFF_CACHE to use (default: a fresh one)")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here (atomically)")
     args = p.parse_args(argv)
-    if args.rounds < 1:
-        p.error(f"--rounds must be >= 1, got {args.rounds}")
     doc = report(args.args.split(), args.rounds, args.cache)
     print(summary(doc))
     if args.out is not None:

@@ -388,8 +388,7 @@ def _resolve_model(
 ) -> _Model:
     name = model if isinstance(model, str) else type(model).__name__
     if isinstance(model, str):
-        model = load_model(model, str(device))
-        model.model.to(dtype)
+        model = load_model(model, str(device), dtype=dtype)
     param = first_weight(model.model if isinstance(model, Pretrained) else model)
     if param is not None and param.dtype != dtype:
         have, want = (str(d).removeprefix("torch.") for d in (param.dtype, dtype))

@@ -195,15 +195,23 @@ def load_pretrained(name: str = "digits", device: torch.device | str | None = No
 
 
 def load_model(
-    name_or_path: str, device: torch.device | str | None = None, *, argument: str = "model"
+    name_or_path: str,
+    device: torch.device | str | None = None,
+    *,
+    argument: str = "model",
+    dtype: torch.dtype = torch.float32,
 ) -> Pretrained:
-    """A shipped model by name (`digits`) or a checkpoint file written by `fastdiff train` (`.safetensors`).
+    """A shipped model by name (`digits`) or a checkpoint file written by `fastdiff train` (`.safetensors`),
+    its weights cast to `dtype`.
 
     `argument` names the model in the error for anything else (the CLI: "--model")."""
     if name_or_path in PRETRAINED:
-        return load_pretrained(name_or_path, device=device)
-    if name_or_path.endswith(".safetensors"):
-        return load_checkpoint(name_or_path, device=device)
-    raise ValueError(
-        f"{argument}: unknown model {name_or_path!r}; use one of {sorted(PRETRAINED)} or a .safetensors file"
-    )
+        pre = load_pretrained(name_or_path, device=device)
+    elif name_or_path.endswith(".safetensors"):
+        pre = load_checkpoint(name_or_path, device=device)
+    else:
+        raise ValueError(
+            f"{argument}: unknown model {name_or_path!r}; use one of {sorted(PRETRAINED)} or a .safetensors file"
+        )
+    pre.model.to(dtype)
+    return pre

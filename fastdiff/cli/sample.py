@@ -156,8 +156,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             )
     check_output_path(args.out)
     dtype = sample_dtype(args)
-    pre = load_model(args.model, args.device, argument="--model")
-    pre.model.to(dtype)
+    pre = load_model(args.model, args.device, argument="--model", dtype=dtype)
     if args.out.endswith(".png") and len(pre.sample_shape) != 3:
         raise ValueError(
             f"--out {args.out!r}: this model makes {pre.sample_shape}-shaped points, not images; use .npz"
@@ -249,8 +248,7 @@ def cmd_sample_to_dir(args: argparse.Namespace) -> int:
     dtype = sample_dtype(args)
     start = time.perf_counter()
     group = init_distributed(device)
-    pre = load_model(args.model, str(device), argument="--model")
-    pre.model.to(dtype)
+    pre = load_model(args.model, str(device), argument="--model", dtype=dtype)
     sampler = _sampler(args, pre)
     engine = engine_for(pre.model, sampler, device, backend=check_backend(args.backend))
     guidance = guidance_scale_for(pre, args.guidance_scale)

@@ -19,24 +19,27 @@ def load_package(path: Path) -> Callable[..., torch.Tensor]:
 
     Through the C++ package loader (`torch._C._aoti.AOTIModelPackageLoader`, 8 ms): the public
     `torch._inductor.aoti_load_package` first imports torch._inductor, 2.5 s in a fresh process, which was most of
-    what a cached package cost a `fastdiff sample` command. A torch whose loader differs gets the public one.
+    what a cached package cost a `fastdiff sample` command. A torch whose loader differs, or a package whose inputs
+    are not (x, t, keyword tensors), gets the public one.
     """
     try:
         loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
         in_spec, out_spec = (pytree.treespec_loads(s) for s in loader.get_call_spec())
         keys = list(in_spec.child(1).context)  # the keyword inputs, in the package's order
+        # (x, t) and one tensor per keyword, checked once here: a call then lists its inputs in that order
+        plain = pytree.tree_flatten(((0, 0), dict.fromkeys(keys, 0)))[1] == in_spec
     except (AttributeError, TypeError, ValueError, IndexError, RuntimeError):
+        plain = False
+    if not plain:
         from torch import _inductor
 
         return _inductor.aoti_load_package(str(path))
+    expected = sorted(keys)
 
     def run(x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
-        if sorted(cond) != sorted(keys):
-            raise TypeError(f"this package takes the keyword inputs {sorted(keys)}, got {sorted(cond)}")
-        flat, spec = pytree.tree_flatten(((x, t), {k: cond[k] for k in keys}))
-        if spec != in_spec:
-            raise TypeError(f"inputs of structure {spec} do not match the package's {in_spec}")
-        return pytree.tree_unflatten(loader.run(flat), out_spec)
+        if sorted(cond) != expected:
+            raise TypeError(f"this package takes the keyword inputs {expected}, got {sorted(cond)}")
+        return pytree.tree_unflatten(loader.run([x, t, *(cond[k] for k in keys)]), out_spec)
 
     return run
 

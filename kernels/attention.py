@@ -110,6 +110,15 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return float(scale)
 
 
+def _torch_allows_tf32() -> bool:
+    # Reading the legacy allow_tf32 flag raises once a caller has used the new fp32_precision API, so the new
+    # one is read where it exists (it reflects settings made through either API).
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    return precision == "tf32"
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -125,11 +134,13 @@ def attention(
     head_dim, and all three may be strided views (e.g. slices of a fused qkv projection). The output is
     contiguous, in q's dtype; `scale` defaults to 1/sqrt(head_dim). `allow_tf32` lets the Triton kernel multiply
     float32 inputs on tensor cores in TF32 (10-bit mantissa: relative error about 1e-3); None follows
-    `torch.backends.cuda.matmul.allow_tf32` (off by default), and float16 / bfloat16 inputs ignore it.
+    torch's float32 matmul setting (`torch.backends.cuda.matmul.fp32_precision`, which the legacy `allow_tf32`
+    flag and `torch.set_float32_matmul_precision` also set; off by default), and float16 / bfloat16 inputs
+    ignore it.
     """
     scale = _check_inputs(q, k, v, scale)
     if allow_tf32 is None:
-        allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+        allow_tf32 = _torch_allows_tf32()
     elif not isinstance(allow_tf32, bool):
         raise TypeError(f"allow_tf32 must be a bool or None, got {type(allow_tf32).__name__}")
     if decomposing():

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -417,6 +419,33 @@ def test_allow_tf32_picks_the_float32_precision(tf32_flag, allow, flag, precisio
     q, k, v = _qkv((1, 1, 16, 16, 32))
     launch = _recorded_launch(lambda: attention(q, k, v, allow_tf32=allow, backend="triton"))
     assert launch.kwargs["PRECISION"] == precision
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        'torch.backends.cuda.matmul.fp32_precision = "tf32"',
+        'torch.backends.fp32_precision = "tf32"',
+        'torch.set_float32_matmul_precision("high")',
+    ],
+)
+def test_allow_tf32_follows_torchs_new_precision_api(setting):
+    # In a new process: torch cannot return to reading its legacy flag once the new API was used, and reading
+    # that flag then raises, so this also shows attention() no longer reads it.
+    script = f"""
+import torch
+from fastdiff.kernels import attention
+from fastdiff.kernels.attention import _torch_allows_tf32
+q = torch.randn(1, 2, 8, 16)
+{setting}
+assert _torch_allows_tf32() is True
+attention(q, q, q, backend="torch")
+torch.backends.cuda.matmul.fp32_precision = "ieee"
+assert _torch_allows_tf32() is False
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 @needs_triton_only

@@ -2,7 +2,7 @@
 
 | backend           | model                                          | sampling loop                                   |
 |-------------------|------------------------------------------------|-------------------------------------------------|
-| `eager`           | the plain PyTorch model                        | diffusers' DDIMScheduler/DDPMScheduler `step()`  |
+| `eager`           | the plain PyTorch model                        | the sampler's diffusers scheduler `step()`      |
 | `eager-sdpa`      | eager, attention through `F.scaled_dot_product_attention` | the same diffusers loop              |
 | `torch-compile`   | `torch.compile(model)` (max-autotune on GPU)   | the same diffusers loop                         |
 | `fastdiff`        | `fastdiff.accelerate(model)`                   | `fastdiff.sample` (table + fused sampler step)  |
@@ -13,8 +13,10 @@
 | `tensorrt`        | ONNX -> `build_tensorrt_engine` + `TensorRTDenoiser` | `fastdiff.sample`                         |
 
 The eager loop is what a diffusers pipeline does per step: concatenate cond/uncond, call the model, combine the
-guidance on the host side of the graph, call the scheduler's `step()`. Without diffusers it falls back to
-fastdiff's reference loop (`run_table` with the plain-PyTorch step), and says so in the results.
+guidance on the host side of the graph, call the scheduler's `step()`, with the diffusers scheduler that computes
+the registered sampler's numbers (`DIFFUSERS_LOOPS`: DDIM, DDPM, Euler, Euler ancestral, DPM-Solver++, UniPC,
+LCM). Without diffusers it falls back to fastdiff's reference loop (`run_table` with the plain-PyTorch step), and
+says so in the results.
 
 `eager-sdpa` on our U-Net: every `AttentionBlock`'s forward is replaced, on a copy of the model, by the same
 computation with `F.scaled_dot_product_attention` instead of `fastdiff.kernels.attention` (whose plain-PyTorch
@@ -28,6 +30,7 @@ reason, which the harness records.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import time
 import types
@@ -130,6 +133,20 @@ class Backend:
         return self.sampler.timesteps[0].to(self.workload.device).expand(batch)
 
 
+# The diffusers scheduler (class, options beyond the shared ones) that computes each registered sampler's samples
+# with its registered defaults (leading spacing, no offset, an epsilon model), the eager reference's loop.
+DIFFUSERS_LOOPS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": True}),
+    "ddpm": ("DDPMScheduler", {"clip_sample": True, "variance_type": "fixed_small"}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp-2m": ("DPMSolverMultistepScheduler", {"solver_order": 2}),
+    "dpmpp-3m": ("DPMSolverMultistepScheduler", {"solver_order": 3}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+}
+
+
 class EagerBackend(Backend):
     """The reference: the PyTorch model in a diffusers scheduler loop."""
 
@@ -149,24 +166,22 @@ class EagerBackend(Backend):
 
     def _diffusers_scheduler(self) -> tuple[Any, str]:
         """(the diffusers scheduler of this workload's sampler, or None; why there is none)."""
+        if self.workload.sampler_kind not in DIFFUSERS_LOOPS:
+            return None, "no diffusers scheduler for it on an alpha-bar schedule"
         try:
-            from diffusers import DDIMScheduler, DDPMScheduler
+            import diffusers
         except ImportError:
             return None, "diffusers not installed"
         schedule = self.workload.schedule
-        common = {
-            "num_train_timesteps": schedule.num_train_timesteps,
-            "trained_betas": schedule.betas.numpy(),
-            "timestep_spacing": "leading",
-            "steps_offset": 0,
-            "prediction_type": "epsilon",
-        }
-        # The same settings as fastdiff's DDIMSampler / DDPMSampler defaults, so both compute the same samples.
-        if self.workload.sampler_kind == "ddim":
-            return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True), ""
-        if self.workload.sampler_kind == "ddpm":
-            return DDPMScheduler(**common, clip_sample=True, variance_type="fixed_small"), ""
-        return None, "no diffusers loop for it here"
+        class_name, options = DIFFUSERS_LOOPS[self.workload.sampler_kind]
+        return getattr(diffusers, class_name)(
+            num_train_timesteps=schedule.num_train_timesteps,
+            trained_betas=schedule.betas.numpy(),
+            timestep_spacing="leading",
+            steps_offset=0,
+            prediction_type="epsilon",
+            **options,
+        ), ""
 
     def model_timestep(self, batch: int) -> torch.Tensor:
         # diffusers pipelines pass the scheduler's 0-d host tensor
@@ -188,13 +203,18 @@ class EagerBackend(Backend):
         scheduler.set_timesteps(self.workload.steps)
         guided = case.uncond is not None
         kwargs = batch_conds(case.cond, case.uncond) if guided else dict(case.cond or {})
-        x = case.x_T.clone()
+        # deterministic schedulers (UniPC) take no generator
+        noise = (
+            {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        )
+        x = case.x_T * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
-            out = self.denoise(torch.cat([x, x]) if guided else x, t, **kwargs)
+            x_in = scheduler.scale_model_input(x, t)
+            out = self.denoise(torch.cat([x_in, x_in]) if guided else x_in, t, **kwargs)
             if guided:
                 out_c, out_u = out.chunk(2)
                 out = out_u + case.guidance_scale * (out_c - out_u)
-            x = scheduler.step(out, t, x, generator=generator).prev_sample
+            x = scheduler.step(out, t, x, **noise).prev_sample
         return x
 
 

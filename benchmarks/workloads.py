@@ -132,7 +132,7 @@ class Workload:
 
     def sampler(self) -> Sampler:
         """The fastdiff sampler of this workload: any registered name (`fastdiff.samplers.SAMPLERS`) with its
-        registered defaults (the diffusers reference of ddim / ddpm uses the same numbers)."""
+        registered defaults (the eager row's diffusers scheduler, `backends.DIFFUSERS_LOOPS`, uses the same numbers)."""
         return build_sampler(self.sampler_kind, self.schedule, self.steps)
 
     def model_as(self, dtype: torch.dtype) -> nn.Module:

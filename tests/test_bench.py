@@ -16,10 +16,17 @@ import pytest
 import torch
 
 from fastdiff.benchmarks import harness, readme_table, report, scaling
-from fastdiff.benchmarks.backends import BackendSkipped, EagerBackend, EagerSdpaBackend, FastdiffBackend
+from fastdiff.benchmarks.backends import (
+    DIFFUSERS_LOOPS,
+    BackendSkipped,
+    EagerBackend,
+    EagerSdpaBackend,
+    FastdiffBackend,
+)
 from fastdiff.benchmarks.harness import BenchConfig, make_case, run_benchmark
 from fastdiff.benchmarks.workloads import build_workload
 from fastdiff.cli import main as cli
+from fastdiff.samplers import SAMPLERS
 
 # The fastdiff loop and diffusers' loop compute the same float32 update in a different order.
 SAME_MODEL_ATOL = 1e-4
@@ -343,6 +350,29 @@ def test_eager_fallback_without_diffusers_matches_diffusers_loop(monkeypatch):
         a, b = with_diffusers.sample(case), fallback.sample(case)
     assert harness.compare_samples(b, a)["max_abs"] < 1e-5
     assert not torch.equal(a, case.x_T)  # the loop ran
+
+
+@pytest.mark.parametrize("sampler", sorted(DIFFUSERS_LOOPS))
+def test_eager_reference_runs_each_samplers_diffusers_scheduler(sampler):
+    # The eager row is diffusers' loop with the scheduler that computes the registered sampler's numbers: its
+    # samples equal fastdiff's plain-PyTorch loop of that sampler (float32 rounding of values up to ~300 here).
+    workload = build_workload("swissroll", torch.device("cpu"), steps=6, sampler=sampler)
+    case = make_case(workload, 8, torch.float32, seed=3)
+    with torch.inference_mode():
+        eager = EagerBackend(workload, torch.float32)
+        table_loop = EagerBackend(workload, torch.float32)
+        table_loop.scheduler = None
+        a, b = eager.sample(case), table_loop.sample(case)
+    assert eager.info["loop"].startswith(f"diffusers {DIFFUSERS_LOOPS[sampler][0]}.step()")
+    assert harness.compare_samples(b, a)["max_abs"] <= 2e-6 * max(1.0, a.abs().max().item())
+    assert not torch.equal(a, case.x_T)
+
+
+def test_every_registered_sampler_has_a_diffusers_reference_or_a_reason():
+    # flow matching needs a flow model: the benchmark's alpha-bar workloads refuse it by name
+    assert set(SAMPLERS) - set(DIFFUSERS_LOOPS) == {"flow-euler"}
+    with pytest.raises(TypeError, match="schedule must be a FlowSchedule"):
+        build_workload("swissroll", torch.device("cpu"), steps=4, sampler="flow-euler").sampler()
 
 
 def test_sdpa_attention_matches_reference_attention():

@@ -9,6 +9,8 @@ import fastdiff
 from fastdiff import DDIMSampler, DDPMSampler, NoiseSchedule, SamplingEngine
 from fastdiff.errors import FastdiffError, NonFiniteError
 from fastdiff.models.mlp import MLPDenoiser
+from fastdiff.samplers import SAMPLERS, build_sampler
+from fastdiff.schedule import FlowSchedule
 
 SCHEDULE = NoiseSchedule.from_kind("linear")
 SAMPLER = DDIMSampler(SCHEDULE, num_steps=6)
@@ -97,6 +99,17 @@ def test_numpy_integer_steps_are_accepted():
         assert torch.equal(cls(SCHEDULE, np.int64(10)).table.coeffs, cls(SCHEDULE, 10).table.coeffs)
     with pytest.raises(ValueError, match="num_steps"):
         DDIMSampler(SCHEDULE, np.float64(10))
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_sampler_takes_any_integral_step_count(name):
+    schedule = FlowSchedule(1000) if name.startswith("flow") else SCHEDULE
+    want = build_sampler(name, schedule, 10).table.coeffs
+    for steps in (np.int64(10), np.int32(10), np.uint16(10)):
+        assert torch.equal(build_sampler(name, schedule, steps).table.coeffs, want), type(steps)
+    for steps in (np.float64(10), True, np.bool_(True)):
+        with pytest.raises((ValueError, TypeError), match="num_steps"):
+            build_sampler(name, schedule, steps)
 
 
 @pytest.fixture(scope="module")

@@ -149,7 +149,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     """(seconds, result) of one call: CUDA events around it on GPU, perf_counter on CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -275,7 +275,7 @@ def measure_all(
             return None
 
     def run(name: str) -> tuple[float, torch.Tensor]:
-        return _timed(lambda: backends[name].sample(case), device)
+        return timed(lambda: backends[name].sample(case), device)
 
     with torch.inference_mode():
         for name, backend in backends.items():
@@ -283,7 +283,7 @@ def measure_all(
 
             def first_and_warmup(name: str = name, backend: Backend = backend) -> bool:
                 if hasattr(backend, "plan"):  # fastdiff-auto: planning timed apart from the first run
-                    planning[name] = _timed(lambda: backend.plan(case), device)[0]
+                    planning[name] = timed(lambda: backend.plan(case), device)[0]
                 first[name], samples[name] = run(name)
                 for _ in range(warmup):
                     backend.sample(case)
@@ -313,7 +313,7 @@ def measure_all(
         model_times: dict[str, list[float]] = {name: [] for name in loops}
         for r in range(min(repeats, PROFILE_ROUNDS)):
             for name in _rotated([n for n in loops if n not in failed], r):
-                done = attempt(name, lambda name=name: _timed(loops[name][0], device))
+                done = attempt(name, lambda name=name: timed(loops[name][0], device))
                 if done is not None:
                     model_times[name].append(done[0] / loops[name][1])
         results: dict[str, tuple[dict[str, Any], torch.Tensor] | Exception] = dict(failed)

@@ -1,7 +1,7 @@
 """The sampler table (v2): its column schema, `StepTable`, and the row math in plain PyTorch (`apply_row`).
 
 Every sampler is, per model call, a linear combination with per-row scalar coefficients of a fixed set of buffers
-(TABLE_V2.md, ARCHITECTURE.md "Table v2"). With x the state, m the model output after classifier-free guidance,
+(ARCHITECTURE.md "Table v2"). With x the state, m the model output after classifier-free guidance,
 v the model's variance channels (learned variance only), h1..h3 the history (newest first), xs the corrected state
 of the previous step (UniPC) and z fresh noise, row i computes
 

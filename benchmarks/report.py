@@ -72,15 +72,23 @@ def validate(report: Any) -> None:
 
 def load_results(path: str | os.PathLike) -> dict[str, Any]:
     """Read and validate a results file; FileNotFoundError if absent, InvalidResultsError if not valid."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"results file {str(path)!r} does not exist")
+    path = check_results_path(path)
     report = parse_json(path)
     try:
         validate(report)
     except InvalidResultsError as err:
         raise InvalidResultsError(f"{path}: {err}") from None
     return report
+
+
+def check_results_path(path: str | os.PathLike) -> Path:
+    """`path` if it is a file; ValueError for a folder, FileNotFoundError for nothing there."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"results file {str(path)!r} is a folder, expected a .json file")
+    if not path.is_file():
+        raise FileNotFoundError(f"results file {str(path)!r} does not exist")
+    return path
 
 
 def parse_json(path: Path) -> Any:
@@ -274,6 +282,21 @@ def _key(row: dict[str, Any]) -> tuple[str, str, int, str]:
     return row["workload"], row["backend"], row["batch_size"], row["dtype"]
 
 
+def _rows(report: dict[str, Any], name: str) -> dict[tuple[str, str, int, str], dict[str, Any]]:
+    """The results of `report` by case; InvalidResultsError naming the first case listed more than once."""
+    rows: dict[tuple[str, str, int, str], dict[str, Any]] = {}
+    for row in report["results"]:
+        key = _key(row)
+        if key in rows:
+            workload, backend, batch_size, dtype = key
+            raise InvalidResultsError(
+                f"{name}: case workload={workload} backend={backend} batch_size={batch_size} dtype={dtype} is "
+                "listed more than once; a results file holds one result per case"
+            )
+        rows[key] = row
+    return rows
+
+
 def compare(
     base: dict[str, Any],
     new: dict[str, Any],
@@ -281,13 +304,15 @@ def compare(
     metric: str = "throughput",
     *,
     allow_missing: bool = False,
+    names: tuple[str, str] = ("base", "new"),
 ) -> Comparison:
     """Compare `new` with `base` per (workload, backend, batch size, dtype).
 
     A regression: the metric (samples/s, or the speedup over eager measured in the same run) fell by more than
     `max_regression`, a case that ran in `base` is now skipped or fails, or (unless `allow_missing`) a case of
     `base` is absent from `new`. Cases only in `new` are listed. `failed` is also true when no case was measured
-    in both files, so the gate cannot pass on nothing.
+    in both files, so the gate cannot pass on nothing. A case listed twice in either file (`names` say which file)
+    is refused with InvalidResultsError: which of its numbers would count is anyone's guess.
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {tuple(METRICS)}, got {metric!r}")
@@ -296,8 +321,7 @@ def compare(
     devices = [r["environment"]["device"]["name"] for r in (base, new)]
     if devices[0] != devices[1]:
         result.warnings.append(f"different devices: base {devices[0]!r}, new {devices[1]!r}")
-    base_rows = {_key(r): r for r in base["results"]}
-    new_rows = {_key(r): r for r in new["results"]}
+    base_rows, new_rows = (_rows(doc, name) for doc, name in zip((base, new), names, strict=True))
     for key in list(dict.fromkeys([*base_rows, *new_rows])):
         b, n = base_rows.get(key), new_rows.get(key)
         row = dict(zip(("workload", "backend", "batch_size", "dtype"), key, strict=True))

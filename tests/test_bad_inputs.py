@@ -316,3 +316,32 @@ def test_bench_compare_fails_on_missing_cases_and_deep_json(tmp_path, capsys):
         ["bench", "validate", str(tmp_path / "deep.json"), str(tmp_path / "deep-parsed.json")], capsys
     )
     assert code == 1 and out.count("problem(s)") == 2
+
+
+def test_bench_files_that_are_folders_or_list_a_case_twice_are_refused(tmp_path, capsys):
+    base = str(pathlib.Path(__file__).parents[1] / "benchmarks" / "results" / "cpu-2026-11-23-3.json")
+    doc = json.loads(pathlib.Path(base).read_text())
+    (tmp_path / "adir").mkdir()
+    for args in (["compare", base, str(tmp_path / "adir")], ["validate", str(tmp_path / "adir")]):
+        refused(
+            ["bench", *args], capsys, f"results file {str(tmp_path / 'adir')!r} is a folder, expected a .json"
+        )
+    # every case twice, the first at 1/100 of its throughput: a dictionary keeps the last and the gate would pass
+    slow = [
+        {**r, "samples_per_s": r["samples_per_s"] / 100} if r["status"] == "ok" else r for r in doc["results"]
+    ]
+    (tmp_path / "twice.json").write_text(json.dumps({**doc, "results": [*slow, *doc["results"]]}))
+    case = doc["results"][0]
+    name = f"workload={case['workload']} backend={case['backend']} batch_size={case['batch_size']}"
+    for args in ([base, str(tmp_path / "twice.json")], [str(tmp_path / "twice.json"), base]):
+        err = refused(["bench", "compare", *args], capsys, name)
+        assert f"{tmp_path / 'twice.json'}: case" in err and "listed more than once" in err
+
+
+def test_train_seed_out_of_range_names_the_flag(tmp_path, capsys):
+    refused(
+        ["train", "--seed", str(10**23), "--out", str(tmp_path / "c.safetensors")],
+        capsys,
+        "argument --seed: must be an integer in [0,",
+    )
+    assert os.listdir(tmp_path) == []

@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 # The largest finite float32 (the dtype the sampling loop computes in), without importing torch to parse.
 FLOAT32_MAX = (2 - 2**-23) * 2.0**127
+# The largest seed torch.Generator.manual_seed takes (an int64).
+MAX_SEED = 2**63 - 1
 
 
 def positive_int(text: str) -> int:
@@ -41,3 +43,8 @@ def finite_float(text: str) -> float:
     if not abs(value) <= FLOAT32_MAX:
         raise argparse.ArgumentTypeError(f"must be a finite number within float32's range, got {text}")
     return value
+
+
+def seed(text: str) -> int:
+    """A random seed: an integer in [0, 2**63 - 1] (what torch.Generator.manual_seed takes)."""
+    return bounded_int(0, MAX_SEED)(text)

@@ -242,6 +242,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         parse_threshold(args.max_regression),
         args.metric,
         allow_missing=args.allow_missing,
+        names=(args.base, args.new),
     )
     print(comparison_markdown(result), end="")
     return 1 if result.failed else 0
@@ -249,15 +250,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check results files against schema.json; exit code 1 if any is invalid."""
-    from pathlib import Path
-
-    from fastdiff.benchmarks.report import InvalidResultsError, parse_json, validation_errors
+    from fastdiff.benchmarks.report import (
+        InvalidResultsError,
+        check_results_path,
+        parse_json,
+        validation_errors,
+    )
 
     invalid = 0
     for name in args.files:
-        path = Path(name)
-        if not path.is_file():
-            raise FileNotFoundError(f"results file {name!r} does not exist")
+        path = check_results_path(name)
         try:
             errors = validation_errors(parse_json(path))
         except InvalidResultsError as err:

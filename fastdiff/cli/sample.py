@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fastdiff.cli.arguments import bounded_int, finite_float, positive_int
+from fastdiff.cli.arguments import bounded_int, finite_float, positive_int, seed
 from fastdiff.errors import FastdiffError
 from fastdiff.output import MAX_SAMPLES
 
@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from fastdiff.samplers import Sampler
 
 # Upper bounds of the sampling arguments, checked before anything is allocated (and stated in --help).
-MAX_SEED = 2**63 - 1
 # A .png or .npz output holds every sample in memory (float32) before it is written; beyond this, use DIR/.
 MAX_FILE_BYTES = 4 << 30
 
@@ -318,7 +317,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--guidance-scale", type=finite_float, default=None, help="CFG scale (default 2 for conditional)"
     )
-    p.add_argument("--seed", type=bounded_int(0, MAX_SEED), default=0, help="in [0, 2**63 - 1]")
+    p.add_argument("--seed", type=seed, default=0, help="in [0, 2**63 - 1]")
     p.add_argument("--device", choices=("cpu", "cuda"), default=_default_device())
     p.add_argument(
         "--dtype",

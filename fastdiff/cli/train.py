@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from fastdiff.cli.arguments import positive_int
+from fastdiff.cli.arguments import positive_int, seed
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the preset model of a dataset (L_simple, EMA)")
     p.add_argument("--dataset", choices=("digits", "swissroll"), default="digits")
     p.add_argument("--steps", type=positive_int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0, help="in [0, 2**63 - 1]")
     p.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)

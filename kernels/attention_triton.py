@@ -136,9 +136,14 @@ def _block_config(block_d: int, dtype: torch.dtype) -> tuple[int, int, int, int]
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) by padded head dim and element size.
 
     Chosen from the static compile report (python -m fastdiff.benchmarks.kernels --static): with 16-byte aligned
-    rows, every float16/bfloat16 config stays at or under 168 registers on sm_80 and sm_90 (no spills, two blocks
-    per SM where shared memory allows; 4-warp tiles of 128 rows sat at 255 registers). float32 (exact or TF32)
-    tiles hold twice the bytes and get smaller tiles.
+    rows, every float16/bfloat16 config the wrapper launches stays at or under 168 registers on sm_80 and sm_90, with
+    no spills. Padded head dim 128 (SD's 80) takes 64-row tiles in 4 warps, one warp per 16 rows (the softmax row
+    reductions stay within a warp), and 16-key blocks: 165 registers on sm_80, so 3 blocks fit an A100 SM (3 x 4 warps
+    x 168 registers of its 65536; 3 x 35.5 KB of shared memory) and SD 1.5's 256 programs at the 32x32 level run in
+    one wave of 324 slots instead of 1.19 waves of 216 (32-key blocks need 170-173 registers: 2 blocks per SM).
+    Padded head dim 256 (SD's 160) keeps 8 warps on 64 rows; the wrapper gives smaller tiles 4 warps and, at 32 rows,
+    16-key blocks (178-180 registers with 32). float32 (exact or TF32) tiles hold twice the bytes and get smaller
+    tiles.
     """
     if dtype == torch.float32:
         if block_d <= 64:
@@ -147,7 +152,7 @@ def _block_config(block_d: int, dtype: torch.dtype) -> tuple[int, int, int, int]
     if block_d <= 64:
         return 128, 32, 8, 3
     if block_d <= 128:
-        return 64, 32, 8, 3
+        return 64, 16, 4, 3
     return 64, 32, 8, 2
 
 
@@ -192,10 +197,13 @@ def attention_triton(
     # short sequences (ADM attention at 8x8: 64 tokens) do not need full-size tiles
     cfg_m = min(cfg_m, max(16, triton.next_power_of_2(seq_q)))
     block_m = block_m or _block_m_for_grid(cfg_m, seq_q, batch * heads, multiprocessor_count(q.device))
-    block_n = block_n or min(cfg_n, max(16, triton.next_power_of_2(seq_k)))
     if block_m < cfg_m and block_m <= 32:
         # 8 warps on a tile of 32 rows or fewer split it so thinly that ptxas caps registers at 128 and spills
         num_warps = 4
+        if block_m == 32 and max(block_d, block_dv) > 128:
+            # 32 x 256 tiles with 32-key blocks need 178-180 registers on sm_80; 16-key blocks 148-152
+            cfg_n = 16
+    block_n = block_n or min(cfg_n, max(16, triton.next_power_of_2(seq_k)))
     grid = (triton.cdiv(seq_q, block_m), batch * heads)
     _attention_fwd_kernel[grid](
         q,

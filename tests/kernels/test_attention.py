@@ -400,6 +400,37 @@ def test_head_dim_160_in_16_row_tiles_with_4_warps(dtype):
     check(out, q, k, v)
 
 
+@needs_triton_only
+@pytest.mark.parametrize(
+    ("seq", "head_dim", "sms", "config", "programs"),
+    [
+        # SD 1.5 32x32, head dim 80: 64 rows in 4 warps, 16-key blocks (3 blocks per A100 SM: one wave of 324 slots)
+        (1024, 80, 108, (64, 16, 4, 3), 256),
+        (1024, 80, 132, (64, 16, 4, 3), 256),
+        # 16x16, head dim 160 on an A100: 32-row tiles take 16-key blocks (180 registers with 32, 152 with 16)
+        (256, 160, 108, (32, 16, 4, 2), 128),
+        (256, 160, 132, (16, 32, 4, 2), 256),
+    ],
+)
+def test_sd15_launch_configs(seq, head_dim, sms, config, programs):
+    q = _heads_view(2, seq, 8, head_dim, device="meta")
+    with simulated_gpu(sms):
+        launch = _recorded_launch(lambda: kernel.attention_triton(q, q, q, 0.1))
+    got = tuple(launch.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
+    assert got == config and launch.programs == programs
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize(("head_dim", "block_m"), [(80, 64), (160, 32)])
+def test_sixteen_key_blocks_match_reference(dtype, head_dim, block_m):
+    # the tiles SD's 32x32 (d=80) and an A100's 16x16 (d=160) get: 16-key blocks, here 5 of them with a tail of 13
+    q, k, v = _qkv((1, 1, 40, 77, head_dim), dtype)
+    out = kernel.attention_triton(q, k, v, head_dim**-0.5, block_m=block_m, block_n=16)
+    check = assert_close_float32 if dtype == torch.float32 else assert_close_low_precision
+    check(out, q, k, v)
+
+
 @pytest.fixture
 def tf32_flag():
     """Restores torch's global TF32 flag. Not monkeypatch: torch.backends.cuda.matmul is a proxy object whose

@@ -54,8 +54,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from fastdiff.kernels import attention, group_norm_silu, sampler_step, sampler_step_reference  # noqa: E402
 from fastdiff.output import write_bytes_atomic  # noqa: E402
-from fastdiff.samplers import DDIMSampler, DDPMSampler  # noqa: E402
+from fastdiff.samplers import DDPMSampler, build_sampler  # noqa: E402
 from fastdiff.schedule import NoiseSchedule  # noqa: E402
+from fastdiff.table import StepTable  # noqa: E402
 
 from .environment import device_name, versions  # noqa: E402
 
@@ -82,7 +83,10 @@ ATTENTION_SHAPES = {
 }
 # (label, per-sample shape, sampler kind, classifier-free guidance) of the sampler updates.
 SAMPLER_SHAPES = {
-    "sd15-64": [("latent 4x64x64 ddim cfg", (4, 64, 64), "ddim", True)],
+    "sd15-64": [
+        ("latent 4x64x64 ddim cfg", (4, 64, 64), "ddim", True),
+        ("latent 4x64x64 dpmpp-2m cfg", (4, 64, 64), "dpmpp-2m", True),
+    ],
     "adm-64": [("pixel 3x64x64 ddpm", (3, 64, 64), "ddpm", False)],
     "ddpm-cifar10": [("pixel 3x32x32 ddpm", (3, 32, 32), "ddpm", False)],
 }
@@ -90,7 +94,10 @@ SMOKE = {
     "group_norm_silu": {"sd15-64": ([(16, 4)], False), "adm-64": ([(16, 4)], True)},
     "attention": {"sd15-64": [("self", 1, 32, 32, 16), ("cross", 1, 32, 7, 16)]},
     "sampler_step": {
-        "sd15-64": [("latent cfg", (4, 8, 8), "ddim", True)],
+        "sd15-64": [
+            ("latent cfg", (4, 8, 8), "ddim", True),
+            ("latent dpmpp-2m cfg", (4, 8, 8), "dpmpp-2m", True),
+        ],
         "adm-64": [("pixel", (3, 8, 8), "ddpm", False)],
     },
 }
@@ -211,15 +218,13 @@ def _attention_cases(workloads, batch_sizes, dtype, device, compile_backend, smo
                 yield case
 
 
-def _step_table(kind: str, device: torch.device) -> tuple[torch.Tensor, float | None]:
-    """A realistic table: SD's DDIM (scaled-linear betas, 50 steps) or pixel-space DDPM (linear betas, clipped)."""
-    if kind == "ddim":
-        table = DDIMSampler(
-            NoiseSchedule.from_kind("scaled_linear", beta_start=0.00085, beta_end=0.012), 50
-        ).table
-    else:
-        table = DDPMSampler(NoiseSchedule.from_kind("linear"), 250).table
-    return table.on(device), table.clip
+def _step_table(kind: str) -> StepTable:
+    """A realistic table: SD's DDIM (scaled-linear betas, 50 steps) or DPM-Solver++ 2M (20 steps, two x0 history
+    slots), or pixel-space DDPM (linear betas, clipped)."""
+    if kind == "ddpm":
+        return DDPMSampler(NoiseSchedule.from_kind("linear"), 250).table
+    sd = NoiseSchedule.from_kind("scaled_linear", beta_start=0.00085, beta_end=0.012)
+    return build_sampler(kind, sd, 50 if kind == "ddim" else 20).table
 
 
 def _sampler_cases(workloads, batch_sizes, dtype, device, compile_backend, smoke) -> Iterator[Case]:
@@ -228,8 +233,8 @@ def _sampler_cases(workloads, batch_sizes, dtype, device, compile_backend, smoke
         if workload not in workloads:
             continue
         for label, sample_shape, kind, cfg in shapes:
-            table, clip = _step_table(kind, device)
-            step = table.shape[0] // 2
+            spec = _step_table(kind)
+            table, clip, step = spec.on(device), spec.clip, len(spec) // 2
             for batch in batch_sizes:
                 x, eps, u, z = (
                     torch.randn(batch, *sample_shape, device=device, dtype=dtype) for _ in range(4)
@@ -237,23 +242,43 @@ def _sampler_cases(workloads, batch_sizes, dtype, device, compile_backend, smoke
                 u = u if cfg else None
                 z = z if kind == "ddpm" else None
                 w = 7.5 if cfg else 1.0
+                # multistep rows read every history slot and rotate them in place (a write each)
+                slots = spec.history_slots
+                history = torch.randn(slots, *x.shape, device=device, dtype=dtype) if slots else None
+                state = {"history": history, "history_kind": spec.history}
 
-                def eager(x=x, eps=eps, u=u, z=z, table=table, step=step, clip=clip, w=w):
+                def eager(x=x, eps=eps, u=u, z=z, table=table, step=step, clip=clip, w=w, state=state):
                     return sampler_step_reference(
-                        x, eps, table, step, z, eps_uncond=u, guidance_scale=w, clip=clip
+                        x, eps, table, step, z, eps_uncond=u, guidance_scale=w, clip=clip, **state
                     )
 
-                def ours(x=x, eps=eps, u=u, z=z, table=table, step=step, clip=clip, w=w):
+                def ours(x=x, eps=eps, u=u, z=z, table=table, step=step, clip=clip, w=w, state=state):
                     return sampler_step(
-                        x, eps, table, step, z, eps_uncond=u, guidance_scale=w, clip=clip, backend="triton"
+                        x,
+                        eps,
+                        table,
+                        step,
+                        z,
+                        eps_uncond=u,
+                        guidance_scale=w,
+                        clip=clip,
+                        backend="triton",
+                        **state,
                     )
 
-                tensors = 3 + (u is not None) + (z is not None)  # x, eps, [u], [z] read; x_prev written
+                # x, eps, [u], [z] read; x_prev written; each history slot read and written
+                tensors = 3 + (u is not None) + (z is not None) + 2 * slots
                 case = Case(
                     "sampler_step",
                     workload,
                     label,
-                    {"x": list(x.shape), "cfg": cfg, "noise": z is not None, "clip": clip},
+                    {
+                        "x": list(x.shape),
+                        "cfg": cfg,
+                        "noise": z is not None,
+                        "clip": clip,
+                        "history_slots": slots,
+                    },
                     bytes=tensors * x.numel() * x.element_size(),
                 )
                 case.impls = {"fastdiff-triton": ours, "eager": eager}

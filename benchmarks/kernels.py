@@ -219,8 +219,8 @@ def _attention_cases(workloads, batch_sizes, dtype, device, compile_backend, smo
 
 
 def _step_table(kind: str) -> StepTable:
-    """A realistic table: SD's DDIM (scaled-linear betas, 50 steps) or DPM-Solver++ 2M (20 steps, two x0 history
-    slots), or pixel-space DDPM (linear betas, clipped)."""
+    """A realistic table: SD's DDIM (scaled-linear betas, 50 steps) or DPM-Solver++ 2M (20 steps, one x0 history
+    slot), or pixel-space DDPM (linear betas, clipped)."""
     if kind == "ddpm":
         return DDPMSampler(NoiseSchedule.from_kind("linear"), 250).table
     sd = NoiseSchedule.from_kind("scaled_linear", beta_start=0.00085, beta_end=0.012)

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from fastdiff.checks import check_dtype, check_int, first_weight
 from fastdiff.errors import FastdiffError
 from fastdiff.fingerprint import file_sha256, state_sha256, tensor_sha256
+from fastdiff.guidance import check_guidance_scale
 from fastdiff.output import MAX_SAMPLES, atomic_path, check_output_path, to_uint8, write_bytes_atomic
 from fastdiff.pretrained import Pretrained, load_model, model_spec
 from fastdiff.samplers import SAMPLERS, DDIMSampler, Sampler, build_sampler, infer_device
@@ -575,8 +576,7 @@ def sample_to_dir(
     check_int("batch_size", batch_size, 1)
     check_int("seed", seed, 0, 2**63 - 1)
     shard_size = check_int("shard_size", DEFAULT_SHARD_SIZE if shard_size is None else shard_size, 1)
-    if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
-        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+    guidance_scale = check_guidance_scale(guidance_scale)
     out_dir = Path(out_dir)
     merge_path = None if merge_to is None else _check_merge_path(out_dir, Path(merge_to))
     if isinstance(model, str):

@@ -83,6 +83,16 @@ def ckpt(tmp_path_factory) -> pathlib.Path:
         (["--eta", "1e300"], "argument --eta"),
         (["--guidance-scale", "1e39"], "argument --guidance-scale"),
         (["--guidance-scale", "nan"], "argument --guidance-scale"),
+        # saturated noise with exit 0 before: eager overflowed to NaN, the exported runtimes stayed finite
+        (["--guidance-scale", "1e20"], "argument --guidance-scale: must be a number in [-1000, 1000]"),
+        (
+            ["--guidance-scale", "-1001", "--backend", "onnxruntime"],
+            "argument --guidance-scale: must be a number",
+        ),
+        (
+            ["--guidance-scale", "1e30", "--backend", "openvino", "--out", "{tmp}/d/"],
+            "argument --guidance-scale",
+        ),
         (["--seed", "1e23"], "argument --seed"),
         (["--seed", str(10**23)], "argument --seed"),
         (["--seed", "-1"], "argument --seed"),
@@ -149,19 +159,20 @@ def test_other_commands(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------- NaN
 
 
-def test_nan_is_an_error_and_writes_nothing(tmp_path, capsys, ckpt):
-    err = refused(
-        ["sample", *FAST, "--guidance-scale", "1e30", "--out", str(tmp_path / "g.png")], capsys, "NaN"
-    )
-    assert "first after step" in err
+def _nan_checkpoint(path: pathlib.Path) -> pathlib.Path:
     nan = _tiny_unet()
     with torch.no_grad():
         for p in nan.parameters():
             p.fill_(float("nan"))
-    bad = save_checkpoint(tmp_path / "nan.safetensors", nan, {"kind": "linear"})
-    refused(
+    return save_checkpoint(path, nan, {"kind": "linear"})
+
+
+def test_nan_is_an_error_and_writes_nothing(tmp_path, capsys, ckpt):
+    bad = _nan_checkpoint(tmp_path / "nan.safetensors")
+    err = refused(
         ["sample", *FAST, "--model", str(bad), "--out", str(tmp_path / "n.npz")], capsys, "first after step 0"
     )
+    assert "NaN or infinite values" in err
     # Into a shard folder: no shard is written or recorded, so nothing NaN can be merged. With the default
     # backend the planner's eager probe meets the NaN before the folder is opened; with --backend eager the
     # first shard's run does, after the manifest was written.
@@ -174,6 +185,15 @@ def test_nan_is_an_error_and_writes_nothing(tmp_path, capsys, ckpt):
     assert json.loads((shards / MANIFEST).read_text())["shards"] == []
     assert sorted(os.listdir(shards)) == [LOCK, MANIFEST]
     assert sorted(os.listdir(tmp_path)) == ["nan.safetensors", "shards"]
+
+
+def test_nan_through_an_exported_runtime_is_an_error_and_writes_nothing(tmp_path, capsys):
+    """The exported runtimes meet NaN weights too (their loop is the engine's, with its finite check)."""
+    bad = _nan_checkpoint(tmp_path / "nan.safetensors")
+    common = ["sample", *FAST, "--model", str(bad), "--backend", "onnxruntime"]
+    err = refused([*common, "--out", str(tmp_path / "n.npz")], capsys, "NaN or infinite values")
+    assert "first after step 0" in err
+    assert sorted(os.listdir(tmp_path)) == ["nan.safetensors"]
 
 
 # ---------------------------------------------------------------------------------------------------- folders

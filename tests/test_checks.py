@@ -83,15 +83,19 @@ def test_finite_runs_are_untouched():
 def test_absurd_eta_and_guidance_are_refused_up_front():
     with pytest.raises(ValueError, match="eta=1e\\+300 is too large"):
         DDIMSampler(SCHEDULE, num_steps=6, eta=1e300)
-    with pytest.raises(ValueError, match="guidance_scale=1e\\+39 overflows float32"):
-        fastdiff.sample(
-            lambda x, t, **c: x,
-            SAMPLER,
-            SHAPE,
-            cond={"y": torch.zeros(3)},
-            uncond={"y": None},
-            guidance_scale=1e39,
-        )
+    for scale in (1e39, 1e20, -1001.0, float("nan"), True):
+        with pytest.raises(ValueError, match=r"guidance_scale must be a number in \[-1000, 1000\]"):
+            fastdiff.sample(
+                lambda x, t, **c: x,
+                SAMPLER,
+                SHAPE,
+                cond={"y": torch.zeros(3)},
+                uncond={"y": None},
+                guidance_scale=scale,
+            )
+    engine = SamplingEngine(lambda x, t, **c: x, SAMPLER, backend="eager")
+    with pytest.raises(ValueError, match=r"guidance_scale must be a number in \[-1000, 1000\] .*got 1e\+20"):
+        engine.sample(SHAPE, cond={"y": torch.zeros(3)}, uncond={"y": None}, guidance_scale=1e20)
 
 
 def test_numpy_integer_steps_are_accepted():

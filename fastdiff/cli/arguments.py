@@ -48,3 +48,19 @@ def finite_float(text: str) -> float:
 def seed(text: str) -> int:
     """A random seed: an integer in [0, 2**63 - 1] (what torch.Generator.manual_seed takes)."""
     return bounded_int(0, MAX_SEED)(text)
+
+
+def guidance_scale(text: str) -> float:
+    """A classifier-free guidance scale: a number in [-MAX_GUIDANCE_SCALE, MAX_GUIDANCE_SCALE] (fastdiff.guidance)."""
+    from fastdiff.guidance import MAX_GUIDANCE_SCALE
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not abs(value) <= MAX_GUIDANCE_SCALE:
+        raise argparse.ArgumentTypeError(
+            f"must be a number in [-{MAX_GUIDANCE_SCALE:g}, {MAX_GUIDANCE_SCALE:g}] (pipelines use 1 to about 30), "
+            f"got {text}"
+        )
+    return value

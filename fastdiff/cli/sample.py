@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fastdiff.cli.arguments import bounded_int, finite_float, positive_int, seed
+from fastdiff.cli.arguments import bounded_int, finite_float, guidance_scale, positive_int, seed
 from fastdiff.errors import FastdiffError
 from fastdiff.output import MAX_SAMPLES
 
@@ -294,6 +294,7 @@ def cmd_sample_to_dir(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `fastdiff sample`."""
+    from fastdiff.guidance import MAX_GUIDANCE_SCALE
     from fastdiff.samplers import SAMPLERS
 
     p = sub.add_parser("sample", help="generate images (PNG grid, .npz, or a shard folder DIR/)")
@@ -315,7 +316,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=bounded_int(1, MAX_SAMPLES), default=64)
     p.add_argument("--class-label", type=int, default=None, help="one class for all samples (default: cycle)")
     p.add_argument(
-        "--guidance-scale", type=finite_float, default=None, help="CFG scale (default 2 for conditional)"
+        "--guidance-scale",
+        type=guidance_scale,
+        default=None,
+        help=f"CFG scale in [-{MAX_GUIDANCE_SCALE:g}, {MAX_GUIDANCE_SCALE:g}] (default 2 for a class-conditional "
+        "model; pipelines use 1 to about 30)",
     )
     p.add_argument("--seed", type=seed, default=0, help="in [0, 2**63 - 1]")
     p.add_argument("--device", choices=("cpu", "cuda"), default=_default_device())

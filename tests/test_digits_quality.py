@@ -1,9 +1,11 @@
 """The shipped digits model makes real digits: judged by a classifier fitted on the real data."""
 
+import numpy as np
 import pytest
 import torch
 
 import fastdiff
+from fastdiff.cli import main as cli
 from fastdiff.data import load_digits
 from fastdiff.samplers import build_sampler
 
@@ -47,6 +49,20 @@ def test_class_conditional_samples_are_recognised(pretrained, classifier, name, 
         f"digits quality, {name} {steps} steps: {accuracy:.1%} of 200 samples classified as the requested class"
     )
     assert accuracy >= 0.90
+
+
+@pytest.mark.parametrize("name", ["dpmpp-2m", "unipc"])
+def test_few_step_command_makes_recognisable_digits(tmp_path, monkeypatch, classifier, name):
+    # The command itself (its defaults: guidance 2, labels cycling 0-9), written as .npz uint8 images.
+    monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "samples.npz"
+    argv = ["sample", "--model", "digits", "--sampler", name, "--steps", "10", "--num-samples", "100"]
+    assert cli([*argv, "--backend", "eager", "--out", str(out), "--quiet"]) == 0
+    with np.load(out) as data:
+        images, labels = data["images"], data["labels"]
+    pixels = images.reshape(len(images), -1).astype(np.float64) / 127.5 - 1
+    accuracy = float((classifier.predict(pixels) == labels).mean())
+    assert sorted(set(labels.tolist())) == list(range(10)) and accuracy >= 0.90, accuracy
 
 
 def test_ddim_inversion_round_trip_on_real_digits(pretrained):

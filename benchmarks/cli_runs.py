@@ -14,7 +14,6 @@ samples, written as a PNG grid as the target's command does); `--args` replaces 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -28,9 +27,8 @@ from typing import Any
 import torch
 
 from fastdiff.cli.arguments import positive_int
-from fastdiff.output import write_bytes_atomic
 
-from .environment import device_info, git_revision, load_average, versions
+from .environment import device_info, git_revision, load_average, versions, write_json
 
 DEFAULT_ARGS = "--model digits --num-samples 256"
 FORMAT = "fastdiff-cli-runs-v1"
@@ -120,8 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     doc = report(args.args.split(), args.rounds, args.cache)
     print(summary(doc))
     if args.out is not None:
-        write_bytes_atomic(args.out, (json.dumps(doc, indent=2) + "\n").encode())
-        print(f"wrote {args.out}")
+        write_json(args.out, doc)
     return 0
 
 

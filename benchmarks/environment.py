@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -12,6 +13,7 @@ import torch
 
 from fastdiff.engine.candidates import package_version
 from fastdiff.engine.planner import cpu_model
+from fastdiff.output import write_bytes_atomic
 
 PACKAGES = (
     "fastdiff",
@@ -111,3 +113,9 @@ def load_average() -> list[float] | None:
         return [round(v, 2) for v in os.getloadavg()]
     except (AttributeError, OSError):
         return None
+
+
+def write_json(path: str | os.PathLike, doc: dict[str, Any]) -> None:
+    """Write a results document as indented JSON (atomically: a reader never sees half a file) and say where."""
+    write_bytes_atomic(path, (json.dumps(doc, indent=2) + "\n").encode())
+    print(f"wrote {path}")

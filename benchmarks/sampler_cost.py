@@ -17,7 +17,6 @@ baseline, ddim by default), the engine's speedup over eager and its samples agai
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Sequence
@@ -27,11 +26,10 @@ from typing import Any
 import torch
 
 from fastdiff.cli.arguments import positive_int
-from fastdiff.output import write_bytes_atomic
 from fastdiff.samplers import SAMPLERS
 
 from .backends import EagerBackend, FastdiffGraphsBackend
-from .environment import device_info, git_revision, load_average, versions
+from .environment import device_info, git_revision, load_average, versions, write_json
 from .harness import compare_samples, make_case, timed
 from .workloads import build_workload
 
@@ -163,8 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     doc = report(args)
     print(summary(doc))
     if args.out is not None:
-        write_bytes_atomic(args.out, (json.dumps(doc, indent=2) + "\n").encode())
-        print(f"wrote {args.out}")
+        write_json(args.out, doc)
     return 0
 
 

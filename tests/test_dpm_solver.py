@@ -6,7 +6,8 @@ most 2x diffusers' own distance to its float64 result (tests/diffusers_parity.py
 over random configurations of every option (algorithm types incl. the SDE ones, orders 1-3, midpoint / heun,
 lower_order_final, euler_at_final, karras / exponential / beta / lu / flow sigmas, final_sigmas_type, every
 prediction type, spacing, thresholding, beta schedules) at 1/4/10/25/50 steps, with generator noise (SDE variants)
-and without, using an analytic model; every step must run through the table (`sampler_step`).
+and without, using an analytic model; every step of fastdiff's loop and of the Fast drop-in in diffusers' loop must
+run through `sampler_step` (counted; diffusers' own step() fails the test if the drop-in calls it).
 """
 
 import os
@@ -15,7 +16,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from diffusers_parity import AnalyticModel, check_table_parity
+from diffusers_parity import AnalyticModel, check_table_parity, last_step_is_empty
 
 import fastdiff
 from fastdiff.samplers import SAMPLERS, DPMSolverMultistepSampler, build_sampler
@@ -92,9 +93,13 @@ def test_parity_with_diffusers(case, monkeypatch):
     sampler = fastdiff.from_diffusers_scheduler(scheduler, steps)
     assert isinstance(sampler, DPMSolverMultistepSampler)
     np.testing.assert_array_equal(sampler.grid.sigmas, scheduler.sigmas.double().numpy())
-    # where diffusers' float64 run is not finite (a zero-length last step: karras / lu levels ending on sigma_min,
-    # which final_sigmas_type="sigma_min" appends again, and heun divides by h = 0), ours takes the limit
-    check_table_parity(base, config, steps, seed=seed, monkeypatch=monkeypatch, begin=0, shape=SHAPE)
+    result = check_table_parity(base, config, steps, seed=seed, monkeypatch=monkeypatch, begin=0, shape=SHAPE)
+    # diffusers is not finite only at a last step of zero length (or within float32 rounding of it: karras / lu
+    # levels ending on sigma_min, which final_sigmas_type="sigma_min" appends again; heun divides by h = 0). There
+    # ours (and the drop-in) take the limit, checked against diffusers' float64 run where that is finite
+    # ("diffusers-fp32-nan", FP64_RTOL), else only finite and equal to each other ("diffusers-nan": no reference)
+    allowed = {"ok", "diffusers-fp32-nan", "diffusers-nan"} if last_step_is_empty(scheduler) else {"ok"}
+    assert result in allowed, (result, config)
 
 
 def _parity(config: dict, steps: int | None, monkeypatch, *, seed=0, begin=0, channels=3, **set_timesteps):

@@ -6,7 +6,9 @@ most 2x diffusers' own distance to its float64 result (tests/diffusers_parity.py
 over random configurations of every option (bh1 / bh2, orders 1-3, predict_x0 on / off, lower_order_final,
 disable_corrector, karras / exponential / beta / flow sigmas, final_sigmas_type, every prediction type, spacing,
 thresholding, beta schedules) at 1/4/10/25/50 steps, using an analytic model; UniPC draws no noise, so the
-"with generator noise" half of the criterion does not apply. Every step must run through the table (`sampler_step`).
+"with generator noise" half of the criterion does not apply. Every step of fastdiff's loop and of the Fast drop-in in
+diffusers' loop must run through `sampler_step` (counted; diffusers' own step() fails the test if the drop-in calls
+it).
 """
 
 import os
@@ -15,7 +17,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from diffusers_parity import AnalyticModel, check_table_parity, diffusers_loop
+from diffusers_parity import AnalyticModel, check_table_parity, diffusers_loop, last_step_is_empty
 
 import fastdiff
 import fastdiff.table
@@ -89,9 +91,13 @@ def test_parity_with_diffusers(case, monkeypatch):
     sampler = fastdiff.from_diffusers_scheduler(scheduler, steps)
     assert isinstance(sampler, UniPCMultistepSampler)
     assert (sampler.grid.sigmas == scheduler.sigmas.double().numpy()).all(), "sigmas differ from diffusers'"
-    # where diffusers' float64 run is not finite (a zero-length last step: karras levels ending on sigma_min, which
-    # final_sigmas_type="sigma_min" appends again), ours takes the limit (the step is the identity)
-    check_table_parity(base, config, steps, seed=1000 + case, monkeypatch=monkeypatch, shape=SHAPE)
+    result = check_table_parity(base, config, steps, seed=1000 + case, monkeypatch=monkeypatch, shape=SHAPE)
+    # diffusers is not finite only at a last step of zero length (karras levels ending on sigma_min, which
+    # final_sigmas_type="sigma_min" appends again): ours (and the drop-in) take the limit, the identity step, checked
+    # against diffusers' float64 run where that is finite ("diffusers-fp32-nan", FP64_RTOL), else only finite and
+    # equal to each other ("diffusers-nan": no reference)
+    allowed = {"ok", "diffusers-fp32-nan", "diffusers-nan"} if last_step_is_empty(scheduler) else {"ok"}
+    assert result in allowed, (result, config)
 
 
 def _parity(config: dict, steps: int | None, monkeypatch, *, begin=0, **set_timesteps):

@@ -159,6 +159,34 @@ def parity(ours: torch.Tensor, fp32: torch.Tensor, fp64: torch.Tensor) -> tuple[
     return ours_err <= max(ATOL, 2.0 * own_err), ours_err, own_err
 
 
+@contextlib.contextmanager
+def table_steps_only(base: type, monkeypatch: Any, backend: str = "torch") -> Iterator[list[int]]:
+    """While the context lasts, the Fast drop-ins' calls of `fastdiff.kernels.sampler_step` are counted (the length
+    of the list it yields) and run with `backend`, and diffusers' own `base.step` fails the test if anything calls
+    it (so a drop-in of `base` cannot fall back to it).
+
+    `backend` "torch" is the row math `fastdiff.sample` runs on CPU ("auto" would be the Triton interpreter under
+    the suite's TRITON_INTERPRET=1, ~30x slower a step); the kernel is held to it row by row, on rows of every table
+    kind, in tests/kernels/test_sampler_step.py.
+    """
+    import pytest
+
+    from fastdiff.integrations import diffusers as integration
+
+    integration._fast_schedulers()  # the drop-in classes are built before base.step is replaced
+    calls: list[int] = []
+    real_step = integration.sampler_step
+
+    def counted(*args: Any, **kw: Any) -> torch.Tensor:
+        calls.append(1)
+        return real_step(*args, **{**kw, "backend": backend})
+
+    with monkeypatch.context() as patch:
+        patch.setattr(integration, "sampler_step", counted)
+        patch.setattr(base, "step", lambda *a, **k: pytest.fail(f"diffusers' own {base.__name__}.step() ran"))
+        yield calls
+
+
 def drop_in_loop(
     base: type,
     config: Mapping[str, Any],
@@ -170,28 +198,11 @@ def drop_in_loop(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, int]:
     """`diffusers_loop` with the Fast drop-in of diffusers' `base` class, and how many steps ran the table path
-    (calls of `fastdiff.kernels.sampler_step` from the drop-in); diffusers' own `base.step` fails the test if
-    anything calls it.
-
-    The drop-in's sampler_step runs with `backend`: "torch" (the row math `fastdiff.sample` runs on CPU; the test
-    suite's TRITON_INTERPRET=1 would make "auto" the Triton interpreter, ~30x slower a step), or "auto". The
-    kernel is held to the torch backend row by row, on rows of every table kind, in tests/kernels/test_sampler_step.py.
-    """
-    import pytest
-
+    (calls of `fastdiff.kernels.sampler_step`), under `table_steps_only`."""
     from fastdiff.integrations import diffusers as integration
 
-    fast = integration._fast_schedulers()[f"Fast{base.__name__}"]  # built before base.step is replaced
-    calls = []
-    real_step = integration.sampler_step
-
-    def counted(*args: Any, **kw: Any) -> torch.Tensor:
-        calls.append(1)
-        return real_step(*args, **{**kw, "backend": backend})
-
-    with monkeypatch.context() as patch:
-        patch.setattr(integration, "sampler_step", counted)
-        patch.setattr(base, "step", lambda *a, **k: pytest.fail(f"diffusers' own {base.__name__}.step() ran"))
+    fast = integration._fast_schedulers()[f"Fast{base.__name__}"]
+    with table_steps_only(base, monkeypatch, backend) as calls:
         result = diffusers_loop(fast, config, model, num_steps, **kwargs)
     return result, len(calls)
 

@@ -3,11 +3,12 @@
     python -m fastdiff.benchmarks.kernels --static --arch sm_80,sm_90 [--json out.json] [--subset ci]
 
 For every op in OPS and every shape of the SD 1.5 (512 px) and SDXL (1024 px) U-Nets, the DDPM CIFAR-10 U-Net and
-the ADM 64x64 U-Net, in float16, bfloat16 and float32, it calls the op's wrapper on meta tensors with the kernels'
-launches recorded (the configuration the wrapper picks for a GPU of the target's SM count), compiles each launch for
-each target (benchmarks/aot_compile.py) and reports registers, spill bytes, shared memory, warps, stages, the grid
-against the SM count, the estimated occupancy, and whether the PTX uses tensor cores (mma / wgmma) and 16-byte async
-copies. `violations()` is the CI gate (tests/kernels/test_static_compile.py). A markdown table goes to stdout.
+the ADM 64x64 U-Net (GroupNorm in NCHW and in channels-last memory), in float16, bfloat16 and float32, it calls the
+op's wrapper on meta tensors with the kernels' launches recorded (the configuration the wrapper picks for a GPU of the
+target's SM count), compiles each launch for each target (benchmarks/aot_compile.py) and reports registers, spill
+bytes, shared memory, warps, stages, the grid against the SM count, the estimated occupancy, whether the PTX uses
+tensor cores (mma / wgmma) and 16-byte async copies, and for GroupNorm the fraction of channel lanes that hold a
+channel. `violations()` is the CI gate (tests/kernels/test_static_compile.py). A markdown table goes to stdout.
 """
 
 from __future__ import annotations
@@ -107,11 +108,30 @@ SAMPLER_SHAPES: dict[str, list[tuple[str, tuple[int, ...], bool, bool]]] = {
     "adm-64": [("pixel 3x64x64 ddpm", (3, 64, 64), False, True)],
 }
 
-# Cases allowed to fill fewer than half of an A100's SMs at SD 1.5 shapes: (op, label) -> why.
+# SD 1.5 launches with fewer programs than an A100 has SMs (108), and why more programs would not pay: (op, label)
+# -> why. The gate fails a launch under half the SMs (54) unless it is listed here. Bytes at batch 2, float16; a
+# launch costs about 3 us whatever its size, and an A100 moves about 1.5 MB per microsecond.
 GRID_EXEMPT = {
     ("sampler_step", "latent 4x64x64 ddim cfg"): (
-        "a 2x4x64x64 latent is 32768 elements (32 programs of 1024): the whole update moves 0.3 MB; the kernel "
-        "is being rewritten for table v2"
+        "32 programs of 1024 elements: the 2x4x64x64 update reads x and the two model outputs and writes x, "
+        "4 x 64 KB = 0.26 MB (0.5 MB in float32), about 0.2 us of memory traffic, under the launch itself"
+    ),
+    ("attention", "self 8x8 (mid)"): (
+        "64 programs (4 tiles of 16 queries, the smallest tl.dot takes, x 16 batch-heads): q, k, v and the output "
+        "are 4 x 0.33 MB = 1.3 MB and 42 MFLOP (0.13 us of A100 tensor cores); more programs would mean splitting "
+        "the 64 keys and a second pass to merge them, which costs more than the 0.9 us of memory traffic"
+    ),
+    ("attention", "cross 8x8 (mid)"): (
+        "64 programs (4 tiles of 16 queries x 16 batch-heads) against 77 text tokens: 1.4 MB and 50 MFLOP, "
+        "as the self-attention beside it"
+    ),
+    ("group_norm_silu", "1280ch 8x8"): (
+        "64 programs, one per group of 40 channels x 64 positions (2560 elements, 5 KB): 0.33 MB read and written "
+        "in all (0.2 us); splitting a group takes a second launch (statistics, then normalise)"
+    ),
+    ("group_norm_silu", "1280ch 8x8 NHWC"): (
+        "64 programs, one per group, as in NCHW: runs of 3 groups would make 22 programs and need the two-launch "
+        "split to fill the GPU again, for 0.33 MB (0.2 us)"
     ),
 }
 
@@ -130,18 +150,36 @@ def _group_norm_cases(workloads: Sequence[str]) -> Iterator[CaseSpec]:
     for workload in workloads:
         shapes, scale_shift = GROUP_NORM_SHAPES[workload]
         batch = _batch(workload)
-        for channels, size in shapes:
+        # NCHW, and channels-last (NHWC: the layout accelerate() gives every U-Net)
+        for layout in ("contiguous", "channels_last"):
+            for channels, size in shapes:
 
-            def launch(dtype_name, batch=batch, channels=channels, size=size, scale_shift=scale_shift):
-                dtype = DTYPES[dtype_name]
-                x = _meta(batch, channels, size, size, dtype=dtype)
-                w, b = _meta(channels, dtype=dtype), _meta(channels, dtype=dtype)
-                # ADM's scale and shift are the halves of one (N, 2C) embedding
-                sc, sh = _meta(batch, 2 * channels, dtype=dtype).chunk(2, 1) if scale_shift else (None, None)
-                group_norm_silu_triton(x, 32, w, b, 1e-5, sc, sh, True)
+                def launch(
+                    dtype_name,
+                    batch=batch,
+                    channels=channels,
+                    size=size,
+                    scale_shift=scale_shift,
+                    layout=layout,
+                ):
+                    dtype = DTYPES[dtype_name]
+                    x = _meta(batch, channels, size, size, dtype=dtype)
+                    if layout == "channels_last":
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    w, b = _meta(channels, dtype=dtype), _meta(channels, dtype=dtype)
+                    # ADM's scale and shift are the halves of one (N, 2C) embedding
+                    sc, sh = (
+                        _meta(batch, 2 * channels, dtype=dtype).chunk(2, 1) if scale_shift else (None, None)
+                    )
+                    group_norm_silu_triton(x, 32, w, b, 1e-5, sc, sh, True)
 
-            label = f"{channels}ch {size}x{size}" + (" scale-shift" if scale_shift else "")
-            yield workload, label, {"x": [batch, channels, size, size], "groups": 32}, launch
+                label = (
+                    f"{channels}ch {size}x{size}"
+                    + (" NHWC" if layout == "channels_last" else "")
+                    + (" scale-shift" if scale_shift else "")
+                )
+                shape = {"x": [batch, channels, size, size], "groups": 32, "layout": layout}
+                yield workload, label, shape, launch
 
 
 def _attention_cases(workloads: Sequence[str]) -> Iterator[CaseSpec]:
@@ -293,7 +331,7 @@ def violations(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def _cfg_text(config: dict[str, Any]) -> str:
-    keys = [k for k in config if k.startswith("BLOCK") or k in ("ALIGN", "PRECISION", "EVEN_C")]
+    keys = [k for k in config if k.startswith("BLOCK") or k in ("ALIGN", "PRECISION", "EVEN_C", "GROUPS")]
     return " ".join(f"{k.removeprefix('BLOCK_')}={config[k]}" for k in keys)
 
 
@@ -306,19 +344,20 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
             f"#### {arch} ({sel[0]['gpu']}, {sel[0]['sm_count']} SMs)",
             "",
             "| op | workload | case | dtype | kernel | config | warps/stages | regs | spill st/ld B | smem KB"
-            " | programs | occ. | waves | TC | cp.async16 |",
-            "|---|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
+            " | programs | occ. | waves | TC | cp.async16 | lanes |",
+            "|---|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
         ]
         for r in sel:
             head = f"| {r['op']} | {r['workload']} | {r['case']} | {r['dtype']} | {r['kernel'].strip('_')}"
             if r["error"] is not None:
-                lines.append(f"{head} | {r['error'][:80]} | | | | | | | | | |")
+                lines.append(f"{head} | {r['error'][:80]} | | | | | | | | | | |")
                 continue
             tc = "wgmma" if r["wgmma"] else ("mma" if r["mma"] else "—")
+            lanes = _channel_lane_use(r)
             lines.append(
                 f"{head} | {_cfg_text(r['config'])} | {r['num_warps']}/{r['num_stages']} | {r['registers']}"
                 f" | {r['spill_stores']}/{r['spill_loads']} | {r['smem'] / 1024:.1f} | {r['programs']} | {r['occupancy']:.2f}"
-                f" | {r['waves']:.2f} | {tc} | {r['cp_async_16']} |"
+                f" | {r['waves']:.2f} | {tc} | {r['cp_async_16']} | {'—' if lanes is None else f'{lanes:.2f}'} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -329,22 +368,30 @@ def _pair(values: dict[str, Any], fmt: str = "{}") -> str:
 
 
 def _channel_lane_use(row: dict[str, Any]) -> float | None:
-    """GroupNorm: channels per group over the channel lanes its tiles take; None for other ops."""
+    """GroupNorm: a sample's channels over the channel lanes its programs' tiles take (a program holds GROUPS
+    adjacent groups, in channel tiles of BLOCK_C lanes); None for other ops."""
     if "groups" not in row["shape"] or "BLOCK_C" not in row["config"]:
         return None
-    group_c, block_c = row["shape"]["x"][1] // row["shape"]["groups"], row["config"]["BLOCK_C"]
-    return group_c / (block_c * -(-group_c // block_c))
+    channels, num_groups = row["shape"]["x"][1], row["shape"]["groups"]
+    block_c, groups = row["config"]["BLOCK_C"], row["config"].get("GROUPS", 1)
+    programs = -(-num_groups // groups)
+    tiles = -(-groups * (channels // num_groups) // block_c)
+    return channels / (programs * tiles * block_c)
+
+
+def _layout(row: dict[str, Any]) -> str:
+    return "NHWC" if row["shape"].get("layout") == "channels_last" else ""
 
 
 def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """One row per (op, kernel, dtype) over all shapes, each figure given per target as `sm_80 / sm_90`: the worst
     registers, spill bytes, shared memory and occupancy, the fewest programs at SD 1.5 / SDXL shapes, the tensor-core
     instruction used, how many cases load 16-byte vectors (cp.async or ld.global.v4), and for GroupNorm the fraction
-    of a tile's channel lanes that hold a channel."""
+    of its tiles' channel lanes that hold a channel. GroupNorm in channels-last memory has rows of its own (NHWC)."""
     archs = list(dict.fromkeys(r["arch"] for r in rows))
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["op"], r["kernel"], r["dtype"]), []).append(r)
+        groups.setdefault((r["op"], _layout(r), r["kernel"], r["dtype"]), []).append(r)
     lines = [
         f"Each figure per target: {' / '.join(archs)}.",
         "",
@@ -352,7 +399,7 @@ def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
         " | programs at SD shapes (min) | tensor cores | 16-byte loads | channel lanes used (min) |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
-    for (op, kernel, dtype), sel in groups.items():
+    for (op, layout, kernel, dtype), sel in groups.items():
         per = {a: [r for r in sel if r["arch"] == a and r["error"] is None] for a in archs}
         errors = sum(r["error"] is not None for r in sel)
 
@@ -371,7 +418,7 @@ def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
         lanes = [_channel_lane_use(r) for r in sel if r["error"] is None]
         lanes_text = "—" if None in lanes or not lanes else f"{min(lanes):.2f}"
         lines.append(
-            f"| {op} | {kernel.strip('_')} | {dtype} | {_pair({a: sum(r['arch'] == a for r in sel) for a in archs})}"
+            f"| {op}{f' ({layout})' if layout else ''} | {kernel.strip('_')} | {dtype} | {_pair({a: sum(r['arch'] == a for r in sel) for a in archs})}"
             + (f" ({errors} errors)" if errors else "")
             + f" | {_pair(agg(max, 'registers'))} | {_pair(agg(sum, 'spill_bytes'))}"
             f" | {_pair({a: v / 1024 if v is not None else None for a, v in agg(max, 'smem').items()}, '{:.0f}')}"

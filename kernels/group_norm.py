@@ -13,7 +13,10 @@ copy) and walks a group in (BLOCK_C, BLOCK_S) tiles, so a group of any size is n
   (count, mean, m2) triple per chunk, and each normalise program combines its group's K triples before normalising
   its chunk.
 - tiles hold a power of two of channels that divides the group's channel count (NCHW) or all of them (channels-last,
-  where they are the contiguous axis), see _plan.
+  where they are the contiguous axis), see _plan. In channels-last memory one program takes a run of adjacent groups
+  (SD's groups of 10 / 20 / 40 channels: 12 / 6 / 3 of them, 120 channels in 128 lanes instead of 10 in 16), keeps
+  statistics per channel along the positions and combines each group's channels once at the end (each lane then holds
+  its group's figures); see _groups_per_program.
 - the group's channel count is a compile-time constant (one specialisation per group size, a handful per model):
   it lets the compiler prove the channel mask is constant over vectors, so channels-last loads vectorise too.
 

@@ -175,21 +175,43 @@ def test_low_precision_matches_reference(dtype, shape, num_groups, layout, param
 
 
 @needs_interpreter
-@pytest.mark.parametrize("tiles", [None, (2, 16, 40)], ids=["one-program", "split"])
-def test_large_mean_against_float64(tiles):
+@pytest.mark.parametrize(
+    ("layout", "tiles"),
+    [
+        ("contiguous", None),
+        ("contiguous", (2, 16, 40)),
+        # channels-last, both groups in one program (per-lane statistics), whole and split
+        ("channels_last", None),
+        ("channels_last", (None, 16, 40)),
+    ],
+    ids=["one-program", "split", "nhwc-run", "nhwc-run-split"],
+)
+def test_large_mean_against_float64(layout, tiles):
     """x = 1000 + N(0, 1): a one-pass E[x^2] - E[x]^2 in float32 loses the variance; ours matches float64."""
-    x, w, b, sc, sh = _inputs((2, 8, 9, 11), 2, mean=1000.0)
+    x, w, b, sc, sh = _inputs((2, 8, 9, 11), 2, mean=1000.0, layout=layout)
     expand = (..., None, None)
     ref = F.group_norm(x.double(), 2, w.double(), b.double(), 1e-5)
     ref = F.silu(ref * (1 + sc.double()[expand]) + sh.double()[expand])
     block_c, block_s, chunk_s = tiles or (None, None, None)
+    runs = 2 if layout == "channels_last" else None
     out = gnt.group_norm_silu_triton(
-        x, 2, w, b, 1e-5, sc, sh, True, block_c=block_c, block_s=block_s, chunk_s=chunk_s
+        x,
+        2,
+        w,
+        b,
+        1e-5,
+        sc,
+        sh,
+        True,
+        block_c=block_c,
+        block_s=block_s,
+        chunk_s=chunk_s,
+        groups_per_program=runs,
     )
     _check_float32(out, ref)
 
     # The tolerance is tight enough to catch the naive one-pass statistics.
-    xg = x.view(2, 2, -1)
+    xg = x.reshape(2, 2, -1)
     mean = xg.mean(-1, keepdim=True)
     var = (xg * xg).mean(-1, keepdim=True) - mean * mean
     naive = ((xg - mean) / torch.sqrt(var.clamp_min(0) + 1e-5)).view_as(x) * w[:, None, None] + b[
@@ -372,7 +394,8 @@ def test_sd15_levels_spread_over_an_a100(channels, size, programs):
 
 
 # NCHW groups of 10 channels (SD's count) in tiles of 2 channels, so the channel mask is constant; channels-last the
-# same groups in 16-lane tiles with 6 lanes masked; forced chunks take the split path with each.
+# same groups both in one program of 20 channels (float32) or each alone in 16 lanes (float16: no run of whole
+# 16-byte vectors beats it); forced 16-lane tiles hold one group; forced chunks take the split path with each.
 EXACT_TILE_CASES = [
     ("contiguous", None),
     ("contiguous", (2, 16, 32)),
@@ -402,6 +425,87 @@ def test_groups_of_ten_channels_match_reference(dtype, layout, tiles):
 
 
 @needs_triton
+@pytest.mark.parametrize(
+    ("group_c", "vector", "groups", "lanes_used"),
+    [
+        # SD's channels per group (32 groups) in half precision: runs of 120 channels in 128 lanes (240 of 256 at 80)
+        (10, 8, 12, 320 / (3 * 128)),
+        (20, 8, 6, 640 / (6 * 128)),
+        (40, 8, 3, 1280 / (11 * 128)),
+        (30, 8, 4, 960 / (8 * 128)),
+        (60, 8, 2, 1920 / (16 * 128)),
+        (80, 8, 3, 2560 / (11 * 256)),
+        (16, 8, 1, 1.0),  # a power of two fills its lanes alone
+        (10, 4, 6, 320 / (6 * 64)),  # float32: 60 channels are whole 16-byte vectors
+        (320, 8, 1, 320 / 512),  # over 256 channels: one group a program, in 256-lane tiles
+    ],
+)
+def test_channels_last_programs_take_runs_of_groups(group_c, vector, groups, lanes_used):
+    assert gnt._groups_per_program(group_c, 32, vector) == groups
+    block_c = min(gnt.triton.next_power_of_2(groups * group_c), 256)
+    used = 32 * group_c / (-(-32 // groups) * -(-groups * group_c // block_c) * block_c)
+    assert used == pytest.approx(lanes_used)
+    if groups > 1:
+        # every run (the last one shorter) is whole 16-byte vectors, and the kernel is told so
+        assert gnt._lane_alignment(group_c, 32, groups, vector) == vector
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    ("channels", "size", "groups", "block_c", "programs"),
+    [
+        (320, 64, 12, 128, 768),  # 3 runs a sample (12 + 12 + 8 groups), split into 128 chunks
+        (1280, 32, 3, 128, 704),
+        # the 8x8 level: runs would need a second launch (split statistics); one group a program keeps one launch
+        (1280, 8, 1, 64, 64),
+    ],
+)
+def test_sd15_channels_last_launches_on_an_a100(channels, size, groups, block_c, programs):
+    from fastdiff.benchmarks.aot_compile import record_launches
+
+    x = torch.empty(2, channels, size, size, device="meta", dtype=torch.float16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.empty(channels, device="meta", dtype=torch.float16)
+    kernels = [gnt._group_norm_silu_fused_kernel, gnt._group_norm_stats_kernel, gnt._group_norm_apply_kernel]
+    with simulated_gpu(108), record_launches(kernels) as launches:
+        gnt.group_norm_silu_triton(x, 32, w, w, 1e-5, None, None, True)
+    for launch in launches:
+        assert (launch.kwargs["GROUPS"], launch.kwargs["BLOCK_C"], launch.programs) == (
+            groups,
+            block_c,
+            programs,
+        )
+
+
+# channels per group: SD's 10 / 20 / 40, 30 (a run of 4 is 120 channels), 3 (runs of 5 in 16 lanes), 16 (a power
+# of two: alone in float16); 5 groups, so runs of 3 leave a shorter last run of 2.
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("group_c", [10, 20, 40, 30, 3, 16])
+@pytest.mark.parametrize(
+    "forced", [None, (3, 8, 4)], ids=["auto", "runs-of-3-split"]
+)  # (groups_per_program, block_s, chunk_s)
+def test_channels_last_runs_of_groups_match_reference(dtype, group_c, forced):
+    x, w, b, sc, sh = _inputs((2, 5 * group_c, 3, 5), 5, dtype=dtype, layout="channels_last")
+    runs, block_s, chunk_s = forced or (None, None, None)
+    out = gnt.group_norm_silu_triton(
+        x, 5, w, b, 1e-5, sc, sh, True, block_s=block_s, chunk_s=chunk_s, groups_per_program=runs
+    )
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    if dtype == torch.float32:
+        _check_float32(out, group_norm_silu_reference(x, 5, w, b, scale=sc, shift=sh))
+    else:
+        _check_low_precision(out, x, 5, w, b, sc, sh, True)
+
+
+@needs_triton
+def test_groups_per_program_must_fit_the_tile():
+    x = torch.empty(1, 20, 4, 4, device="meta").contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="block_c >= 20"):
+        gnt.group_norm_silu_triton(x, 2, None, None, 1e-5, None, None, True, block_c=16, groups_per_program=2)
+
+
+@needs_triton
 def test_huge_sample_is_refused_not_overflowed():
     """Meta tensors: no memory, but the launcher's 32-bit offset check sees the real sizes."""
     x = torch.empty(1, 2, 2**16, 2**15 + 1, device="meta")
@@ -422,9 +526,14 @@ def _compile_for_sm90() -> None:
         (gnt._group_norm_stats_kernel, "fp32", dict(stride_xs=1, BLOCK_C=16, BLOCK_S=256)),
         (gnt._group_norm_apply_kernel, "bf16", dict(flags, SILU=False, stride_xs=1, stride_ys=1, BLOCK_C=16,
                                                    BLOCK_S=256, BLOCK_K=8)),
+        # channels-last runs of 3 groups of 40 channels in 128 lanes
+        (gnt._group_norm_silu_fused_kernel, "fp16", dict(flags, stride_xc=1, stride_yc=1, BLOCK_C=128, BLOCK_S=32,
+                                                        GROUPS=3, BLOCK_G=4, LANE_ALIGN=8)),
+        (gnt._group_norm_apply_kernel, "fp16", dict(flags, stride_xc=1, stride_yc=1, BLOCK_C=128, BLOCK_S=32,
+                                                   GROUPS=3, BLOCK_G=4, LANE_ALIGN=8, BLOCK_K=16)),
     ]  # fmt: skip
     for kernel, dtype, constexprs in cases:
-        constexprs = {"GROUP_C": 40, **constexprs}
+        constexprs = {"GROUP_C": 40, "GROUPS": 1, "BLOCK_G": 1, "LANE_ALIGN": 1, **constexprs}
         signature = {}
         for name in kernel.arg_names:
             if name in constexprs:

@@ -2,6 +2,7 @@ import itertools
 
 import pytest
 import torch
+from diffusers_parity import diffusers_loop, drop_in_loop, parity
 
 import fastdiff
 from fastdiff import DDIMSampler, DDPMSampler, NoiseSchedule, from_diffusers_scheduler
@@ -39,51 +40,37 @@ def gaussian_denoiser(alphas_cumprod, prediction_type, mu=0.3, sigma=0.5):
     return model
 
 
-def diffusers_loop(scheduler, num_steps, x, seed, eta=None, float64=False):
-    """diffusers' own loop; float64=True runs the same loop in double (same float32 noise) as a ground truth."""
-    model = gaussian_denoiser(scheduler.alphas_cumprod, scheduler.config.prediction_type)
-    if float64:
-        scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
-        for name in ("final_alpha_cumprod", "one"):
-            if hasattr(scheduler, name):
-                setattr(scheduler, name, getattr(scheduler, name).double())
-        x = x.double()
-    scheduler.set_timesteps(num_steps)
-    g = torch.Generator().manual_seed(seed)
-    for t in scheduler.timesteps:
-        out = model(x, t.expand(x.shape[0]))
-        kwargs = {"eta": eta} if eta is not None else {}
-        x = scheduler.step(out, t, x, generator=g, **kwargs).prev_sample
-    return x.float()
-
-
-@pytest.fixture(autouse=True)
-def _float32_noise(monkeypatch):
-    """Make diffusers draw float32 noise even in its float64 reference run, so both runs see the same z."""
-    import diffusers.schedulers.scheduling_ddim as ddim
-    import diffusers.schedulers.scheduling_ddpm as ddpm
-
-    def randn_tensor(shape, generator=None, device=None, dtype=None, **_):
-        return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
-
-    monkeypatch.setattr(ddim, "randn_tensor", randn_tensor)
-    monkeypatch.setattr(ddpm, "randn_tensor", randn_tensor)
-
-
-def assert_parity(make_scheduler, sampler, steps, seed, eta=None):
-    """Max abs difference to diffusers <= 1e-5 (binding), except where diffusers' own float32 result is off its
-    float64 run by more than that (ill-conditioned steps, e.g. 1/sqrt(alphas_cumprod[999]) ~ 1e4 for the cosine
-    schedule): there we must be within twice diffusers' own error of diffusers, and at least as close to the
-    float64 result as twice diffusers' own error (the policy of the kernel tolerances)."""
-    x = _x_T()
-    expected = diffusers_loop(make_scheduler(), steps, x, seed, eta)
-    truth = diffusers_loop(make_scheduler(), steps, x, seed, eta, float64=True)
-    got = fastdiff_loop(sampler, x, seed)
-    err = (got - expected).abs().max().item()
-    own_err = (expected - truth).abs().max().item()
-    assert err <= max(TOL, 2 * own_err), (err, own_err)
-    if own_err > TOL / 2:
-        assert (got - truth).abs().max().item() <= max(TOL, 2 * own_err)
+def assert_parity(
+    cls, config, sampler, monkeypatch, *, seed, model=None, steps=None, timesteps=None, eta=None
+):
+    """fastdiff.sample on `sampler` and the Fast drop-in of `cls` in diffusers' loop (every step counted through
+    sampler_step while diffusers' own step() fails the test: `drop_in_loop`) against diffusers' `cls(**config)` in
+    float32 and in float64 (tests/diffusers_parity.py), same x_T and noise. Max abs difference to diffusers' float32
+    result <= 1e-5 (binding), except where diffusers' own float32 result is off its float64 run by more than that
+    (ill-conditioned steps, e.g. 1/sqrt(alphas_cumprod[999]) ~ 1e4 for the cosine schedule): there within twice
+    diffusers' own error of diffusers, and (once that error is over TOL / 2) at least as close to the float64 result
+    as twice diffusers' own error (the policy of the kernel tolerances). `model`: `gaussian_denoiser` by default."""
+    if model is None:
+        model = gaussian_denoiser(cls(**config).alphas_cumprod, cls(**config).config.prediction_type)
+    kw = dict(
+        seed=seed,
+        shape=SHAPE,
+        step_kwargs=None if eta is None else {"eta": eta},
+        set_timesteps=None if timesteps is None else {"timesteps": timesteps},
+    )
+    expected = diffusers_loop(cls, config, model, steps, **kw)
+    truth = diffusers_loop(cls, config, model, steps, dtype=torch.float64, **kw)
+    assert torch.isfinite(expected).all()
+    got = fastdiff.sample(model, sampler, SHAPE, generator=torch.Generator().manual_seed(seed))
+    dropped, table_steps = drop_in_loop(cls, config, model, steps, monkeypatch, **kw)
+    assert table_steps == len(sampler.timesteps), "every drop-in step must be one call of sampler_step"
+    for name, result in (("fastdiff.sample", got), ("drop-in", dropped)):
+        assert torch.isfinite(result).all(), name
+        ok, err, own_err = parity(result, expected, truth)
+        assert ok, (name, err, own_err)
+        if own_err > TOL / 2:
+            assert (result.double() - truth).abs().max().item() <= max(TOL, 2 * own_err), (name, own_err)
+    return got
 
 
 def fastdiff_loop(sampler, x, seed):
@@ -114,14 +101,11 @@ DDIM_GRID = [
 
 
 @pytest.mark.parametrize(("kind", "spacing", "eta", "clip", "pred", "steps"), DDIM_GRID)
-def test_ddim_matches_diffusers(kind, spacing, eta, clip, pred, steps):
-    ref = diffusers.DDIMScheduler(
-        beta_schedule=KINDS[kind], timestep_spacing=spacing, clip_sample=clip, prediction_type=pred
-    )
-    sampler = from_diffusers_scheduler(ref, steps, eta=eta)
+def test_ddim_matches_diffusers(kind, spacing, eta, clip, pred, steps, monkeypatch):
+    config = dict(beta_schedule=KINDS[kind], timestep_spacing=spacing, clip_sample=clip, prediction_type=pred)
+    sampler = from_diffusers_scheduler(diffusers.DDIMScheduler(**config), steps, eta=eta)
     assert isinstance(sampler, DDIMSampler)
-    make = lambda: diffusers.DDIMScheduler(**ref.config)  # noqa: E731
-    assert_parity(make, sampler, steps, seed=7, eta=eta)
+    assert_parity(diffusers.DDIMScheduler, config, sampler, monkeypatch, seed=7, steps=steps, eta=eta)
 
 
 DDPM_GRID = [
@@ -143,25 +127,25 @@ DDPM_GRID = [
 
 
 @pytest.mark.parametrize(("kind", "spacing", "var", "clip", "pred", "steps"), DDPM_GRID)
-def test_ddpm_matches_diffusers(kind, spacing, var, clip, pred, steps):
-    ref = diffusers.DDPMScheduler(
+def test_ddpm_matches_diffusers(kind, spacing, var, clip, pred, steps, monkeypatch):
+    config = dict(
         beta_schedule=KINDS[kind],
         timestep_spacing=spacing,
         variance_type=var,
         clip_sample=clip,
         prediction_type=pred,
     )
-    sampler = from_diffusers_scheduler(ref, steps)
+    sampler = from_diffusers_scheduler(diffusers.DDPMScheduler(**config), steps)
     assert isinstance(sampler, DDPMSampler)
-    make = lambda: diffusers.DDPMScheduler(**ref.config)  # noqa: E731
-    assert_parity(make, sampler, steps, seed=11)
+    assert_parity(diffusers.DDPMScheduler, config, sampler, monkeypatch, seed=11, steps=steps)
 
 
 def test_from_kind_schedule_agrees_with_diffusers_to_float32_rounding():
     ref = diffusers.DDIMScheduler(beta_schedule="linear", clip_sample=False)
     sampler = DDIMSampler(NoiseSchedule.from_kind("linear"), 50)
     x = _x_T()
-    diff = (fastdiff_loop(sampler, x, 0) - diffusers_loop(ref, 50, x, 0, eta=0.0)).abs().max().item()
+    model = gaussian_denoiser(ref.alphas_cumprod, "epsilon")
+    diff = (fastdiff_loop(sampler, x, 0) - diffusers_run(ref, x, 0, model, 50, eta=0.0)).abs().max().item()
     assert diff <= 1e-4
 
 
@@ -361,14 +345,8 @@ def analytic_model(variance_type=None, dim=9, seed=0):
     return model
 
 
-def diffusers_run(scheduler, x, seed, model, steps=None, timesteps=None, eta=None, float64=False):
-    """diffusers' own loop with `model`; float64=True runs scheduler and model in double (same float32 noise)."""
-    if float64:
-        scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
-        for name in ("final_alpha_cumprod", "one"):
-            if hasattr(scheduler, name):
-                setattr(scheduler, name, getattr(scheduler, name).double())
-        x = x.double()
+def diffusers_run(scheduler, x, seed, model, steps=None, timesteps=None, eta=None):
+    """`scheduler`'s loop from x with `model`, noise from a generator seeded with `seed`."""
     scheduler.set_timesteps(steps, timesteps=timesteps) if timesteps is not None else scheduler.set_timesteps(
         steps
     )
@@ -377,18 +355,6 @@ def diffusers_run(scheduler, x, seed, model, steps=None, timesteps=None, eta=Non
     for t in scheduler.timesteps:
         x = scheduler.step(model(x, t.expand(x.shape[0])), t, x, generator=g, **kwargs).prev_sample
     return x.float()
-
-
-def assert_loop_parity(make, sampler, model, steps=None, timesteps=None, eta=None, seed=5):
-    x = _x_T()
-    expected = diffusers_run(make(), x, seed, model, steps, timesteps, eta)
-    truth = diffusers_run(make(), x, seed, model, steps, timesteps, eta, float64=True)
-    got = fastdiff.sample(model, sampler, x.shape, x_T=x, generator=torch.Generator().manual_seed(seed))
-    assert torch.isfinite(expected).all() and torch.isfinite(got).all()
-    err = (got - expected).abs().max().item()
-    own_err = (expected - truth).abs().max().item()
-    assert err <= max(TOL, 2 * own_err), (err, own_err)
-    return got
 
 
 def _random_configs(family, count, seed):
@@ -421,28 +387,30 @@ VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "l
 
 
 @pytest.mark.parametrize(("config", "steps", "eta"), _random_configs("ddpm", 24, seed=1))
-def test_ddpm_options_match_diffusers(config, steps, eta):
-    make = lambda: diffusers.DDPMScheduler(**config)  # noqa: E731
-    sampler = from_diffusers_scheduler(make(), steps)
+def test_ddpm_options_match_diffusers(config, steps, eta, monkeypatch):
+    sampler = from_diffusers_scheduler(diffusers.DDPMScheduler(**config), steps)
     assert sampler.table.learned_variance == (
         config["variance_type"] if "learned" in config["variance_type"] else None
     )
     assert (sampler.table.threshold is not None) == config["thresholding"]
-    assert_loop_parity(make, sampler, analytic_model(config["variance_type"]), steps)
+    model = analytic_model(config["variance_type"])
+    assert_parity(diffusers.DDPMScheduler, config, sampler, monkeypatch, seed=5, model=model, steps=steps)
 
 
 @pytest.mark.parametrize(("config", "steps", "eta"), _random_configs("ddim", 16, seed=2))
-def test_ddim_options_match_diffusers(config, steps, eta):
-    make = lambda: diffusers.DDIMScheduler(**config)  # noqa: E731
-    sampler = from_diffusers_scheduler(make(), steps, eta=eta)
-    assert_loop_parity(make, sampler, analytic_model(), steps, eta=eta)
+def test_ddim_options_match_diffusers(config, steps, eta, monkeypatch):
+    sampler = from_diffusers_scheduler(diffusers.DDIMScheduler(**config), steps, eta=eta)
+    model = analytic_model()
+    assert_parity(
+        diffusers.DDIMScheduler, config, sampler, monkeypatch, seed=5, model=model, steps=steps, eta=eta
+    )
 
 
 @pytest.mark.parametrize("variance_type", ["fixed_small", "learned_range"])
 @pytest.mark.parametrize("timesteps", [[999, 700, 420, 100, 3], [800, 799, 10], [0]])
-def test_ddpm_custom_timesteps_match_diffusers(variance_type, timesteps):
-    make = lambda: diffusers.DDPMScheduler(variance_type=variance_type, thresholding=True)  # noqa: E731
-    ref = make()
+def test_ddpm_custom_timesteps_match_diffusers(variance_type, timesteps, monkeypatch):
+    config = dict(variance_type=variance_type, thresholding=True)
+    ref = diffusers.DDPMScheduler(**config)
     ref.set_timesteps(timesteps=timesteps)
     sampler = from_diffusers_scheduler(ref, len(timesteps))
     assert sampler.timesteps.tolist() == timesteps
@@ -452,7 +420,10 @@ def test_ddpm_custom_timesteps_match_diffusers(variance_type, timesteps):
             sampler.schedule, variance=variance_type, thresholding=True, timesteps=timesteps
         ).table.coeffs,
     )
-    assert_loop_parity(make, sampler, analytic_model(variance_type), timesteps=timesteps)
+    model = analytic_model(variance_type)
+    assert_parity(
+        diffusers.DDPMScheduler, config, sampler, monkeypatch, seed=5, model=model, timesteps=timesteps
+    )
 
 
 def test_fixed_large_log_is_the_glide_std_where_diffusers_returns_nan():
@@ -486,41 +457,42 @@ def test_zero_snr_schedule_and_epsilon_at_the_zero_snr_step():
 
 
 def test_drop_ins_run_the_new_options_on_the_table_path(monkeypatch):
-    # The Fast drop-ins in diffusers' own loop: the same numbers as fastdiff.sample, and diffusers' step() never
-    # runs (a fallback would call the base class's step).
-    from fastdiff.integrations.diffusers import FastDDIMScheduler, FastDDPMScheduler
-
-    calls = []
-    for cls in (diffusers.DDPMScheduler, diffusers.DDIMScheduler):
-        original = cls.step
-        monkeypatch.setattr(
-            cls, "step", lambda self, *a, _o=original, **k: calls.append(1) or _o(self, *a, **k)
-        )
-    x = _x_T()
+    # The Fast drop-ins in diffusers' own loop: the same numbers as fastdiff.sample, and every step one call of
+    # sampler_step while diffusers' step() fails the test (`drop_in_loop`).
     cases = [
-        (FastDDPMScheduler, {"variance_type": "learned_range", "thresholding": True}, {"steps": 10}),
+        (diffusers.DDPMScheduler, {"variance_type": "learned_range", "thresholding": True}, {"steps": 10}),
         (
-            FastDDPMScheduler,
+            diffusers.DDPMScheduler,
             {"variance_type": "learned", "rescale_betas_zero_snr": True, "prediction_type": "v_prediction"},
             {"steps": 25},
         ),
-        (FastDDPMScheduler, {"variance_type": "fixed_small_log"}, {"timesteps": [900, 450, 20]}),
+        (diffusers.DDPMScheduler, {"variance_type": "fixed_small_log"}, {"timesteps": [900, 450, 20]}),
         (
-            FastDDIMScheduler,
+            diffusers.DDIMScheduler,
             {"thresholding": True, "sample_max_value": 2.0, "timestep_spacing": "trailing"},
             {"steps": 4, "eta": 0.5},
         ),
     ]
-    for cls, config, run in cases:
+    for base, config, run in cases:
         model = analytic_model(config.get("variance_type"))
-        fast = cls(**config)
-        got = diffusers_run(fast, x, 3, model, run.get("steps"), run.get("timesteps"), run.get("eta"))
-        sampler = from_diffusers_scheduler(
-            fast, len(fast.timesteps), **({"eta": run["eta"]} if "eta" in run else {})
+        eta, timesteps = run.get("eta"), run.get("timesteps")
+        got, table_steps = drop_in_loop(
+            base,
+            config,
+            model,
+            run.get("steps"),
+            monkeypatch,
+            seed=3,
+            shape=SHAPE,
+            step_kwargs=None if eta is None else {"eta": eta},
+            set_timesteps=None if timesteps is None else {"timesteps": timesteps},
         )
-        ours = fastdiff.sample(model, sampler, x.shape, x_T=x, generator=torch.Generator().manual_seed(3))
+        ref = base(**config)
+        ref.set_timesteps(run.get("steps"), **({} if timesteps is None else {"timesteps": timesteps}))
+        sampler = from_diffusers_scheduler(ref, len(ref.timesteps), **({} if eta is None else {"eta": eta}))
+        assert table_steps == len(sampler.timesteps) == len(timesteps or ref.timesteps) > 0
+        ours = fastdiff.sample(model, sampler, SHAPE, generator=torch.Generator().manual_seed(3))
         assert (got - ours).abs().max() <= TOL, config
-    assert calls == []
 
 
 def test_learn_sigma_unet_samples_with_learned_range_and_with_ddim():

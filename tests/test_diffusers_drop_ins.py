@@ -1,12 +1,16 @@
-"""The generic Fast<Name> drop-in mechanism (fastdiff.integrations.diffusers.DROP_INS): every drop-in keeps diffusers'
-interface (config, signatures, timesteps, scale_model_input, init_noise_sigma, order, save / load, pickling), is
-swapped in by accelerate_pipeline, and a pipeline saved with one loads back with plain diffusers and with fastdiff.
+"""The generic Fast<Name> drop-in mechanism (fastdiff.integrations.diffusers.DROP_INS), for every entry of DROP_INS:
+the drop-in keeps diffusers' interface (config, signatures, timesteps, scale_model_input, init_noise_sigma, order,
+save / load, pickling), is swapped in by accelerate_pipeline (a scheduler it cannot swap is kept with exactly one
+one-line warning), and a pipeline saved with it loads back with plain diffusers (DiffusionPipeline.from_pretrained;
+its scheduler folder with diffusers' own class) and with fastdiff. Also the refusals users meet: zero-SNR linear
+betas (not a schedule), a learned-variance model output without its variance channels.
 Numerical parity per family is in tests/test_samplers_<family>.py and tests/test_integrations_diffusers.py.
 """
 
 import copy
 import inspect
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -22,12 +26,20 @@ CONFIGS = {  # a non-default configuration of each covered scheduler
     "EulerAncestralDiscreteScheduler": dict(timestep_spacing="leading", steps_offset=1),
     "LCMScheduler": dict(original_inference_steps=40, timestep_scaling=5.0),
     "FlowMatchEulerDiscreteScheduler": dict(shift=3.0),
+    "DPMSolverMultistepScheduler": dict(
+        algorithm_type="sde-dpmsolver++", solver_order=3, use_karras_sigmas=True
+    ),
+    "UniPCMultistepScheduler": dict(
+        solver_order=3, prediction_type="v_prediction", timestep_spacing="trailing"
+    ),
 }
 SPECS = {spec.name: spec for spec in DROP_INS}
 
 
 def test_every_drop_in_is_listed_and_configured_here():
-    assert set(CONFIGS) <= set(SPECS)
+    """The tests below run over SPECS, with CONFIGS[name]: a drop-in added to DROP_INS must be configured here."""
+    assert len(SPECS) == len(DROP_INS)  # one entry per diffusers class
+    assert set(CONFIGS) == set(SPECS)
     for name in SPECS:
         assert hasattr(integration, f"Fast{name}")
 
@@ -49,7 +61,7 @@ def tiny_unet() -> torch.nn.Module:
     ).eval()
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", sorted(SPECS))
 def test_drop_in_keeps_diffusers_interface(name, tmp_path):
     base = getattr(diffusers, name)
     fast_cls = getattr(integration, f"Fast{name}")
@@ -81,40 +93,60 @@ def test_drop_in_keeps_diffusers_interface(name, tmp_path):
         torch.testing.assert_close(other.timesteps, ref.timesteps, rtol=0, atol=0)
 
 
-def test_pipeline_saved_with_a_drop_in_loads_back(tmp_path):
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_pipeline_saved_with_a_drop_in_loads_back(name, tmp_path):
+    base, fast_cls = getattr(diffusers, name), getattr(integration, f"Fast{name}")
     pipe = diffusers.DDPMPipeline(tiny_unet(), diffusers.DDPMScheduler())
-    pipe.scheduler = integration.FastEulerDiscreteScheduler(use_karras_sigmas=True)
+    pipe.scheduler = fast_cls(**CONFIGS[name])
+    expected = public(base(**CONFIGS[name]).config)
     pipe.save_pretrained(tmp_path)
     # plain diffusers: the whole pipeline (the drop-in class is found in fastdiff's module), and the scheduler
     # folder as diffusers' own class
     loaded = diffusers.DiffusionPipeline.from_pretrained(tmp_path)
-    assert type(loaded.scheduler) is integration.FastEulerDiscreteScheduler
-    assert loaded.scheduler.config.use_karras_sigmas
-    plain = diffusers.EulerDiscreteScheduler.from_pretrained(tmp_path, subfolder="scheduler")
-    assert type(plain) is diffusers.EulerDiscreteScheduler and plain.config.use_karras_sigmas
+    assert type(loaded.scheduler) is fast_cls and public(loaded.scheduler.config) == expected
+    plain = base.from_pretrained(tmp_path, subfolder="scheduler")
+    assert type(plain) is base and public(plain.config) == expected
     # fastdiff: a pipeline loaded with diffusers' scheduler gets the drop-in back from accelerate_pipeline
     loaded.scheduler = plain
-    accelerate_pipeline(loaded, kernels="torch")
-    assert type(loaded.scheduler) is integration.FastEulerDiscreteScheduler
-    assert loaded.scheduler.config.use_karras_sigmas
+    assert accelerate_warnings(loaded) == []  # no "kept <scheduler>" warning
+    assert type(loaded.scheduler) is fast_cls and public(loaded.scheduler.config) == expected
+
+
+def accelerate_warnings(pipe) -> list[str]:
+    """The UserWarnings one accelerate_pipeline(pipe) call gives, each one even if an earlier call gave it too
+    (diffusers' and numpy's own Deprecation- / FutureWarnings aside)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        accelerate_pipeline(pipe, kernels="torch")
+    return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
 
 
 def test_accelerate_pipeline_swaps_every_drop_in():
     pipe = diffusers.DDPMPipeline(tiny_unet(), diffusers.DDPMScheduler())
-    for name, config in CONFIGS.items():
+    for name in SPECS:
+        config = CONFIGS[name]
         pipe.scheduler = getattr(diffusers, name)(**config)
-        accelerate_pipeline(pipe, kernels="torch")
+        assert accelerate_warnings(pipe) == []
         assert type(pipe.scheduler) is getattr(integration, f"Fast{name}")
         expected = public(getattr(diffusers, name)(**config).config)
         assert {k: pipe.scheduler.config[k] for k in expected} == expected
-    # a configuration the table cannot express is kept, with the reason
-    pipe.scheduler = diffusers.LCMScheduler(rescale_betas_zero_snr=True)
-    # (epsilon prediction at the zero-SNR timestep 999: x0 = x / 0)
-    with pytest.warns(
-        UserWarning, match="kept LCMScheduler: prediction_type='epsilon' cannot reach the zero-SNR"
+    # a scheduler with no drop-in, and a configuration the table cannot express (epsilon prediction at the zero-SNR
+    # timestep 999: x0 = x / 0), are kept, each with exactly one one-line warning giving the reason
+    for scheduler, reason in (
+        (
+            diffusers.PNDMScheduler(),
+            "kept PNDMScheduler: PNDMScheduler has no fastdiff counterpart (these do: DDIM",
+        ),
+        (
+            diffusers.LCMScheduler(rescale_betas_zero_snr=True),
+            "kept LCMScheduler: prediction_type='epsilon' cannot reach the zero-SNR",
+        ),
     ):
-        accelerate_pipeline(pipe, kernels="torch")
-    assert type(pipe.scheduler) is diffusers.LCMScheduler
+        pipe.scheduler = scheduler
+        caught = accelerate_warnings(pipe)
+        assert len(caught) == 1 and caught[0].startswith(f"accelerate_pipeline {reason}"), caught
+        assert "\n" not in caught[0]
+        assert pipe.scheduler is scheduler
 
 
 def test_unsupported_step_arguments_and_timesteps_raise():
@@ -161,3 +193,45 @@ def test_builders_that_take_begin_index_get_diffusers_begin_index(monkeypatch):
     x = torch.zeros(1, 1, 2, 2)
     fast.step(x, fast.timesteps[4], x)
     assert seen == [0, 4] and fast.step_index == 5
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "EulerDiscreteScheduler",
+        "EulerAncestralDiscreteScheduler",
+        "DPMSolverMultistepScheduler",
+        "UniPCMultistepScheduler",
+    ],
+)
+def test_zero_snr_linear_betas_are_refused_as_not_a_schedule(name):
+    """diffusers' float32 alphas_cumprod of linear betas rescaled to zero SNR is ~4e-9 at t=998, then the 2**-24
+    these schedulers put at the last timestep: it rises, so it is no noise schedule. fastdiff refuses it, through
+    from_diffusers_scheduler and in a drop-in's set_timesteps (not at its first step)."""
+    config = dict(beta_schedule="linear", rescale_betas_zero_snr=True)
+    reference = getattr(diffusers, name)(**config)
+    assert reference.alphas_cumprod[-1] > reference.alphas_cumprod[-2]  # what the refusal is about
+    message = f"{name} with this config is not supported: alphas_cumprod must be non-increasing"
+    reference.set_timesteps(10)
+    with pytest.raises(ValueError, match=message):
+        integration.from_diffusers_scheduler(reference, 10)
+    fast = getattr(integration, f"Fast{name}").from_config(reference.config)
+    with pytest.raises(ValueError, match=message):
+        fast.set_timesteps(10)
+
+
+def test_learned_range_drop_in_needs_the_variance_channels():
+    """A drop-in DDPM with variance_type="learned_range" takes a 2C-channel model output (prediction, then the
+    variance interpolation); C channels alone are refused with the counts, not misread."""
+    fast = integration.FastDDPMScheduler(variance_type="learned_range")
+    fast.set_timesteps(5)
+    x = torch.zeros(2, 3, 4, 4)
+    for channels in (3, 5):
+        with pytest.raises(
+            ValueError,
+            match=rf"FastDDPMScheduler.step: a learned-variance model returns 6 channels \(prediction and "
+            rf"variance\), got {channels}",
+        ):
+            fast.step(torch.zeros(2, channels, 4, 4), fast.timesteps[0], x)
+    out = fast.step(torch.zeros(2, 6, 4, 4), fast.timesteps[0], x, generator=torch.Generator().manual_seed(0))
+    assert out.prev_sample.shape == x.shape

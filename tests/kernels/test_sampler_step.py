@@ -575,11 +575,17 @@ def test_bad_state_inputs(kwargs, error, match):
 @cuda
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_cuda_state_rows(dtype):
+@pytest.mark.parametrize(
+    ("history_kind", "learned", "threshold"),
+    [("x0", "learned", (0.99, 2.0)), ("eps", "learned_range", None), ("eps", "learned_range", (0.6, 4.0))],
+)
+def test_cuda_state_rows(dtype, history_kind, learned, threshold):
     shape = (4, 4, 64, 64)
     table = _DENSE.cuda()
     x, eps, u, z = (t.cuda() for t in _inputs(shape, dtype=dtype, seed=28))
-    v = torch.rand(shape, device="cuda").to(dtype)
+    raw = torch.rand(shape, device="cuda")
+    # learned: the variance itself (positive); learned_range: the interpolation v in [-1, 1]
+    v = (raw if learned == "learned" else 2 * raw - 1).to(dtype)
     history, xs = (t.cuda() for t in _state(shape, 3, True, dtype))
     kernel, reference = _run_both(
         x,
@@ -589,10 +595,10 @@ def test_cuda_state_rows(dtype):
         z,
         history=history,
         xs=xs,
-        history_kind="x0",
+        history_kind=history_kind,
         variance=v,
-        learned_variance="learned",
-        threshold=(0.99, 2.0),
+        learned_variance=learned,
+        threshold=threshold,
         eps_uncond=u,
         guidance_scale=4.0,
     )
@@ -602,6 +608,67 @@ def test_cuda_state_rows(dtype):
             assert err <= 2 * torch.finfo(dtype).eps * max(1.0, expected.float().abs().max().item())
     else:
         _compare(kernel, reference)
+
+
+def _real_tables():
+    """StepTables of the samplers themselves, one of each kind of row (10 steps; LCM 4)."""
+    from fastdiff.samplers import DPMSolverMultistepSampler, UniPCMultistepSampler, build_sampler
+    from fastdiff.schedule import FlowSchedule
+
+    linear = NoiseSchedule.from_kind("linear")
+    scaled = NoiseSchedule.from_kind("scaled_linear", beta_start=0.00085, beta_end=0.012)
+    return {
+        "dpmpp-2m": build_sampler("dpmpp-2m", scaled, NUM_STEPS).table,  # x0 history
+        "dpmpp-3m-sde-threshold": DPMSolverMultistepSampler(  # 2 x0 slots, noise, dynamic thresholding
+            scaled, NUM_STEPS, solver_order=3, algorithm_type="sde-dpmsolver++", thresholding=True
+        ).table,
+        "dpmsolver-2-eps": DPMSolverMultistepSampler(  # eps history
+            scaled, NUM_STEPS, algorithm_type="dpmsolver", final_sigmas_type="sigma_min"
+        ).table,
+        "unipc": build_sampler("unipc", scaled, NUM_STEPS).table,  # corrector: xs and xc_* columns
+        "unipc-3-eps": UniPCMultistepSampler(
+            scaled, NUM_STEPS, solver_order=3, predict_x0=False, final_sigmas_type="sigma_min"
+        ).table,
+        "euler": build_sampler("euler", scaled, NUM_STEPS).table,  # k_in
+        "euler-a": build_sampler("euler-a", scaled, NUM_STEPS).table,
+        "lcm": build_sampler("lcm", scaled, 4).table,
+        "flow-euler": build_sampler("flow-euler", FlowSchedule(shift=3.0), NUM_STEPS).table,
+        "ddpm-learned-range": DDPMSampler(linear, NUM_STEPS, variance="learned_range").table,
+    }
+
+
+REAL_TABLES = _real_tables()
+
+
+@needs_interpreter
+@pytest.mark.parametrize("kind", list(REAL_TABLES))
+def test_real_table_rows_match_apply_row(kind):
+    """Every row of a sampler's own table through the kernel against `fastdiff.table.apply_row`, with the state a
+    run carries (history and xs from the reference's earlier rows), the table's constants (clip, threshold, history
+    kind, learned variance) and the model input scaled by k_in. float32 tolerance on x_prev, history and xs."""
+    from fastdiff.table import apply_row, table_row_kwargs
+
+    table = REAL_TABLES[kind]
+    coeffs, constants = table.on("cpu"), table_row_kwargs(table)
+    shape = (2, 3, 4, 5)
+    g = torch.Generator().manual_seed(30)
+    x = table.init_sigma * torch.randn(shape, generator=g)
+    history, xs = table.new_state(shape, "cpu", torch.float32)
+    for i in range(len(table)):
+        x_in = float(table.column("k_in")[i]) * x
+        m = torch.tanh(x_in) + 0.1 * torch.randn(shape, generator=g)  # a model output of the scaled input
+        noise = torch.randn(shape, generator=g) if table.column("s")[i] != 0 else None
+        v = torch.rand(shape, generator=g) * 2 - 1 if table.learned_variance else None
+        ref, ref_history, ref_xs = apply_row(
+            coeffs[i], x, m, noise=noise, variance=v, history=history, xs=xs, **constants
+        )
+        h_k, xs_k = (None if t is None else t.clone() for t in (history, xs))
+        out = sampler_step(
+            x, m, coeffs, i, noise, variance=v, history=h_k, xs=xs_k, backend="triton", **constants
+        )
+        _compare((out, h_k, xs_k), (ref, ref_history, ref_xs))
+        x, history, xs = ref, ref_history, ref_xs
+    assert torch.isfinite(x).all()
 
 
 @needs_interpreter

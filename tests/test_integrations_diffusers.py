@@ -22,6 +22,8 @@ from fastdiff.accelerate import report
 from fastdiff.integrations import diffusers as integration
 
 diffusers = pytest.importorskip("diffusers")
+from diffusers_parity import table_steps_only  # noqa: E402
+
 from fastdiff.engine.graphs import CaptureError  # noqa: E402
 from fastdiff.integrations.diffusers import (  # noqa: E402
     FastDDIMScheduler,
@@ -110,7 +112,7 @@ STEP_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(STEP_CASES))
-def test_every_step_matches_diffusers(case):
+def test_every_step_matches_diffusers(case, monkeypatch):
     cls, config, step_kwargs = STEP_CASES[case]
     ref = cls(**config)
     fast = (FastDDIMScheduler if cls is diffusers.DDIMScheduler else FastDDPMScheduler).from_config(
@@ -125,7 +127,9 @@ def test_every_step_matches_diffusers(case):
         x, model_output = torch.randn(2, 3, 4, 4, generator=gen), torch.randn(2, 3, 4, 4, generator=gen)
         seed = 100 + i
         a = ref.step(model_output, t, x, generator=torch.Generator().manual_seed(seed), **step_kwargs)
-        b = fast.step(model_output, t, x, generator=torch.Generator().manual_seed(seed), **step_kwargs)
+        with table_steps_only(cls, monkeypatch) as steps:  # one sampler_step, no diffusers step()
+            b = fast.step(model_output, t, x, generator=torch.Generator().manual_seed(seed), **step_kwargs)
+        assert len(steps) == 1
         # the exact step in float64 from the table (itself checked against diffusers in test_samplers.py)
         ca, cb, cp, cq, cc, cd, ce, cs = (table.column(name)[i].item() for name in "abpqcdes")
         xd, md = x.double(), model_output.double()
@@ -223,7 +227,7 @@ PIPELINE_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(PIPELINE_CASES))
-def test_pipeline_with_fast_scheduler_matches_diffusers(case):
+def test_pipeline_with_fast_scheduler_matches_diffusers(case, monkeypatch):
     pipeline_cls, config, call = PIPELINE_CASES[case]
     scheduler_cls = (
         diffusers.DDIMScheduler if pipeline_cls is diffusers.DDIMPipeline else diffusers.DDPMScheduler
@@ -231,17 +235,21 @@ def test_pipeline_with_fast_scheduler_matches_diffusers(case):
     fast_cls = FastDDIMScheduler if pipeline_cls is diffusers.DDIMPipeline else FastDDPMScheduler
     unet = tiny_unet()
     pipe = pipeline_cls(unet, scheduler_cls(**config))
+    # the drop-in's loop: every step one call of sampler_step, diffusers' own step() failing the test
     if case.endswith("generator-list"):
         call["generator"] = [torch.Generator().manual_seed(s) for s in (3, 4)]
         ref = pipe(batch_size=2, output_type="np", **call).images
         pipe.scheduler = fast_cls.from_config(pipe.scheduler.config)
         call["generator"] = [torch.Generator().manual_seed(s) for s in (3, 4)]
-        out = pipe(batch_size=2, output_type="np", **call).images
+        with table_steps_only(scheduler_cls, monkeypatch) as steps:
+            out = pipe(batch_size=2, output_type="np", **call).images
     else:
         ref = images(pipe, batch_size=2, **call)
         pipe.scheduler = fast_cls.from_config(pipe.scheduler.config)
-        out = images(pipe, batch_size=2, **call)
+        with table_steps_only(scheduler_cls, monkeypatch) as steps:
+            out = images(pipe, batch_size=2, **call)
     assert type(pipe.scheduler) is fast_cls
+    assert len(steps) == call["num_inference_steps"]
     assert np.abs(out - ref).max() <= ATOL
     assert (
         np.abs(
@@ -316,7 +324,7 @@ SD_SCHEDULER = dict(
 
 
 @pytest.mark.parametrize("name", ["ddpm", "ddim", "stable-diffusion", "stable-diffusion-euler-a"])
-def test_accelerate_pipeline_matches_the_original(name):
+def test_accelerate_pipeline_matches_the_original(name, monkeypatch):
     if name.startswith("stable-diffusion"):
         if name.endswith("euler-a"):
             # a sigma-space scheduler: the pipeline scales x_T by init_noise_sigma and calls scale_model_input
@@ -341,7 +349,11 @@ def test_accelerate_pipeline_matches_the_original(name):
     assert type(pipe.scheduler) is fast_cls
     rep = report(pipe.unet)
     assert rep.complete and rep.coverage["attention"].fused > 0, str(rep)
-    assert np.abs(images(pipe, **call) - ref).max() <= ATOL_ACCELERATED
+    base = fast_cls.__mro__[2]  # (Fast<Name>, the table mixin, diffusers' <Name>)
+    with table_steps_only(base, monkeypatch) as steps:
+        out = images(pipe, **call)
+    assert len(steps) == call["num_inference_steps"]
+    assert np.abs(out - ref).max() <= ATOL_ACCELERATED
 
 
 def test_accelerate_pipeline_keeps_schedulers_it_has_no_counterpart_for():

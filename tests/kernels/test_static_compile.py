@@ -1,7 +1,7 @@
 """The static-compile gate: our kernels compiled ahead of time for sm_80 and sm_90 (no GPU needed).
 
 `test_ci_subset_passes_the_gate` compiles the CI subset of benchmarks/kernels_static.py (SD 1.5 shapes, every op,
-float16 + bfloat16, float32 attention exact and TF32) in a subprocess without TRITON_INTERPRET (tests/kernels/conftest.py turns the
+GroupNorm in NCHW and channels-last memory, float16 + bfloat16, float32 attention exact and TF32) in a subprocess without TRITON_INTERPRET (tests/kernels/conftest.py turns the
 interpreter on for this process, and interpreted kernels cannot be compiled) and fails on any gate violation: a
 compile error, a spill in float16/bfloat16, shared memory over the target's limit, float16/bfloat16 attention
 (or float32 with TF32 allowed) without tensor-core instructions, or an SD 1.5 launch that fills fewer than half of an A100's SMs. It skips only
@@ -18,7 +18,7 @@ import sys
 import pytest
 
 from fastdiff.benchmarks.aot_compile import TARGETS, occupancy, parse_ptxas_log, ptx_features, ptxas_usable
-from fastdiff.benchmarks.kernels_static import GRID_EXEMPT, violations
+from fastdiff.benchmarks.kernels_static import GRID_EXEMPT, OPS, _channel_lane_use, violations
 from fastdiff.kernels.backend import triton_importable
 
 needs_triton = pytest.mark.skipif(not triton_importable(), reason="needs triton")
@@ -45,6 +45,11 @@ def test_ci_subset_passes_the_gate(tmp_path):
         "bfloat16",
         "float32",
         "float32+tf32",
+    }
+    # GroupNorm in both layouts: channels-last is what accelerate() gives every U-Net
+    assert {r["shape"]["layout"] for r in rows if r["op"] == "group_norm_silu"} == {
+        "contiguous",
+        "channels_last",
     }
     found = violations(rows)
     assert not found, "static-compile gate:\n" + "\n".join(found)
@@ -111,6 +116,33 @@ def test_listed_grid_exemption_has_a_reason_and_applies():
     (op, case), why = next(iter(GRID_EXEMPT.items()))
     assert len(why) > 20
     assert violations([_row(op=op, case=case, programs=1)]) == []
+
+
+@needs_triton
+def test_grid_exemptions_name_cases_of_the_report():
+    labels = {(op, label) for op in OPS for _, label, _, _ in OPS[op].cases(["sd15-512"])}
+    assert set(GRID_EXEMPT) <= labels
+    assert all(len(why) > 40 for why in GRID_EXEMPT.values())
+
+
+@pytest.mark.parametrize(
+    ("channels", "layout", "config", "used"),
+    [
+        (320, "contiguous", {"BLOCK_C": 2}, 1.0),  # NCHW: 2 of a group's 10 channels at a time
+        (320, "channels_last", {"BLOCK_C": 16, "GROUPS": 1}, 10 / 16),  # one group a program
+        (
+            320,
+            "channels_last",
+            {"BLOCK_C": 128, "GROUPS": 12},
+            320 / (3 * 128),
+        ),  # runs of 12 groups (12, 12, 8)
+        (2560, "channels_last", {"BLOCK_C": 256, "GROUPS": 3}, 2560 / (11 * 256)),
+    ],
+)
+def test_channel_lane_use(channels, layout, config, used):
+    row = {"shape": {"x": [2, channels, 8, 8], "groups": 32, "layout": layout}, "config": config}
+    assert _channel_lane_use(row) == pytest.approx(used)
+    assert _channel_lane_use({"shape": {"q": [2, 8, 64, 40]}, "config": {"BLOCK_M": 16}}) is None
 
 
 def test_ptxas_log_parsing():

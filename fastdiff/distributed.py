@@ -33,8 +33,9 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from fastdiff.checks import check_dtype, check_int, first_weight
-from fastdiff.errors import FastdiffError
+from fastdiff.checks import check_device, check_dtype, check_int, first_weight
+from fastdiff.engine.planner import BACKENDS, check_backend
+from fastdiff.errors import BackendUnavailableError, FastdiffError, OptionError
 from fastdiff.fingerprint import file_sha256, state_sha256, tensor_sha256
 from fastdiff.guidance import check_guidance_scale
 from fastdiff.output import MAX_SAMPLES, atomic_path, check_output_path, to_uint8, write_bytes_atomic
@@ -205,7 +206,7 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
         f"{k}: {a.get(k)!r} in the folder, {b.get(k)!r} now"
         for k in sorted(set(a) | set(b))
         if k not in INFO_KEYS
-        and k != "shards"
+        and k not in ("shards", "backend")
         and a.get(k) != b.get(k)
         and not (k == "model" and same_weights)
     ]
@@ -268,19 +269,37 @@ class _FolderLock:
     def __init__(self, out_dir: Path) -> None:
         import fcntl
 
-        path = out_dir / LOCK
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        self.path = path = out_dir / LOCK
+        for _ in range(3):
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self.fd)
+                raise ShardError(
+                    f"{out_dir} is in use by another fastdiff run (it holds {path}); wait for it to finish, or use "
+                    "another folder"
+                ) from None
+            # A run that made the folder and failed before its first shard removes the lock file (`discard`):
+            # a lock taken on that removed file is no lock; take the one now at the path.
+            try:
+                if os.stat(path).st_ino == os.fstat(self.fd).st_ino:
+                    return
+            except FileNotFoundError:
+                pass
             os.close(self.fd)
-            raise ShardError(
-                f"{out_dir} is in use by another fastdiff run (it holds {path}); wait for it to finish, or use "
-                "another folder"
-            ) from None
+        raise ShardError(f"{out_dir}: its lock file {path} keeps being replaced; is another run removing it?")
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def discard(self) -> None:
+        """Remove the lock file, then release it (a run waiting on the old file re-checks the path, see above)."""
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        self.close()
 
 
 def _check_folder(out_dir: Path, settings: Mapping[str, Any] | None) -> list[dict[str, Any]]:
@@ -340,27 +359,67 @@ def _check_merge_path(out_dir: Path, merge_path: Path) -> Path:
     return merge_path
 
 
+@dataclass(frozen=True)
+class _Opened:
+    """A shard folder checked, created if needed and locked by `_open_out_dir` (rank 0)."""
+
+    records: list[dict[str, Any]]  # the shards of a matching earlier run (unverified)
+    backend: str | None  # the backend recorded by that run; None in a new folder
+    fresh: bool  # no manifest before this run: the folder holds nothing of an earlier run
+    created: bool  # this run made the folder
+
+
 def _open_out_dir(
     out_dir: Path, settings: dict[str, Any], held: contextlib.ExitStack, merge_path: Path | None
-) -> list[dict[str, Any]]:
-    """Check, create and lock the folder (rank 0) and return the shard records of a matching earlier run.
+) -> tuple[_Opened, _FolderLock]:
+    """The preflight of every sampling run into a shard folder (`sample_to_dir`, and so `fastdiff sample --out
+    DIR/`), on rank 0 before anything is loaded, planned, exported or compiled: refuse a file, a foreign or
+    non-empty folder, another run's settings, a merge path inside the shard names or in a missing or
+    unwritable folder, and a folder locked by another run; then create and lock the folder.
 
     Everything is checked before the folder is made or locked, so a refused run leaves it as it was; then again
     under the lock, which `held` keeps until the run ends. Only then are stale temp files of fastdiff's own
-    writes removed (a killed run's; a live run would hold the lock).
+    writes removed (a killed run's; a live run would hold the lock). The backend is checked by `_pin_backend`.
+    Returns what was found, and the lock (for `_discard`).
     """
     _check_folder(out_dir, settings)
+    created = not out_dir.exists()
     out_dir.mkdir(exist_ok=True)
     if not os.access(out_dir, os.W_OK):
         raise PermissionError(f"out_dir {str(out_dir)!r} is not writable")
-    held.callback(_FolderLock(out_dir).close)
-    records = _check_folder(out_dir, settings)
-    if merge_path is not None:
-        check_output_path(merge_path)
+    lock = _FolderLock(out_dir)
+    held.callback(lock.close)
+    try:
+        records = _check_folder(out_dir, settings)
+        if merge_path is not None:
+            check_output_path(merge_path)
+    except BaseException:
+        if created and os.listdir(out_dir) == [LOCK]:  # refused under the lock: leave no trace of this run
+            _discard(out_dir, lock, created)
+        raise
     for stale in os.listdir(out_dir):
         if _OWN_TEMP.fullmatch(stale):
             (out_dir / stale).unlink(missing_ok=True)
-    return records
+    manifest = out_dir / MANIFEST
+    backend = read_manifest(out_dir).get("backend") if manifest.exists() else None
+    return _Opened(records, backend, not manifest.exists(), created), lock
+
+
+def _discard(out_dir: Path, lock: _FolderLock, created: bool) -> None:
+    """Undo a run that failed before writing any shard into a folder that held nothing of an earlier run: its
+    manifest, temp files and lock file, and the folder if this run made it. Nothing of value is lost, and a
+    failed run (NaN weights, out of memory, a backend that cannot run) leaves no half-made shard folder that
+    looks like a result. Shards that were written are kept (with the manifest that verifies them)."""
+    if any(_SHARD_NAME.fullmatch(p) for p in os.listdir(out_dir)):
+        return
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    for stale in os.listdir(out_dir):
+        if _OWN_TEMP.fullmatch(stale):
+            (out_dir / stale).unlink(missing_ok=True)
+    lock.discard()
+    if created:
+        with contextlib.suppress(OSError):  # another run may have started in it since the lock was removed
+            out_dir.rmdir()
 
 
 def _valid(out_dir: Path, record: Mapping[str, Any]) -> bool:
@@ -382,6 +441,7 @@ class _Model:
     num_classes: int | None
     schedule: Any
     name: str
+    prediction_type: str | None = None  # a Pretrained's (its checkpoint's); None: not known
 
 
 def _resolve_model(
@@ -398,7 +458,9 @@ def _resolve_model(
             f"dtype=torch.{have}"
         )
     if isinstance(model, Pretrained):
-        return _Model(model.model, model.sample_shape, model.num_classes, model.schedule, name)
+        return _Model(
+            model.model, model.sample_shape, model.num_classes, model.schedule, name, model.prediction_type
+        )
     if not callable(model):
         raise TypeError(
             f"model must be a model name, a Pretrained, or a denoiser, got {type(model).__name__}"
@@ -411,8 +473,16 @@ def _resolve_model(
     return _Model(model, tuple(int(s) for s in sample_shape), getattr(model, "num_classes", None), None, name)
 
 
-def _resolve_sampler(sampler: Sampler | str, schedule: Any, steps: int, eta: float) -> Sampler:
+def _resolve_sampler(sampler: Sampler | str, resolved: _Model, steps: int, eta: float) -> Sampler:
+    """A sampler name built on the model's schedule for the model's prediction type (a checkpoint's
+    `prediction_type`); a Sampler object as given, but refused if it reads the model's output as another type."""
+    prediction = resolved.prediction_type
     if isinstance(sampler, Sampler):
+        if prediction is not None and sampler.prediction_type != prediction:
+            raise ValueError(
+                f"sampler reads the model output as {sampler.prediction_type!r} but the model predicts "
+                f"{prediction!r}: build the sampler with prediction_type={prediction!r}"
+            )
         return sampler
     if not isinstance(sampler, str):
         raise TypeError(
@@ -420,11 +490,18 @@ def _resolve_sampler(sampler: Sampler | str, schedule: Any, steps: int, eta: flo
         )
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be a fastdiff Sampler or one of {sorted(SAMPLERS)}, got {sampler!r}")
-    if schedule is None:
+    if resolved.schedule is None:
         raise ValueError(
             f"sampler={sampler!r} needs the model's schedule: pass a Sampler object for this model"
         )
-    return build_sampler(sampler, schedule, steps, eta=eta)
+    if prediction is None:
+        return build_sampler(sampler, resolved.schedule, steps, eta=eta)
+    try:
+        return build_sampler(sampler, resolved.schedule, steps, eta=eta, prediction_type=prediction)
+    except OptionError:
+        raise
+    except ValueError as err:
+        raise ValueError(f"sampler={sampler!r} (model prediction_type {prediction!r}): {err}") from None
 
 
 def _label_spec(
@@ -518,17 +595,123 @@ def _write_shard(
     }
 
 
-def _backend_of(engine: Any, denoiser: Any) -> str:
-    """What makes the images of a shard folder: `fastdiff.sample`, or the engine and its settings."""
-    if engine is None:
-        return "fastdiff.sample"
-    options = ", ".join(
-        f"{a}={getattr(engine, a)}" for a in ("backend", "compile", "cuda_graphs") if hasattr(engine, a)
+# What the manifest's "backend" says when the engine runs a denoiser other than the model (one accelerated by the
+# caller, say): kernels that may round differently from the model's own.
+_OWN_DENOISER = " with its own denoiser (e.g. accelerated)"
+_LEGACY_BACKEND = re.compile(r"SamplingEngine\(backend=([\w-]+)[^)]*\)")
+
+
+def _recorded_backend(recorded: Any) -> str | None:
+    """The backend named by a manifest's "backend": fastdiff's backend names, "fastdiff.sample" or an engine's
+    type; a manifest of fastdiff before 0.x recorded "SamplingEngine(backend=..., ...)", read here too (its
+    "auto" did not say what ran: None)."""
+    if not isinstance(recorded, str):
+        return None
+    legacy = _LEGACY_BACKEND.match(recorded)
+    if legacy:
+        name = legacy.group(1)
+        return None if name == "auto" else name + recorded[legacy.end() :]
+    return recorded
+
+
+def _pin_backend(out_dir: Path, requested: str, recorded: Any, argument: str) -> str:
+    """The backend this run uses: `requested`, or with "auto" the one recorded by the folder's earlier run, so
+    that one folder's shards all come from one backend (backends may round differently by a uint8 level).
+    An explicit backend other than the recorded one is refused naming both; `argument` names the caller's
+    option (`backend` / `--backend`)."""
+    if recorded is None:
+        return requested
+    name = _recorded_backend(recorded)
+    where = f"out_dir {str(out_dir)!r}"
+    if name is None:
+        raise ValueError(
+            f"{where} was made with {argument} auto by an older fastdiff that did not record which backend ran "
+            f"({recorded!r}), so its shards cannot be continued without risking a mix of backends; use another folder"
+        )
+    base = name.split(" ")[0]
+    if requested == "auto" and base in BACKENDS:
+        return name
+    if requested != name:
+        hint = (
+            f"resume with {argument} {base} (or auto, which keeps the folder's)"
+            if base in BACKENDS
+            else f"resume it the same way ({name})"
+        )
+        raise ValueError(
+            f"{where} holds samples made with backend {name!r}; {argument} {requested!r} would mix backends (they "
+            f"may round differently): {hint}, or use another folder"
+        )
+    return name
+
+
+def _planned_engine(
+    engine: Any,
+    backend: str | None,
+    recorded: Any,
+    resolved: _Model,
+    sampler: Sampler,
+    device: torch.device,
+    group: _Group,
+    out_dir: Path,
+    plan_call: dict[str, Any],
+    on_plan: Callable[[str], None] | None,
+) -> tuple[Any, str]:
+    """(the engine that makes this run's images, or None for `fastdiff.sample`; the backend the manifest records).
+
+    `backend` (a name) makes the engine here (as `fastdiff sample --backend` does); `engine` is the caller's.
+    "auto" is pinned: to the folder's recorded backend on a resume, else to what rank 0's planner chooses (every
+    rank and every batch shape then runs that backend, not a plan of its own). `plan_call`: the arguments of
+    `engine.plan` for the first batch; `on_plan` gets the plan's line on rank 0.
+    """
+    from fastdiff.engine import SamplingEngine, engine_for
+
+    argument = "backend"  # sample_to_dir's backend=, fastdiff sample's --backend
+    if engine is None and backend is None:
+        return None, _pin_backend(out_dir, "fastdiff.sample", recorded, "engine")
+    own = ""
+    if engine is not None:
+        if not isinstance(engine, SamplingEngine):  # the caller's own engine: named by its type
+            return engine, _pin_backend(out_dir, type(engine).__name__, recorded, "engine")
+        backend = engine.backend
+        own = _OWN_DENOISER if engine.denoiser is not resolved.denoiser else ""
+        denoiser = engine.denoiser
+    else:
+        denoiser = resolved.denoiser
+    pinned = _pin_backend(out_dir, backend + own if backend != "auto" else "auto", recorded, argument)
+    name = pinned.removesuffix(_OWN_DENOISER)
+    note = (
+        "" if backend != "auto" or recorded is None else f" -- the folder's backend, kept by {argument} auto"
     )
-    own = getattr(engine, "denoiser", denoiser) is not denoiser
-    return f"{type(engine).__name__}({options})" + (
-        " with its own denoiser (e.g. accelerated)" if own else ""
-    )
+    if name == "auto":
+        # Rank 0 plans; the others run what it chose (planning every rank could choose differently).
+        chosen: dict[str, Any] = {}
+
+        def plan() -> str:
+            runner = engine if engine is not None else SamplingEngine(denoiser, sampler, backend="auto")
+            chosen["plan"] = runner.plan(**plan_call)
+            return chosen["plan"].backend
+
+        name = _rank0(group, plan)
+        pinned = name + own
+        if group.rank == 0:
+            if on_plan is not None:
+                on_plan(chosen["plan"].line())
+            # the planner's runner for its choice: any batch shape runs the chosen backend
+            return chosen["plan"].runner, pinned
+    if engine is None or engine.backend != name:
+        engine = engine_for(denoiser, sampler, device, backend=name)
+    try:
+        line = engine.plan(**plan_call).line()
+    except BackendUnavailableError as err:
+        if recorded is None:
+            raise
+        raise BackendUnavailableError(
+            f"out_dir {str(out_dir)!r} was made with backend {name!r}, which cannot run here ({err}); resume it "
+            "where it can, or use another folder"
+        ) from None
+    if on_plan is not None and group.rank == 0:
+        on_plan(line + note)
+    return engine, pinned
 
 
 def sample_to_dir(
@@ -553,18 +736,27 @@ def sample_to_dir(
     on_shard: Callable[[int, Path], None] | None = None,
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
+    backend: str | None = None,
+    on_plan: Callable[[str], None] | None = None,
 ) -> Path:
     """Generate `num_samples` images into shard files under `out_dir`, on every rank of a torchrun job.
 
     `model` is a model name or .safetensors path (loaded on this rank's device), a `Pretrained`, or a denoiser
-    (a fastdiff UNet, or any callable with `sample_shape=`). `sampler` is a Sampler, or "ddim"/"ddpm" with
-    `steps`/`eta` on the model's schedule. Sample i's noise comes from `sample_generator(seed, i)`, so the images
+    (a fastdiff UNet, or any callable with `sample_shape=`). `sampler` is a Sampler, or a name of
+    `fastdiff.samplers.SAMPLERS` with `steps`/`eta` on the model's schedule and for its `prediction_type` (a
+    checkpoint's; a Sampler object for another prediction type is refused). Sample i's noise comes from `sample_generator(seed, i)`, so the images
     do not depend on the number of ranks or on `batch_size`. Class-conditional models get `class_labels`: None
     cycles `i % num_classes`, an int fixes one class, a tensor gives one label per sample; `cond` holds other
     per-sample conditioning tensors (leading dimension num_samples). Shard k holds samples
     [k * shard_size, (k + 1) * shard_size) (default shard size 1024). `engine` (e.g. a
-    `fastdiff.SamplingEngine` around the same denoiser and sampler) replaces `fastdiff.sample`. Existing valid
-    shards of the same settings are kept, missing or corrupt ones are redone, and other settings raise ValueError.
+    `fastdiff.SamplingEngine` around the same denoiser and sampler) replaces `fastdiff.sample`; or `backend` (a
+    name of `fastdiff.engine.BACKENDS`) makes the engine here, as `fastdiff sample --backend` does, and
+    `on_plan(line)` gets its plan's line on rank 0. The manifest records the backend that ran: "auto" is pinned
+    to the planner's choice (one backend for every rank and batch) and, on a resume, to the folder's backend;
+    another explicit backend than the folder's raises ValueError. Existing valid shards of the same settings are
+    kept, missing or corrupt ones are redone, and other settings raise ValueError. The folder is checked, made
+    and locked before anything is planned, exported or compiled; a run that fails before its first shard leaves
+    no manifest behind (and no folder, if it made it).
     `merge_to` writes the merged .npz at the end (rank 0). `on_shard(k, path)` is called on every rank for each
     shard made in this call (by any rank), at the end of the round that made it. `dtype` (a floating-point
     torch.dtype) runs the model in it: a model given by name is cast, any other must already be; the noise is drawn
@@ -579,15 +771,19 @@ def sample_to_dir(
     guidance_scale = check_guidance_scale(guidance_scale)
     out_dir = Path(out_dir)
     merge_path = None if merge_to is None else _check_merge_path(out_dir, Path(merge_to))
+    if engine is not None and backend is not None:
+        raise ValueError("pass engine= (an engine of your own) or backend= (a name), not both")
+    if backend is not None:
+        check_backend(backend)
     if isinstance(model, str):
         device = local_device(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
     else:
         device = infer_device(model.model if isinstance(model, Pretrained) else model, None, device)
-
+    check_device(local_device(device))
     check_dtype(dtype)
     group = init_distributed(device)
     resolved = _resolve_model(model, device, sample_shape, dtype)
-    sampler = _resolve_sampler(sampler, resolved.schedule, steps, eta)
+    sampler = _resolve_sampler(sampler, resolved, steps, eta)
     if len(resolved.sample_shape) != 3:
         raise ValueError(f"sample_to_dir writes images (C, H, W); this model makes {resolved.sample_shape}")
     labels_of, labels_desc = _label_spec(class_labels, resolved.num_classes, num_samples)
@@ -609,71 +805,136 @@ def sample_to_dir(
         "shard_size": shard_size,
         "image_shape": [h, w, c],
         "dtype": str(dtype).removeprefix("torch."),
-        # Backends may round differently (by a uint8 level); one folder's shards all come from one.
-        "backend": _backend_of(engine, resolved.denoiser),
+    }
+    first = list(range(min(batch_size, num_samples)))
+    plan_call = {
+        "shape": (len(first), *resolved.sample_shape),
+        "calls": max(1, num_samples // len(first) // group.world),
+        "cond": {
+            **{key: value[first].to(device) for key, value in (cond or {}).items()},
+            **({} if labels_of is None else {"class_labels": labels_of(first).to(device)}),
+        }
+        or None,
+        "guidance_scale": guidance_scale,
+        "device": device,
+        "dtype": dtype,
     }
     # Rank 0 holds the folder's lock from its checks until every rank is done (and the merge is written).
     with contextlib.ExitStack() as held:
-        records = _rank0(group, lambda: _open_out_dir(out_dir, settings, held, merge_path))
+        lock: list[_FolderLock] = []
 
-        # Checksums are verified in parallel, each rank a slice; everyone then agrees on what is missing.
-        checked = group.all_gather(
-            [r["index"] for r in records[group.rank :: group.world] if _valid(out_dir, r)]
-        )
-        valid_ids = {k for part in checked for k in part}
-        manifest = {**settings, "shards": [r for r in records if r["index"] in valid_ids]}
-        if group.rank == 0:
-            _write_manifest(out_dir, manifest)
-        num_shards = math.ceil(num_samples / shard_size)
-        pending = [k for k in range(num_shards) if k not in valid_ids]
-        mine = pending[group.rank :: group.world]
-        per_round = math.ceil(batch_size / shard_size)  # shards per round, so that batches can be full
-        rounds = math.ceil(math.ceil(len(pending) / group.world) / per_round)
-        bar = tqdm(
-            total=num_samples,
-            initial=num_samples - sum(len(shard_range(k, shard_size, num_samples)) for k in pending),
-            unit="img",
-            desc=f"{len(pending)} shards on {group.world} rank(s)",
-            disable=not progress or group.rank != 0,
-        )
-        for r in range(rounds):
-            chunk = mine[r * per_round : (r + 1) * per_round]
-            indices = [i for k in chunk for i in shard_range(k, shard_size, num_samples)]
-            written = []
-            if chunk:
-                images = _generate(
-                    resolved,
-                    sampler,
-                    indices,
-                    batch_size=batch_size,
-                    seed=seed,
-                    labels_of=labels_of,
-                    cond=cond,
-                    guidance_scale=guidance_scale,
-                    device=device,
-                    dtype=dtype,
-                    engine=engine,
-                )
-                for k in chunk:
-                    samples = shard_range(k, shard_size, num_samples)
-                    at = indices.index(samples.start)
-                    labels = None if labels_of is None else labels_of(list(samples))
-                    written.append(_write_shard(out_dir, k, samples, images[at : at + len(samples)], labels))
-            new = sorted(
-                (rec for part in group.all_gather(written) for rec in part), key=lambda rec: rec["index"]
+        def preflight() -> _Opened:
+            opened, folder_lock = _open_out_dir(out_dir, settings, held, merge_path)
+            lock.append(folder_lock)
+            return opened
+
+        opened = _rank0(group, preflight)
+        try:
+            engine, settings["backend"] = _planned_engine(
+                engine, backend, opened.backend, resolved, sampler, device, group, out_dir, plan_call, on_plan
             )
-            if group.rank == 0:
-                manifest["shards"].extend(new)
-                _write_manifest(out_dir, manifest)
-            bar.update(sum(rec["stop"] - rec["start"] for rec in new))
-            if on_shard is not None:
-                for rec in new:
-                    on_shard(rec["index"], out_dir / rec["file"])
-        bar.close()
-        if merge_path is not None:
-            _rank0(group, lambda: _merge(out_dir, merge_path))
+            _sample_shards(
+                out_dir,
+                settings,
+                opened.records,
+                group,
+                resolved,
+                sampler,
+                labels_of=labels_of,
+                cond=cond,
+                engine=engine,
+                batch_size=batch_size,
+                seed=seed,
+                guidance_scale=guidance_scale,
+                device=device,
+                dtype=dtype,
+                progress=progress,
+                on_shard=on_shard,
+            )
+            if merge_path is not None:
+                _rank0(group, lambda: _merge(out_dir, merge_path))
+        except BaseException:
+            if lock and opened.fresh:
+                with contextlib.suppress(OSError):  # the run's own error is the one to report
+                    _discard(out_dir, lock[0], opened.created)
+            raise
         group.barrier()
     return out_dir
+
+
+def _sample_shards(
+    out_dir: Path,
+    settings: dict[str, Any],
+    records: list[dict[str, Any]],
+    group: _Group,
+    resolved: _Model,
+    sampler: Sampler,
+    *,
+    labels_of: Callable[[Sequence[int]], torch.Tensor] | None,
+    cond: Mapping[str, torch.Tensor] | None,
+    engine: Any,
+    batch_size: int,
+    seed: int,
+    guidance_scale: float,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool,
+    on_shard: Callable[[int, Path], None] | None,
+) -> None:
+    """Verify the recorded shards, then make the missing ones round by round, recording each round's."""
+    num_samples, shard_size = settings["num_samples"], settings["shard_size"]
+    # Checksums are verified in parallel, each rank a slice; everyone then agrees on what is missing.
+    checked = group.all_gather([r["index"] for r in records[group.rank :: group.world] if _valid(out_dir, r)])
+    valid_ids = {k for part in checked for k in part}
+    manifest = {**settings, "shards": [r for r in records if r["index"] in valid_ids]}
+    if group.rank == 0:
+        _write_manifest(out_dir, manifest)
+    num_shards = math.ceil(num_samples / shard_size)
+    pending = [k for k in range(num_shards) if k not in valid_ids]
+    mine = pending[group.rank :: group.world]
+    per_round = math.ceil(batch_size / shard_size)  # shards per round, so that batches can be full
+    rounds = math.ceil(math.ceil(len(pending) / group.world) / per_round)
+    bar = tqdm(
+        total=num_samples,
+        initial=num_samples - sum(len(shard_range(k, shard_size, num_samples)) for k in pending),
+        unit="img",
+        desc=f"{len(pending)} shards on {group.world} rank(s)",
+        disable=not progress or group.rank != 0,
+    )
+    for r in range(rounds):
+        chunk = mine[r * per_round : (r + 1) * per_round]
+        indices = [i for k in chunk for i in shard_range(k, shard_size, num_samples)]
+        written = []
+        if chunk:
+            images = _generate(
+                resolved,
+                sampler,
+                indices,
+                batch_size=batch_size,
+                seed=seed,
+                labels_of=labels_of,
+                cond=cond,
+                guidance_scale=guidance_scale,
+                device=device,
+                dtype=dtype,
+                engine=engine,
+            )
+            for k in chunk:
+                samples = shard_range(k, shard_size, num_samples)
+                at = indices.index(samples.start)
+                labels = None if labels_of is None else labels_of(list(samples))
+                written.append(_write_shard(out_dir, k, samples, images[at : at + len(samples)], labels))
+        new = sorted(
+            (rec for part in group.all_gather(written) for rec in part), key=lambda rec: rec["index"]
+        )
+        if group.rank == 0:
+            manifest["shards"].extend(new)
+            _write_manifest(out_dir, manifest)
+        bar.update(sum(rec["stop"] - rec["start"] for rec in new))
+        if on_shard is not None:
+            for rec in new:
+                on_shard(rec["index"], out_dir / rec["file"])
+    bar.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -127,6 +127,51 @@ class _NoRandomInit(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+# The largest value of each shape field of a checkpoint's config, checked at load. The stored tensors bound the
+# widths, but not `image_size` (no weight depends on it): 2**20 ran out of memory at the first attention, 4096
+# ran for minutes and crashed in conv2d. The bounds also keep building the declared model on the meta device
+# (`_check_shapes`) quick: a config of 10**9 residual blocks would loop for hours. Far beyond any released model
+# (ADM's largest is 512 x 512, 256 channels x 4; Stable Diffusion's U-Net 320 x 4 channels, 2 blocks a level).
+CONFIG_BOUNDS: dict[str, dict[str, int]] = {
+    "unet": {
+        "image_size": 1024,
+        "in_channels": 1024,
+        "out_channels": 1024,
+        "low_res_channels": 1024,
+        "model_channels": 4096,
+        "num_res_blocks": 64,
+        "num_heads": 1024,
+        "num_head_channels": 4096,
+        "num_classes": 1_000_000,
+        "num_groups": 4096,
+    },
+    "mlp": {"dim": 4096, "hidden": 65536, "num_layers": 1024, "time_embed_dim": 65536},
+}
+# channel_mult: at most this many levels, each at most this multiple of model_channels.
+MAX_LEVELS, MAX_CHANNEL_MULT = 12, 64
+
+
+def _check_config_bounds(path: Path, model_type: Any, config: Any) -> None:
+    """Refuse a config whose shape fields exceed CONFIG_BOUNDS (their types are the model's to check)."""
+    if not isinstance(config, dict) or model_type not in CONFIG_BOUNDS:
+        return
+    for name, bound in CONFIG_BOUNDS[model_type].items():
+        value = config.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > bound:
+            raise CheckpointError(
+                f"{path}: config {name} = {value} is beyond the largest fastdiff loads ({bound}); the "
+                f"bounds of every field are in fastdiff.pretrained.CONFIG_BOUNDS"
+            )
+    mult = config.get("channel_mult")
+    if model_type == "unet" and isinstance(mult, list):
+        too_big = [m for m in mult if isinstance(m, int) and m > MAX_CHANNEL_MULT]
+        if len(mult) > MAX_LEVELS or too_big:
+            raise CheckpointError(
+                f"{path}: config channel_mult = {mult[:16]}{' ...' if len(mult) > 16 else ''} is beyond the largest "
+                f"fastdiff loads (at most {MAX_LEVELS} levels, each at most {MAX_CHANNEL_MULT})"
+            )
+
+
 def _check_shapes(path: Path, model_type: str, config: Any, shapes: dict[str, tuple[int, ...]]) -> None:
     """The declared model, built without memory on the meta device, must have exactly the stored tensors, so a
     config declaring a huge model is refused before anything is allocated."""
@@ -158,6 +203,7 @@ def load_checkpoint(
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:
         header, shapes = _read_header(path)
+        _check_config_bounds(path, header["model_type"], header["config"])
         _check_shapes(path, header["model_type"], header["config"], shapes)
         schedule = NoiseSchedule.from_kind(**header["schedule"])
         tensors = load_file(str(path))

@@ -10,12 +10,13 @@ import os
 import pathlib
 import shutil
 import struct
+import zipfile
 
 import numpy as np
 import pytest
 import torch
 
-from fastdiff.cli import main
+from fastdiff.cli import main, out_of_memory
 from fastdiff.distributed import LOCK, MANIFEST, shard_name
 from fastdiff.models import MLPDenoiser, UNet, UNetConfig
 from fastdiff.pretrained import save_checkpoint
@@ -113,6 +114,9 @@ def ckpt(tmp_path_factory) -> pathlib.Path:
         (["--model", "{tmp}/huge-schedule.safetensors"], "num_train_timesteps must be an int in [1, 100000]"),
         (["--model", "{tmp}/garbage-prediction.safetensors"], "prediction_type must be one of"),
         (["--model", "{tmp}/huge-model.safetensors"], "does not match the stored tensors"),
+        (["--model", "{tmp}/huge-image.safetensors"], "config image_size = 1048576 is beyond the largest"),
+        (["--model", "{tmp}/huge-image.safetensors", "--out", "{tmp}/d/"], "config image_size = 1048576"),
+        (["--model", "{tmp}/deep-model.safetensors"], "config num_res_blocks = 1000000000 is beyond"),
         (
             ["--model", "{tmp}/sample-prediction.safetensors", "--sampler", "euler-a"],
             "--sampler euler-a (model prediction_type 'sample'): prediction_type must be one of",
@@ -133,6 +137,8 @@ def test_sample_arguments_are_refused_before_any_work(args, message, tmp_path, c
         "garbage-prediction": lambda h: {**h, "prediction_type": "garbage"},
         "sample-prediction": lambda h: {**h, "prediction_type": "sample"},
         "huge-model": lambda h: {**h, "config": {**h["config"], "model_channels": 4096}},
+        "huge-image": lambda h: {**h, "config": {**h["config"], "image_size": 2**20}},
+        "deep-model": lambda h: {**h, "config": {**h["config"], "num_res_blocks": 10**9}},
     }
     for name, edit in edits.items():
         _rewrite_header(ckpt, tmp_path / f"{name}.safetensors", lambda h, edit=edit: json.dumps(edit(h)))
@@ -173,18 +179,19 @@ def test_nan_is_an_error_and_writes_nothing(tmp_path, capsys, ckpt):
         ["sample", *FAST, "--model", str(bad), "--out", str(tmp_path / "n.npz")], capsys, "first after step 0"
     )
     assert "NaN or infinite values" in err
-    # Into a shard folder: no shard is written or recorded, so nothing NaN can be merged. With the default
-    # backend the planner's eager probe meets the NaN before the folder is opened; with --backend eager the
-    # first shard's run does, after the manifest was written.
+    # Into a shard folder: no shard is written, and the folder this run made is removed again (no manifest of
+    # nothing is left to look like a result). With the default backend the planner's eager probe meets the NaN,
+    # with --backend eager the first shard's run does, after the manifest was written.
     refused(["sample", *FAST, "--model", str(bad), "--out", f"{tmp_path / 'planned'}/"], capsys, "NaN")
-    assert not (tmp_path / "planned").exists()
     shards = tmp_path / "shards"
     refused(
         ["sample", *FAST, "--model", str(bad), "--backend", "eager", "--out", f"{shards}/"], capsys, "NaN"
     )
-    assert json.loads((shards / MANIFEST).read_text())["shards"] == []
-    assert sorted(os.listdir(shards)) == [LOCK, MANIFEST]
-    assert sorted(os.listdir(tmp_path)) == ["nan.safetensors", "shards"]
+    # an empty folder given by the user is kept, empty
+    (tmp_path / "empty").mkdir()
+    refused(["sample", *FAST, "--model", str(bad), "--out", f"{tmp_path / 'empty'}/"], capsys, "NaN")
+    assert sorted(os.listdir(tmp_path)) == ["empty", "nan.safetensors"]
+    assert os.listdir(tmp_path / "empty") == []
 
 
 def test_nan_through_an_exported_runtime_is_an_error_and_writes_nothing(tmp_path, capsys):
@@ -193,13 +200,43 @@ def test_nan_through_an_exported_runtime_is_an_error_and_writes_nothing(tmp_path
     common = ["sample", *FAST, "--model", str(bad), "--backend", "onnxruntime"]
     err = refused([*common, "--out", str(tmp_path / "n.npz")], capsys, "NaN or infinite values")
     assert "first after step 0" in err
+    refused([*common, "--out", f"{tmp_path / 'shards'}/"], capsys, "NaN or infinite values")  # export cached
     assert sorted(os.listdir(tmp_path)) == ["nan.safetensors"]
+
+
+def test_out_of_memory_is_one_line_and_leaves_no_shard_folder(tmp_path, capsys, monkeypatch):
+    """What a checkpoint within the bounds can still ask for (image_size 1024 wanted 1 TiB at its attention)."""
+
+    def allocate(self, *args, **kwargs):
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+            "to allocate 1099511627776 bytes. Error code 12 (Cannot allocate memory)"
+        )
+
+    monkeypatch.setattr(UNet, "forward", allocate)
+    for out in (tmp_path / "x.npz", f"{tmp_path / 'shards'}/"):
+        err = refused(["sample", *FAST, "--backend", "eager", "--out", str(out)], capsys, "out of memory")
+        assert "(an allocation of 1,024.0 GiB failed)" in err and "--batch-size" in err
+    assert os.listdir(tmp_path) == []
+    gpu = torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity ..."
+    )
+    assert "(an allocation of 20.0 GiB failed)" in out_of_memory(gpu)
+    assert (
+        out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    )  # a bug: traceback
 
 
 # ---------------------------------------------------------------------------------------------------- folders
 
 
 def test_foreign_folders_are_never_used_as_shard_folders(tmp_path, capsys, monkeypatch):
+    from fastdiff.engine.planner import Planner
+
+    def never(*args, **kwargs):
+        raise AssertionError("planned (minutes of export or compile) before the folder was checked")
+
+    monkeypatch.setattr(Planner, "plan", never)
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "samples.npz").write_bytes(b"my results")
@@ -258,6 +295,64 @@ def test_disk_full_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_disk_full_while_writing_shards_or_merging_keeps_the_folder_resumable(
+    tmp_path, capsys, monkeypatch, ckpt
+):
+    out = tmp_path / "run"
+    args = [
+        "sample",
+        *FAST,
+        "--model",
+        str(ckpt),
+        "--num-samples",
+        "6",
+        "--batch-size",
+        "2",
+        "--shard-size",
+        "2",
+    ]
+    args += ["--backend", "eager", "--out", f"{out}/"]
+    write_bytes = pathlib.Path.write_bytes
+
+    def full_at_shard_1(self, data):
+        if self.name.startswith(f".{shard_name(1)}."):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_bytes(self, data)
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", full_at_shard_1)
+    err = refused(args, capsys, "No space left on device")
+    assert f"cannot write {out / shard_name(1)}" in err
+    assert sorted(os.listdir(out)) == [LOCK, MANIFEST, shard_name(0)]  # no temp file, shard 0 recorded
+    monkeypatch.undo()
+    code, stdout, _ = run([*args, "--no-merge"], capsys)  # resumed: shards 1 and 2
+    assert code == 0 and "4 new images (6 in all)" in stdout
+
+    real_write = zipfile._ZipWriteFile.write
+    calls = []
+
+    def full_while_merging(self, data):
+        calls.append(len(data))
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(zipfile._ZipWriteFile, "write", full_while_merging)
+    err = refused(args, capsys, "No space left on device")
+    assert f"cannot write {out / 'samples.npz'}" in err
+    calls.clear()
+    err = refused(["merge", str(out), "--out", str(tmp_path / "m.npz")], capsys, "No space left on device")
+    assert f"cannot write {tmp_path / 'm.npz'}" in err
+    assert sorted(os.listdir(out)) == [LOCK, MANIFEST, *map(shard_name, range(3))]  # shards kept, no merge
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+    monkeypatch.undo()
+    code, stdout, _ = run(args, capsys)
+    assert code == 0 and "0 new images (6 in all)" in stdout
+    merged = np.load(out / "samples.npz")
+    shards = [np.load(out / shard_name(k)) for k in range(3)]
+    for key in ("images", "labels"):
+        assert np.array_equal(merged[key], np.concatenate([shard[key] for shard in shards]))
+
+
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
 
@@ -287,6 +382,44 @@ def test_prediction_type_of_a_checkpoint_is_used(tmp_path, capsys, ckpt):
     assert run([*args, "--model", str(v), "--out", str(tmp_path / "v.npz")], capsys)[0] == 0
     eps, vp = (np.load(tmp_path / f"{n}.npz")["images"] for n in ("eps", "v"))
     assert not np.array_equal(eps, vp)  # the same weights read as v-prediction give other images
+
+
+def test_sample_to_dir_uses_the_checkpoint_prediction_type(tmp_path, ckpt):
+    from fastdiff.distributed import sample_to_dir
+    from fastdiff.pretrained import load_model
+    from fastdiff.samplers import DDIMSampler
+
+    v = _rewrite_header(
+        ckpt, tmp_path / "v.safetensors", lambda h: json.dumps({**h, "prediction_type": "v_prediction"})
+    )
+    options = {"batch_size": 2, "seed": 3, "steps": 2, "progress": False}
+    images = {}
+    for name, path in (("eps", ckpt), ("v", v)):
+        out = sample_to_dir(load_model(str(path)), "ddim", 2, tmp_path / name, **options)
+        manifest = json.loads((out / MANIFEST).read_text())
+        assert manifest["sampler"]["prediction_type"] == {"eps": "epsilon", "v": "v_prediction"}[name]
+        images[name] = np.load(out / shard_name(0))["images"]
+    assert not np.array_equal(images["eps"], images["v"])  # were identical: the checkpoint's type was ignored
+    pre = load_model(str(v))
+    with pytest.raises(ValueError, match="the model predicts 'v_prediction': build the sampler with"):
+        sample_to_dir(pre, DDIMSampler(pre.schedule, 2), 2, tmp_path / "mixed", **options)
+    sample = _rewrite_header(
+        ckpt, tmp_path / "s.safetensors", lambda h: json.dumps({**h, "prediction_type": "sample"})
+    )
+    with pytest.raises(ValueError, match=r"sampler='euler-a' \(model prediction_type 'sample'\)"):
+        sample_to_dir(load_model(str(sample)), "euler-a", 2, tmp_path / "s", **options)
+    assert sorted(os.listdir(tmp_path)) == ["eps", "s.safetensors", "v", "v.safetensors"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a device this torch build lacks")
+def test_sample_to_dir_checks_the_device_like_sample(tmp_path, ckpt):
+    from fastdiff.distributed import sample_to_dir
+    from fastdiff.pretrained import load_model
+
+    for model in ("digits", load_model(str(ckpt))):
+        with pytest.raises(ValueError, match=r"device='cuda(:0)?': this torch build has no usable CUDA GPU"):
+            sample_to_dir(model, "ddim", 2, tmp_path / "d", batch_size=2, seed=0, steps=2, device="cuda")
+    assert os.listdir(tmp_path) == []
 
 
 def test_same_checkpoint_under_another_path_resumes(tmp_path, capsys, ckpt):

@@ -21,6 +21,7 @@ from fastdiff.benchmarks.scaling import free_port, local_rank_env, measure_throu
 from fastdiff.cli import main
 from fastdiff.distributed import LOCK, MANIFEST, ShardError, merge, sample_to_dir, shard_name
 from fastdiff.engine import SamplingEngine
+from fastdiff.errors import FastdiffError
 from fastdiff.models import UNet, UNetConfig
 from fastdiff.pretrained import Pretrained, load_checkpoint, load_pretrained, save_checkpoint
 from fastdiff.samplers import DDIMSampler
@@ -430,7 +431,80 @@ def test_resume_with_another_backend_is_refused(tmp_path):
     engine = SamplingEngine(_slow_toy, TOY_SAMPLER, backend="eager")
     with pytest.raises(
         ValueError,
-        match=r"backend: 'fastdiff.sample' in the folder, 'SamplingEngine\(backend=eager, compile=False, cuda_graphs=False\)' now",
+        match=r"holds samples made with backend 'fastdiff.sample'; backend 'eager' would mix backends",
     ):
         _toy_run(out, 0, engine=engine)
     _toy_run(out, 0)  # the same backend resumes
+
+
+def _planned(backend: str):
+    """A stand-in for the planner that 'chooses' `backend` (the eager engine runs it), and counts its plans."""
+    from fastdiff.engine import Plan
+
+    plans = []
+
+    def plan(self, target, **kwargs):
+        plans.append(kwargs.get("backend", "auto"))
+        runner = SamplingEngine(target.denoiser, target.sampler, backend="eager")
+        return Plan(backend, runner, "auto", {}, None, 0.0, False)
+
+    return plans, plan
+
+
+def test_auto_resume_pins_the_recorded_backend(tmp_path, monkeypatch):
+    """`auto` records what the planner chose and a resume keeps it; an explicit other backend is refused naming
+    both, and a recorded backend that cannot run here is refused naming it (auto never silently mixes)."""
+    from fastdiff.engine.planner import Planner
+
+    plans, plan = _planned("eager")
+    monkeypatch.setattr(Planner, "plan", plan)
+    lines: list[str] = []
+    out = _toy_run(tmp_path / "run", 0, backend="auto", on_plan=lines.append)
+    assert plans == ["auto"] and json.loads((out / MANIFEST).read_text())["backend"] == "eager"
+    (out / shard_name(3)).unlink()
+    with pytest.raises(ValueError, match=r"made with backend 'eager'; backend 'compile' would mix backends"):
+        _toy_run(out, 0, backend="compile")
+    _toy_run(out, 0, backend="auto", on_plan=lines.append)  # pinned: not planned again
+    assert plans == ["auto"] and "the folder's backend, kept by backend auto" in lines[-1]
+    assert (out / shard_name(3)).is_file()
+    # a folder made with an explicit backend resumes with auto, which keeps it
+    explicit = _toy_run(tmp_path / "explicit", 0, backend="eager")
+    (explicit / shard_name(0)).unlink()
+    _toy_run(explicit, 0, backend="auto")
+    assert plans == ["auto"] and json.loads((explicit / MANIFEST).read_text())["backend"] == "eager"
+    # the recorded backend cannot run here (an exported runtime needs an nn.Module): refused, naming it
+    monkeypatch.undo()  # the real planner
+    manifest = json.loads((out / MANIFEST).read_text())
+    (out / MANIFEST).write_text(json.dumps({**manifest, "backend": "onnxruntime"}))
+    (out / shard_name(3)).unlink()
+    with pytest.raises(FastdiffError, match=r"made with backend 'onnxruntime', which cannot run here"):
+        _toy_run(out, 0, backend="auto")
+
+
+def test_folder_checks_come_before_planning(tmp_path, monkeypatch):
+    """A foreign, locked or mismatched folder, or a bad merge path, is refused before the planner (which can
+    export or compile for minutes) runs."""
+    import fcntl
+
+    from fastdiff.engine.planner import Planner
+
+    def never(*args, **kwargs):
+        raise AssertionError("planned before the folder was checked")
+
+    monkeypatch.setattr(Planner, "plan", never)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ShardError, match="fastdiff did not make"):
+        _toy_run(foreign, 0, backend="auto")
+    out = _toy_run(tmp_path / "run", 0, backend="eager")
+    with pytest.raises(ValueError, match="would replace a file of the shard folder"):
+        _toy_run(out, 0, backend="auto", merge_to=out / shard_name(0))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        _toy_run(out, 0, backend="auto", merge_to=tmp_path / "nowhere" / "m.npz")
+    with pytest.raises(ValueError, match="seed: 0 in the folder, 1 now"):
+        _toy_run(out, 1, backend="auto")
+    with open(out / LOCK) as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ShardError, match="in use by another fastdiff run"):
+            _toy_run(out, 0, backend="auto")

@@ -20,6 +20,28 @@ from fastdiff.errors import FastdiffError
 USER_ERRORS = (ValueError, TypeError, OSError, FastdiffError, ImportError)
 
 
+def out_of_memory(err: BaseException) -> str | None:
+    """One line for an allocation that failed (torch's CPU allocator, a CUDA out-of-memory, Python's MemoryError),
+    else None: the model, batch or image size asks for more memory than there is, which the user can change."""
+    import re
+
+    text = str(err)
+    cpu = "can't allocate memory" in text
+    if not (cpu or isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"):
+        return None
+    asked = re.search(r"(?:tried to allocate|Tried to allocate) ([\d.]+) ?(bytes|[KMGT]iB)", text)
+    size = ""
+    if asked:
+        amount, unit = float(asked.group(1)), asked.group(2)
+        if unit == "bytes":
+            amount, unit = amount / 2**30, "GiB"
+        size = f" (an allocation of {amount:,.1f} {unit} failed)"
+    return (
+        f"out of memory{size}: the model, image size or --batch-size needs more memory than this machine has; "
+        "try a smaller --batch-size (or a smaller model)"
+    )
+
+
 class LazyParser(argparse.ArgumentParser):
     """A subcommand's parser that calls `populate(self)` to add its arguments the first time it parses."""
 
@@ -58,6 +80,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except USER_ERRORS as err:
         print(f"fastdiff {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as err:
+        line = out_of_memory(err)
+        if line is None:
+            raise
+        print(f"fastdiff {args.command}: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fastdiff: interrupted", file=sys.stderr)

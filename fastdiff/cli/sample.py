@@ -229,7 +229,6 @@ def cmd_sample_to_dir(args: argparse.Namespace) -> int:
         sample_to_dir,
         shard_counter,
     )
-    from fastdiff.engine import engine_for
     from fastdiff.engine.planner import check_backend
     from fastdiff.pretrained import load_model
 
@@ -245,24 +244,13 @@ def cmd_sample_to_dir(args: argparse.Namespace) -> int:
     made, on_shard = shard_counter(shard_size, args.num_samples)
     device = local_device(torch.device(args.device))
     dtype = sample_dtype(args)
+    backend = check_backend(args.backend)
     start = time.perf_counter()
     group = init_distributed(device)
     pre = load_model(args.model, str(device), argument="--model", dtype=dtype)
     sampler = _sampler(args, pre)
-    engine = engine_for(pre.model, sampler, device, backend=check_backend(args.backend))
     guidance = guidance_scale_for(pre, args.guidance_scale)
-    first = min(args.batch_size, args.num_samples)
-    labels = None if pre.num_classes is None else torch.zeros(first, dtype=torch.long, device=device)
-    plan = engine.plan(
-        (first, *pre.sample_shape),
-        calls=max(1, args.num_samples // first // group.world),
-        cond=None if labels is None else {"class_labels": labels},
-        guidance_scale=guidance,
-        device=device,
-        dtype=dtype,
-    )
-    if group.rank == 0:
-        print(plan.line(), flush=True)
+    # The folder is checked and locked first, then the backend planned (pinned to the folder's on a resume).
     sample_to_dir(
         pre,
         sampler,
@@ -275,7 +263,8 @@ def cmd_sample_to_dir(args: argparse.Namespace) -> int:
         shard_size=shard_size,
         model_id=args.model,
         device=device,
-        engine=engine,
+        backend=backend,
+        on_plan=lambda line: print(line, flush=True),
         merge_to=merge_to,
         on_shard=on_shard,
         progress=not args.quiet,

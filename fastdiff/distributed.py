@@ -603,7 +603,7 @@ _LEGACY_BACKEND = re.compile(r"SamplingEngine\(backend=([\w-]+)[^)]*\)")
 
 def _recorded_backend(recorded: Any) -> str | None:
     """The backend named by a manifest's "backend": fastdiff's backend names, "fastdiff.sample" or an engine's
-    type; a manifest of fastdiff before 0.x recorded "SamplingEngine(backend=..., ...)", read here too (its
+    type; manifests written before the backend that ran was recorded say "SamplingEngine(backend=..., ...)", read here too (its
     "auto" did not say what ran: None)."""
     if not isinstance(recorded, str):
         return None

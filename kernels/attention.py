@@ -110,9 +110,11 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return float(scale)
 
 
+@torch.compiler.assume_constant_result
 def _torch_allows_tf32() -> bool:
     # Reading the legacy allow_tf32 flag raises once a caller has used the new fp32_precision API, so the new
-    # one is read where it exists (it reflects settings made through either API).
+    # one is read where it exists (it reflects settings made through either API). Dynamo cannot trace that getter:
+    # a compiled graph takes its value at trace time as a constant, as it does the legacy flag.
     precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
     if precision is None:
         return bool(torch.backends.cuda.matmul.allow_tf32)

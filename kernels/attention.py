@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -110,7 +111,14 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return float(scale)
 
 
-@torch.compiler.assume_constant_result
+def _trace_time_constant(fn: Callable[[], bool]) -> Callable[[], bool]:
+    # What torch.compiler.assume_constant_result does, without the import of torch._dynamo (1.7 s) that it
+    # costs an eager run; tests check that torch's decorator still marks functions this way.
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_trace_time_constant
 def _torch_allows_tf32() -> bool:
     # Reading the legacy allow_tf32 flag raises once a caller has used the new fp32_precision API, so the new
     # one is read where it exists (it reflects settings made through either API). Dynamo cannot trace that getter:

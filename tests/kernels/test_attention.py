@@ -452,6 +452,14 @@ def test_allow_tf32_picks_the_float32_precision(tf32_flag, allow, flag, precisio
     assert launch.kwargs["PRECISION"] == precision
 
 
+def test_tf32_read_is_marked_as_torch_marks_a_constant_result():
+    # attention() reads the setting as a trace-time constant under torch.compile (test_compiles_without_graph_break)
+    from fastdiff.kernels.attention import _torch_allows_tf32
+
+    marked = torch.compiler.assume_constant_result(lambda: True)
+    assert vars(marked) == vars(_torch_allows_tf32) == {"_dynamo_marked_constant": True}
+
+
 @pytest.mark.parametrize(
     "setting",
     [

@@ -15,6 +15,7 @@ from fastdiff.engine import SamplingEngine
 from fastdiff.engine.graphs import CaptureError
 from fastdiff.models.mlp import MLPDenoiser
 from fastdiff.models.unet import UNet, UNetConfig
+from fastdiff.samplers import build_sampler
 
 SCHEDULE = NoiseSchedule.from_kind("linear")
 SHAPE = (3, 1, 8, 8)
@@ -363,6 +364,27 @@ def test_compile_matches_eager(graph_mode):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
     assert eng.stats.cache_hits == 1 and eng.stats.eager_fallbacks == 0
     assert [key[0] for key in eng._cache] == [graph_mode]
+
+
+def test_each_compiled_entry_has_its_own_recompile_budget():
+    """Dynamo counts compiled variants per code object against its recompile limit; engine entries of different
+    table structures (DDIM, DPM-Solver++ with history) used to share one method's code, so past the limit a
+    process ran the loop uncompiled. With the limit at 1, both engines still compile a graph of their own."""
+    from torch._dynamo.utils import counters
+
+    model = MLPDenoiser(hidden=16, num_layers=1, time_embed_dim=8).eval()
+    samplers = [DDIMSampler(SCHEDULE, num_steps=3), build_sampler("dpmpp-2m", SCHEDULE, 3)]
+
+    def limits_hit() -> int:
+        return sum(n for reason, n in counters["unimplemented"].items() if "recompile limit" in reason)
+
+    with torch._dynamo.config.patch(recompile_limit=1):
+        compiled, hit = counters["frames"]["ok"], limits_hit()
+        for sampler in samplers:
+            eng = SamplingEngine(model, sampler, compile=True, graph_mode="loop")
+            expected = SamplingEngine(model, sampler, backend="eager").sample((2, 2), generator=gen())
+            torch.testing.assert_close(eng.sample((2, 2), generator=gen()), expected, rtol=0, atol=1e-4)
+        assert counters["frames"]["ok"] - compiled == len(samplers) and limits_hit() == hit
 
 
 class _TableProbe(torch.nn.Module):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import time
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -45,13 +46,30 @@ def _call_decomposed(fn: Callable[..., torch.Tensor], *args: Any, **kwargs: Any)
         return fn(*args, **kwargs)
 
 
-def compiled(fn: Callable[[], Any]) -> Callable[[], Any]:
+def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
     """`fn` (a step or the while_loop) compiled by inductor with its C++ wrapper, traced inside
     `fastdiff.kernels.backend.decomposed()`. torch.compile is lazy: nothing compiles before the first call."""
     # The C++ wrapper removes most of what is left of the per-call Python (0.21 s against 0.29 s in one run of
     # the swiss-roll MLP, batch 1, DDPM 1000, on 2 cores) for a longer first compile.
     options = {"cpp_wrapper": True}
-    return functools.partial(_call_decomposed, torch.compile(fn, dynamic=False, options=options))
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    return functools.partial(_call_decomposed, torch.compile(_own_code(call), dynamic=False, options=options))
+
+
+def _own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A copy of function `fn` (closure included) with a code object of its own."""
+    # Dynamo keeps its compiled variants, and counts them against torch's recompile limit (8), per code object of
+    # the frame it compiles: every engine entry compiled one shared frame (torch's own wrapper of a partial), so
+    # past eight table structures and shapes in a process the rest ran uncompiled (five samplers benchmarked in
+    # one process reached it). A code object per compiled entry gives each its own budget, freed with the entry.
+    copy = types.FunctionType(
+        fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
+    )
+    copy.__qualname__ = fn.__qualname__
+    return copy
 
 
 def while_loop(

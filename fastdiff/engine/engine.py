@@ -157,8 +157,8 @@ class SamplingEngine:
       its C++ wrapper, traced inside `fastdiff.kernels.backend.decomposed()` so that inductor fuses our ops'
       reference twins (no global config is changed). A loop that cannot be compiled as a `while_loop` (a denoiser
       with data-dependent Python, say) falls back to compiling one step, with one warning per engine. Each new
-      shape compiles again (seconds to minutes on a small CPU), and torch.compile's recompile limit (8 by default)
-      bounds how many shapes stay compiled.
+      shape compiles again (seconds to minutes on a small CPU); each compiled entry has a code object of its own,
+      so torch.compile's recompile limit (8 by default) never leaves one uncompiled.
     - `max_graphs`: size of the LRU cache of keys (static buffers + graph); the least recently used is freed.
 
     `callback` receives the same dict as with `fastdiff.sample` ({"i", "t", "x", "x0", "model_output"}, fresh

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from fastdiff.cli.arguments import positive_int
+from fastdiff.engine import GRAPH_MODES
 from fastdiff.samplers import SAMPLERS
 
 from .backends import EagerBackend, FastdiffGraphsBackend
@@ -154,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=positive_int, default=50)
     p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--rounds", type=positive_int, default=7, help="timed runs of each sampler and backend")
-    p.add_argument("--graph-mode", choices=("auto", "step", "loop"), default="loop")
+    p.add_argument("--graph-mode", choices=GRAPH_MODES, default="loop")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here (atomically)")
     args = p.parse_args(argv)

@@ -10,6 +10,7 @@ instead of returning the tensor.
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -143,6 +144,17 @@ class FiniteWatch:
             "a float16 overflow (try float32 or bfloat16), or NaN weights in the model",
             step=step,
         )
+
+
+def integral(value: object) -> int | None:
+    """`value` as an int if it is integral (an int, a numpy integer: `operator.index`, which numpy's bool refuses)
+    and not a bool; else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:

@@ -5,12 +5,13 @@ diffusers' sigma-space schedulers share (Karras, exponential, beta)."""
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
+
+from fastdiff.checks import integral
 
 # Far beyond any trained model (1000 is usual); bounds the tables built from a checkpoint's declared schedule.
 MAX_TRAIN_TIMESTEPS = 100_000
@@ -153,15 +154,12 @@ class NoiseSchedule:
         T = self.num_train_timesteps
         if spacing not in SPACINGS:
             raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
-        if (
-            not isinstance(num_steps, numbers.Integral)
-            or isinstance(num_steps, bool)
-            or not 1 <= num_steps <= T
-        ):
+        steps = integral(num_steps)
+        if steps is None or not 1 <= steps <= T:
             raise ValueError(
                 f"num_steps must be an int in [1, {T}] (the schedule's length), got {num_steps!r}"
             )
-        num_steps = int(num_steps)
+        num_steps = steps
         if spacing == "linspace":
             ts = np.linspace(0, T - 1, num_steps).round()[::-1].astype(np.int64)
         elif spacing == "leading":
@@ -353,8 +351,10 @@ class FlowSchedule:
             if not given:
                 raise ValueError("give num_steps, sigmas or timesteps")
             num_steps = len(given[0])
-        if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        steps = integral(num_steps)
+        if steps is None or steps < 1:
             raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        num_steps = steps
         if given and len(given[0]) != num_steps:
             raise ValueError(f"{len(given[0])} sigmas or timesteps for num_steps={num_steps}")
         n = self.num_train_timesteps

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from fastdiff.checks import integral
 from fastdiff.schedule import NoiseSchedule
 from fastdiff.table import StepTable
 
@@ -67,23 +67,13 @@ def solver_num_steps(
             raise ValueError(f"pass num_steps or {given_name} (or both, agreeing), not different lengths")
         num_steps = len(given)
     T = schedule.num_train_timesteps
-    steps = _integral(num_steps)
+    steps = integral(num_steps)
     if steps is None or not 1 <= steps <= T:
         raise ValueError(f"num_steps must be an int in [1, {T}], got {num_steps!r}")
-    begin = _integral(begin_index)
+    begin = integral(begin_index)
     if begin is None or not 0 <= begin < steps:
         raise ValueError(f"begin_index must be an int in [0, {steps}), got {begin_index!r}")
     return steps
-
-
-def _integral(value: object) -> int | None:
-    """`value` as an int if it is integral (an int, a numpy integer: `operator.index`), not a bool; else None."""
-    if isinstance(value, (bool, np.bool_)):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
 
 
 def sampler_timesteps(

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastdiff.checks import integral
 from fastdiff.samplers.base import PREDICTION_TYPES, Sampler, check_choice, clip_value, prediction_coeffs
 from fastdiff.samplers.euler import diffusers_schedule
 from fastdiff.samplers.registry import register, register_diffusers
@@ -51,18 +52,13 @@ def lcm_timesteps(
         return ts[ts.size - keep :].copy()
     k = T // int(original_inference_steps)
     origin = (np.arange(1, int(original_inference_steps * strength) + 1) * k - 1)[::-1]
-    if (
-        isinstance(num_steps, bool)
-        or not isinstance(num_steps, (int, np.integer))
-        or not 1 <= num_steps <= len(origin)
-    ):
+    steps = integral(num_steps)
+    if steps is None or not 1 <= steps <= len(origin):
         raise ValueError(
             f"num_steps must be an int in [1, {len(origin)}] (original_inference_steps x strength = "
             f"{original_inference_steps} x {strength}), got {num_steps!r}"
         )
-    return origin[
-        np.floor(np.linspace(0, len(origin), num=num_steps, endpoint=False)).astype(np.int64)
-    ].copy()
+    return origin[np.floor(np.linspace(0, len(origin), num=steps, endpoint=False)).astype(np.int64)].copy()
 
 
 def boundary_scalings(timesteps: np.ndarray, timestep_scaling: float) -> tuple[np.ndarray, np.ndarray]:
